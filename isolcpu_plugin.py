@@ -1,0 +1,1380 @@
+#!/usr/bin/env python3
+"""isolcpu-plugin: offers a node's isolated CPUs to the kubelet as devices.
+
+A Kubernetes device plugin (API v1beta1). Every CPU the kernel isolated from
+the scheduler (isolcpus=) becomes one device of the extended resource
+windriver.com/isolcpus, ID = the CPU number, with its NUMA node; a container
+that is allocated some gets them as $ISOLCPUS (e.g. "3,11"). A drop-in for
+StarlingX's Go isolcpus plugin: same resource, socket name and device IDs.
+
+Read top-down: values and parsing; reading the host; allocation policy (pure
+functions); the gRPC servicer; the kubelet session and lifecycle; the CLI.
+Needs only the standard library, grpcio and protobuf; grpc is imported only
+when the plugin serves, so --list runs with the standard library alone.
+"""
+
+import argparse
+import asyncio
+import collections
+import errno
+import json
+import logging
+import math
+import os
+import re
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+
+__version__ = "1.0.0"
+
+PROGRAM = "isolcpu-plugin"
+API_VERSION = "v1beta1"
+DEFAULT_RESOURCE_NAME = "windriver.com/isolcpus"
+DEFAULT_DEVICE_PLUGIN_PATH = "/var/lib/kubelet/device-plugins"
+KUBELET_SOCKET_NAME = "kubelet.sock"
+HEALTHY = "Healthy"
+UNHEALTHY = "Unhealthy"
+# Highest CPU number accepted where the host does not say (no kernel_max):
+# CONFIG_NR_CPUS tops out at 8192 (x86 MAXSMP, powerpc).
+FALLBACK_MAX_CPU = 8191
+UNIX_PATH_MAX = 107            # sun_path is 108 bytes with its NUL
+HOST_FILE_LIMIT = 1 << 20      # sysfs attributes are one page; /proc/cmdline is small
+
+log = logging.getLogger(PROGRAM)
+
+
+# ---------------------------------------------------------------------------
+# Values and parsing
+# ---------------------------------------------------------------------------
+
+class InputError(Exception):
+    """Bad configuration or host input. str() is the one line a user sees."""
+
+
+def quote(text, limit=40):
+    """repr() of untrusted text, cut so that logs and errors stay bounded."""
+    text = str(text)
+    if len(text) > limit:
+        return repr(text[:limit]) + "..."
+    return repr(text)
+
+
+def quote_list(items, limit=5):
+    """A bounded, quoted rendering of untrusted items: 'a', 'b' (+3 more)."""
+    items = list(items)
+    shown = ", ".join(quote(item, 20) for item in items[:limit])
+    if len(items) > limit:
+        shown += " (+%d more)" % (len(items) - limit)
+    return shown
+
+
+def one_line(error):
+    """An exception as one log line."""
+    text = str(error) or type(error).__name__
+    return " ".join(text.split())
+
+
+_CPULIST_SEPARATORS = re.compile(r"[, \t\n\r\f\v]+")
+_CPU_NUMBER = r"[0-9]+|N"
+_CPULIST_REGION = re.compile(
+    r"(?:(?:(?P<all>[aA][lL][lL])|(?P<start>{n})-(?P<end>{n}))"
+    r"(?::(?P<used>{n})/(?P<group>{n}))?|(?P<single>{n}))\Z".format(n=_CPU_NUMBER))
+
+
+def parse_cpu_list(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
+    """The CPUs a kernel cpu-list names, read as the kernel's bitmap_parselist does.
+
+    Grammar: regions separated by commas or whitespace; a region is `a`,
+    `a-b`, `a-b:used/group` (stride groups: 0-15:2/4 = 0,1,4,5,8,9,12,13) or
+    `all` (optionally with a stride); `N` is last_cpu. A CPU above max_cpu is
+    an error, which also bounds the work for hostile input.
+    """
+    def number(digits, token):
+        if digits == "N":
+            return last_cpu
+        if len(digits) > 10:                  # > 2**32: the kernel's -EOVERFLOW
+            raise InputError("number in %s is too large" % quote(token))
+        return int(digits)
+
+    cpus = set()
+    for token in _CPULIST_SEPARATORS.split(text):
+        if not token:
+            continue
+        region = _CPULIST_REGION.match(token)
+        if not region:
+            raise InputError("%s is not a CPU, range or stride group" % quote(token))
+        if region.group("single") is not None:
+            start = end = number(region.group("single"), token)
+        elif region.group("all") is not None:
+            start, end = 0, last_cpu
+        else:
+            start, end = number(region.group("start"), token), number(region.group("end"), token)
+        if region.group("used") is not None:
+            used, group = number(region.group("used"), token), number(region.group("group"), token)
+        else:
+            used = group = end - start + 1
+        if start > end:
+            raise InputError("range %s runs backwards" % quote(token))
+        if group == 0 or used > group:
+            raise InputError("stride group %s needs used <= group and group > 0" % quote(token))
+        if end > max_cpu:
+            raise InputError("CPU %d in %s is above the highest possible CPU %d"
+                             % (end, quote(token), max_cpu))
+        for base in range(start, end + 1, group):
+            cpus.update(range(base, min(base + used, end + 1)))
+    return frozenset(cpus)
+
+
+def format_cpu_list(cpus):
+    """The canonical cpu-list: ascending, runs collapsed, as the kernel prints ("2-5,8")."""
+    runs = []
+    for cpu in sorted(cpus):
+        if runs and runs[-1][1] == cpu - 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in runs)
+
+
+_MASK_WORD = re.compile(r"[0-9a-fA-F]{1,8}\Z")
+
+
+def parse_cpu_mask(text, max_cpu=FALLBACK_MAX_CPU):
+    """The CPUs set in a kernel hex cpumask ("00000000,00000101": 32-bit words,
+    most significant first), the only form old kernels give."""
+    words = text.strip().split(",")
+    if len(words) > max_cpu // 32 + 1 or not all(_MASK_WORD.match(word) for word in words):
+        raise InputError("%s is not a hex cpumask" % quote(text))
+    value = 0
+    for word in words:
+        value = (value << 32) | int(word, 16)
+    if value.bit_length() - 1 > max_cpu:
+        raise InputError("cpumask %s sets CPU %d, above the highest possible CPU %d"
+                         % (quote(text), value.bit_length() - 1, max_cpu))
+    cpus = set()
+    while value:
+        lowest = value & -value
+        cpus.add(lowest.bit_length() - 1)
+        value ^= lowest
+    return frozenset(cpus)
+
+
+def kernel_parameters(cmdline):
+    """(name, value) pairs of a kernel command line; quotes are dropped as the
+    kernel's next_arg does, and everything after a bare `--` belongs to init."""
+    params = []
+    token, in_quote = [], False
+    for char in cmdline + " ":
+        if char == '"':
+            in_quote = not in_quote
+        elif char.isspace() and not in_quote:
+            if token:
+                word = "".join(token)
+                if word == "--":
+                    break
+                name, _, value = word.partition("=")
+                params.append((name, value))
+                token = []
+        else:
+            token.append(char)
+    return params
+
+
+ISOLCPUS_FLAGS = ("nohz", "domain", "managed_irq")
+_ISOLCPUS_FLAG = re.compile(r"[A-Za-z_]+\Z")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+
+
+def parse_isolcpus(value):
+    """Split an isolcpus= value into (flags, cpu-list text) as
+    kernel/sched/isolation.c does: leading alphabetic words each followed by a
+    comma are flags; unknown ones are skipped. Raises InputError where the
+    kernel ignores the whole parameter."""
+    flags, rest = [], value
+    while _ASCII_LETTER.match(rest):
+        flag, comma, tail = rest.partition(",")
+        if not _ISOLCPUS_FLAG.match(flag):
+            raise InputError("isolcpus=%s has the invalid flag %s, so the kernel ignored it"
+                             % (quote(value), quote(flag)))
+        if not comma:
+            raise InputError("isolcpus=%s has no cpu-list after its flags" % quote(value))
+        flags.append(flag)
+        rest = tail
+    return tuple(flags), rest
+
+
+def isolcpus_isolates_domain(flags):
+    """True when isolcpus= with these flags removes CPUs from scheduler domains
+    (what /sys/devices/system/cpu/isolated reports): `domain`, or no known flag."""
+    known = [flag for flag in flags if flag in ISOLCPUS_FLAGS]
+    return "domain" in known or not known
+
+
+_DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
+_DNS_SUBDOMAIN = re.compile(r"{0}(?:\.{0})*\Z".format(_DNS_LABEL))
+_RESOURCE_NAME_PART = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?\Z")
+
+
+def check_resource_name(name):
+    """Raise InputError unless the kubelet would accept `name` as an extended
+    resource: <DNS subdomain>/<name>, not under kubernetes.io/, not requests.*"""
+    prefix, slash, part = name.partition("/")
+    if not slash or "/" in part:
+        raise InputError("must be <domain>/<name> with exactly one '/'")
+    if "kubernetes.io/" in name:
+        raise InputError("names under kubernetes.io/ are reserved for native resources")
+    if name.startswith("requests."):
+        raise InputError("must not start with 'requests.'")
+    if len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix):
+        raise InputError("prefix %s is not a DNS subdomain" % quote(prefix))
+    if len(part) > 63 or not _RESOURCE_NAME_PART.match(part):
+        raise InputError("name %s must be 1-63 of [A-Za-z0-9._-], starting and ending "
+                         "alphanumeric" % quote(part))
+
+
+def socket_name_for(resource_name):
+    """The plugin's socket file name, as the Go plugin named it."""
+    return resource_name.replace("/", "-") + ".sock"
+
+
+# ---------------------------------------------------------------------------
+# Reading the host
+# ---------------------------------------------------------------------------
+
+# What sysfs says about one CPU. numa_nodes and thread_siblings are sorted
+# tuples, () when unknown; package, die, cluster and core_id are ints or None.
+CpuInfo = collections.namedtuple(
+    "CpuInfo", "cpu numa_nodes package die cluster core_id thread_siblings")
+
+
+def unknown_cpu_info(cpu):
+    return CpuInfo(cpu, (), None, None, None, None, ())
+
+
+class Host(object):
+    """A host's CPU files under a sysfs and a procfs root: all file reading
+    lives here, so that everything else can be tested without a host."""
+
+    def __init__(self, sysfs="/sys", procfs="/proc"):
+        self.sysfs = sysfs
+        self.procfs = procfs
+        self.cpu_dir = os.path.join(sysfs, "devices", "system", "cpu")
+        self.node_dir = os.path.join(sysfs, "devices", "system", "node")
+        self.cmdline_path = os.path.join(procfs, "cmdline")
+        if not os.path.isdir(self.cpu_dir):
+            raise InputError("--sysfs %s: no devices/system/cpu directory there" % quote(sysfs, 200))
+        self.max_cpu = self._max_cpu()
+        self.last_cpu = self._last_cpu()
+
+    # Files -----------------------------------------------------------------
+
+    def read(self, path):
+        """A host file's text the way the kernel's readers take it (up to the
+        first NUL, whitespace stripped), or None when the file is absent."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read(HOST_FILE_LIMIT + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise InputError("%s: %s" % (path, e.strerror or e))
+        if len(data) > HOST_FILE_LIMIT:
+            raise InputError("%s: larger than %d bytes" % (path, HOST_FILE_LIMIT))
+        return data.split(b"\0", 1)[0].decode("latin-1").strip()
+
+    def cpu_file(self, name):
+        return self.read(os.path.join(self.cpu_dir, name))
+
+    def cpu_list_file(self, path):
+        """A cpu-list file as a set, None when absent; bad contents name the file."""
+        text = self.read(path)
+        if text is None:
+            return None
+        try:
+            return parse_cpu_list(text, self.last_cpu, self.max_cpu)
+        except InputError as e:
+            raise InputError("%s: %s" % (path, e))
+
+    # CPU numbering ---------------------------------------------------------
+
+    def _max_cpu(self):
+        text = self.cpu_file("kernel_max")
+        if text is not None and text.isdigit() and len(text) <= 6:
+            return int(text)
+        return max([FALLBACK_MAX_CPU] + list(self._cpu_dirs()))
+
+    def _last_cpu(self):
+        self.last_cpu = self.max_cpu            # `possible` may itself say N
+        possible = self.cpu_list_file(os.path.join(self.cpu_dir, "possible"))
+        if possible:
+            return max(possible)
+        return max(self._cpu_dirs() or [self.max_cpu])
+
+    def _cpu_dirs(self):
+        try:
+            names = os.listdir(self.cpu_dir)
+        except OSError:
+            return []
+        return [int(name[3:]) for name in names
+                if name.startswith("cpu") and name[3:].isdigit() and len(name) <= 9]
+
+    # CPU sets --------------------------------------------------------------
+
+    def present_cpus(self):
+        present = self.cpu_list_file(os.path.join(self.cpu_dir, "present"))
+        if present is None:                      # old kernels: the cpuN directories
+            present = frozenset(cpu for cpu in self._cpu_dirs() if cpu <= self.max_cpu)
+        return present
+
+    def online_cpus(self, present):
+        """The online CPUs; where there is no `online` list, each CPU's own
+        file (no file means it cannot go offline, so it is online)."""
+        online = self.cpu_list_file(os.path.join(self.cpu_dir, "online"))
+        if online is not None:
+            return online
+        result = set()
+        for cpu in present:
+            path = os.path.join(self.cpu_dir, "cpu%d" % cpu, "online")
+            text = self.read(path)
+            if text not in (None, "", "0", "1"):       # some old dumps leave it empty: no news
+                raise InputError("%s: %s is not 0 or 1" % (path, quote(text)))
+            if text != "0":
+                result.add(cpu)
+        return frozenset(result)
+
+    def cmdline(self):
+        text = self.read(self.cmdline_path)
+        if text is None:
+            raise InputError("%s: missing" % self.cmdline_path)
+        return text
+
+    # Topology --------------------------------------------------------------
+
+    def cpu_topology(self, cpus):
+        """CpuInfo for each CPU. Missing or unparseable files make that item
+        unknown (logged once per file kind), never an error: topology only
+        refines what is advertised."""
+        node_cpus = self._node_cpu_lists()
+        problems = {}
+        infos = {}
+        for cpu in cpus:
+            infos[cpu] = self._one_cpu_topology(cpu, node_cpus, problems)
+        for kind, example in sorted(problems.items()):
+            log.warning("topology: %s unreadable, taken as unknown (e.g. %s)", kind, example)
+        return infos
+
+    def _node_cpu_lists(self):
+        """{node: cpus} from node/nodeK/cpulist (or the cpumap mask); None
+        without a node/ tree (kernels without CONFIG_NUMA)."""
+        try:
+            names = os.listdir(self.node_dir)
+        except OSError:
+            return None
+        nodes = {}
+        for name in names:
+            if not (name.startswith("node") and name[4:].isdigit()):
+                continue
+            directory = os.path.join(self.node_dir, name)
+            try:
+                cpus = self.cpu_list_file(os.path.join(directory, "cpulist"))
+                if cpus is None:
+                    mask = self.read(os.path.join(directory, "cpumap"))
+                    cpus = parse_cpu_mask(mask, self.max_cpu) if mask is not None else None
+            except InputError as e:
+                log.warning("topology: %s; NUMA node %s taken as unknown", e, name[4:])
+                cpus = None
+            if cpus is not None:
+                nodes[int(name[4:])] = cpus
+        return nodes
+
+    def _one_cpu_topology(self, cpu, node_cpus, problems):
+        cpu_path = os.path.join(self.cpu_dir, "cpu%d" % cpu)
+        topo = os.path.join(cpu_path, "topology")
+
+        def number(name):
+            path = os.path.join(topo, name)
+            text = self.read(path)
+            if text is None:
+                return None
+            if re.match(r"-?[0-9]{1,9}\Z", text):
+                value = int(text)
+                return value if value >= 0 else None      # -1: the arch does not know
+            problems.setdefault(name, "%s = %s" % (path, quote(text)))
+            return None
+
+        def cpu_set(list_names, mask_names):
+            for name in list_names + mask_names:
+                path = os.path.join(topo, name)
+                text = self.read(path)
+                if text is None:
+                    continue
+                try:
+                    if name in list_names:
+                        return parse_cpu_list(text, self.last_cpu, self.max_cpu)
+                    return parse_cpu_mask(text, self.max_cpu)
+                except InputError as e:          # try the next form of the same fact
+                    problems.setdefault(name, "%s: %s" % (path, e))
+            return None
+
+        siblings = cpu_set(["core_cpus_list", "thread_siblings_list"], ["core_cpus", "thread_siblings"])
+        if siblings is not None and cpu not in siblings:
+            problems.setdefault("thread siblings", "cpu%d is not among its own" % cpu)
+            siblings = None
+        return CpuInfo(cpu=cpu,
+                       numa_nodes=self._numa_nodes(cpu, cpu_path, node_cpus),
+                       package=number("physical_package_id"),
+                       die=number("die_id"),
+                       cluster=number("cluster_id"),
+                       core_id=number("core_id"),
+                       thread_siblings=tuple(sorted(siblings)) if siblings else ())
+
+    def _numa_nodes(self, cpu, cpu_path, node_cpus):
+        """The nodes whose cpulist holds the CPU; failing that (an offline CPU
+        may be in none) the cpuN/nodeK links the Go plugin read, where that
+        node exists (a link to an offline node dangles)."""
+        if node_cpus is None:
+            return ()
+        nodes = sorted(node for node, cpus in node_cpus.items() if cpu in cpus)
+        if not nodes:
+            try:
+                nodes = sorted(int(name[4:]) for name in os.listdir(cpu_path)
+                               if name.startswith("node") and name[4:].isdigit()
+                               and int(name[4:]) in node_cpus)
+            except OSError:
+                nodes = []
+        return tuple(nodes)
+
+
+def cpuid_device_paths(cpus, mode):
+    """/dev/cpu/N/cpuid for each CPU, as the Go plugin passed them: `always`,
+    `never`, or `auto` = those that exist here."""
+    if mode == "never":
+        return []
+    paths = ["/dev/cpu/%d/cpuid" % cpu for cpu in sorted(cpus)]
+    if mode == "auto":
+        paths = [path for path in paths if os.path.exists(path)]
+    return paths
+
+
+SOURCES = ("auto", "isolated", "cmdline", "nohz_full")
+
+
+class CpuInventory(object):
+    """What the plugin advertises, rebuilt from the host on each rescan.
+
+    A rescan reads two lists (the isolated source and `online`); the rest
+    (present CPUs, topology) is read again only when those change. When the
+    host's files turn unreadable the last good state stays (logged)."""
+
+    def __init__(self, host, source="auto", cpus_text=None, cpus_origin="--cpus"):
+        self.host = host
+        self.explicit = None
+        if cpus_text is not None:
+            try:
+                self.explicit = parse_cpu_list(cpus_text, host.last_cpu, host.max_cpu)
+            except InputError as e:
+                raise InputError("%s %s: %s" % (cpus_origin, quote(cpus_text), e))
+        self.source = source
+        if source == "auto":        # the isolated file (kernel 4.12+), else isolcpus= with `domain`
+            self.source = "isolated" if os.path.exists(os.path.join(host.cpu_dir, "isolated")) else "isolcpus-domain"
+        self.cmdline = None
+        self.origin = ""
+        self.served = self.present = self.online = frozenset()
+        self.topology = {}
+        self.devices = ()
+        self.reload()
+        self.scan()
+
+    def reload(self):
+        """Read what does not change while the kernel runs (/proc/cmdline)."""
+        if self.explicit is None and self.source in ("cmdline", "isolcpus-domain", "nohz_full"):
+            self.cmdline = self.host.cmdline()
+
+    def served_cpus(self):
+        """(CPUs to serve, where they came from); InputError when unreadable."""
+        host = self.host
+        if self.explicit is not None:
+            return self.explicit, "--cpus"
+        if self.source == "isolated":
+            path = os.path.join(host.cpu_dir, "isolated")
+            cpus = host.cpu_list_file(path)
+            if cpus is None:
+                raise InputError("%s: missing (kernel older than 4.12?); try --source cmdline" % path)
+            return cpus, path
+        if self.source == "nohz_full":
+            path = os.path.join(host.cpu_dir, "nohz_full")
+            text = host.read(path)
+            if text is not None:
+                text = "" if text == "(null)" else text
+                try:
+                    return parse_cpu_list(text, host.last_cpu, host.max_cpu), path
+                except InputError as e:
+                    raise InputError("%s: %s" % (path, e))
+            values = [value for name, value in kernel_parameters(self.cmdline) if name == "nohz_full"]
+            return self._cmdline_cpus("nohz_full", values[:1]), host.cmdline_path + " nohz_full="
+        values = [value for name, value in kernel_parameters(self.cmdline) if name == "isolcpus"]
+        chosen = []
+        for value in values:
+            try:
+                flags, cpu_list = parse_isolcpus(value)
+            except InputError as e:
+                log.warning("%s: %s", self.host.cmdline_path, e)
+                continue
+            if self.source == "cmdline" or isolcpus_isolates_domain(flags):
+                chosen = [cpu_list]          # the kernel keeps the first; later ones conflict
+                break
+        return self._cmdline_cpus("isolcpus", chosen), host.cmdline_path + " isolcpus="
+
+    def _cmdline_cpus(self, param, values):
+        if not values:
+            return frozenset()
+        try:
+            return parse_cpu_list(values[0], self.host.last_cpu, self.host.max_cpu)
+        except InputError as e:
+            raise InputError("%s %s=%s: %s" % (self.host.cmdline_path, param, quote(values[0]), e))
+
+    def scan(self):
+        """Read the host; return a log line when the devices changed, else
+        None. Raises InputError when a file that decides the devices is bad."""
+        served, origin = self.served_cpus()
+        online = self.host.online_cpus(self.present)
+        if (served, online, origin) == (self.served, self.online, self.origin):
+            return None
+        # `present` changes only with a hotplug, which changes `online` too
+        present = self.host.present_cpus()
+        if present != self.present:
+            online = self.host.online_cpus(present)
+        missing = served - present
+        if missing and missing != self.served - self.present:
+            log.warning("%s lists CPUs %s that this host does not have; they are left out",
+                        origin, format_cpu_list(missing))
+        wanted = served & present
+        stale = {cpu for cpu in wanted
+                 if cpu not in self.topology or (cpu in online) != (cpu in self.online)}
+        self.topology = {cpu: info for cpu, info in self.topology.items() if cpu in wanted}
+        self.topology.update(self.host.cpu_topology(sorted(stale)))
+        self.served, self.present, self.online, self.origin = served, present, online, origin
+        devices = build_devices(wanted, online, self.topology)
+        change = describe_device_changes(self.devices, devices)
+        self.devices = devices
+        return change
+
+    def rescan(self):
+        """scan(), keeping the last good state when the host's files are bad."""
+        try:
+            return self.scan()
+        except InputError as e:
+            log.warning("rescan failed, keeping the last device list: %s", e)
+            return None
+
+
+# ---------------------------------------------------------------------------
+# Allocation policy (pure: data in, data out)
+# ---------------------------------------------------------------------------
+
+# One advertised device: a CPU, whether it is healthy (online), its topology.
+Device = collections.namedtuple("Device", "cpu healthy info")
+
+
+def device_id(cpu):
+    return str(cpu)
+
+
+def build_devices(cpus, online, topology):
+    """The devices to advertise: one per CPU, healthy when online."""
+    return tuple(Device(cpu, cpu in online, topology.get(cpu) or unknown_cpu_info(cpu))
+                 for cpu in sorted(cpus))
+
+
+def describe_device_changes(old, new):
+    """One log line saying how the device list changed, or None."""
+    if old == new:
+        return None
+    old_health = {d.cpu: d.healthy for d in old}
+    new_health = {d.cpu: d.healthy for d in new}
+    parts = []
+    for label, cpus in (
+            ("added", [c for c in new_health if c not in old_health]),
+            ("removed", [c for c in old_health if c not in new_health]),
+            ("now unhealthy (offline)", [c for c in new_health if old_health.get(c) and not new_health[c]]),
+            ("healthy again", [c for c in new_health if old_health.get(c) is False and new_health[c]])):
+        if cpus:
+            parts.append("%s %s" % (label, format_cpu_list(cpus)))
+    if not parts:
+        parts.append("topology updated")
+    healthy = [d.cpu for d in new if d.healthy]
+    return "devices changed: %s; advertising %d, healthy %s" % (
+        ", ".join(parts), len(new), format_cpu_list(healthy) or "none")
+
+
+class RequestError(Exception):
+    """A request the plugin refuses (INVALID_ARGUMENT); str() names what is wrong."""
+
+
+def cpus_for_device_ids(ids, devices_by_id):
+    """The CPUs behind one container's device IDs; RequestError names bad IDs."""
+    if not ids:
+        raise RequestError("no device IDs in the request")
+    unknown = [i for i in ids if i not in devices_by_id]
+    if unknown:
+        raise RequestError("unknown device IDs %s" % quote_list(unknown))
+    seen, duplicates = set(), []
+    for i in ids:
+        if i in seen:
+            duplicates.append(i)
+        seen.add(i)
+    if duplicates:
+        raise RequestError("duplicate device IDs %s" % quote_list(duplicates))
+    return frozenset(devices_by_id[i].cpu for i in ids)
+
+
+def container_allocation(cpus, env_name, cpuid_paths):
+    """(envs, device specs) for a container given `cpus`."""
+    return {env_name: format_cpu_list(cpus)}, [(path, path, "r") for path in cpuid_paths]
+
+
+# ---------------------------------------------------------------------------
+# The gRPC servicer
+# ---------------------------------------------------------------------------
+
+GrpcApi = collections.namedtuple("GrpcApi", "grpc aio pb pb_grpc")
+
+
+def load_grpc():
+    """grpc, its asyncio API and the generated stubs, imported only when serving."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if here not in sys.path:
+        sys.path.append(here)
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")   # grpc core's info lines would break our log format
+    try:
+        import grpc
+    except ImportError as e:
+        raise InputError("grpcio is not installed (%s): apt install python3-grpcio, "
+                         "or pip install grpcio" % one_line(e))
+    aio = getattr(grpc, "aio", None)
+    if aio is None:
+        try:
+            from grpc.experimental import aio         # grpcio 1.28-1.31
+        except ImportError:
+            raise InputError("grpcio %s has no asyncio API; grpcio 1.30 or newer is needed"
+                             % grpc.__version__)
+    try:
+        import deviceplugin_pb2 as pb
+        import deviceplugin_pb2_grpc as pb_grpc
+    except Exception as e:
+        raise InputError("cannot load deviceplugin_pb2*.py beside %s: %s" % (__file__, one_line(e)))
+    return GrpcApi(grpc, aio, pb, pb_grpc)
+
+
+class DeviceBoard(object):
+    """The device list on offer, shared by the host watcher (writer) and the
+    servicer (readers). `generation` counts real changes only, so that
+    ListAndWatch sends a list exactly when something changed."""
+
+    def __init__(self, devices):
+        self.devices = devices
+        self.by_id = {device_id(d.cpu): d for d in devices}
+        self.generation = 0
+        self.closed = False
+        self._changed = asyncio.Condition()
+
+    async def close(self):
+        """End every ListAndWatch stream normally (the plugin is stopping)."""
+        self.closed = True
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def publish(self, devices):
+        if devices == self.devices:
+            return
+        self.devices = devices
+        self.by_id = {device_id(d.cpu): d for d in devices}
+        self.generation += 1
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_newer_than(self, generation):
+        """The next generation; None once the board is closed."""
+        async with self._changed:
+            while self.generation == generation and not self.closed:
+                await self._changed.wait()
+        return None if self.closed else self.generation
+
+
+class DevicePluginServicer(object):
+    """v1beta1.DevicePlugin. Thin: requests become policy calls and back."""
+
+    def __init__(self, api, board, config, on_stream_closed):
+        self.api = api
+        self.board = board
+        self.config = config
+        self.on_stream_closed = on_stream_closed
+        self.active_streams = 0
+        self.last_stream_closed = 0.0
+        self._message = (None, None)            # (generation, ListAndWatchResponse)
+
+    def options(self):
+        return self.api.pb.DevicePluginOptions(
+            pre_start_required=False, get_preferred_allocation_available=False)
+
+    async def GetDevicePluginOptions(self, request, context):
+        return self.options()
+
+    def _list_message(self):
+        generation, message = self._message
+        if generation != self.board.generation:
+            pb = self.api.pb
+            devices = []
+            for d in self.board.devices:
+                device = pb.Device(ID=device_id(d.cpu), health=HEALTHY if d.healthy else UNHEALTHY)
+                if d.info.numa_nodes:           # unknown: no TopologyInfo at all (kubernetes#112234)
+                    device.topology.nodes.extend(pb.NUMANode(ID=n) for n in d.info.numa_nodes)
+                devices.append(device)
+            message = pb.ListAndWatchResponse(devices=devices)
+            self._message = (self.board.generation, message)
+        return message
+
+    async def ListAndWatch(self, request, context):
+        self.active_streams += 1
+        log.debug("ListAndWatch opened (%d open)", self.active_streams)
+        try:
+            generation = self.board.generation
+            while generation is not None:
+                yield self._list_message()
+                generation = await self.board.wait_newer_than(generation)
+        finally:
+            self.active_streams -= 1
+            self.last_stream_closed = time.monotonic()
+            log.debug("ListAndWatch closed (%d open)", self.active_streams)
+            self.on_stream_closed()
+
+    async def GetPreferredAllocation(self, request, context):
+        context.set_code(self.api.grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("GetPreferredAllocation is not offered")
+        return self.api.pb.PreferredAllocationResponse()
+
+    async def Allocate(self, request, context):
+        pb = self.api.pb
+        response = pb.AllocateResponse()
+        for container in request.container_requests:
+            try:
+                cpus = cpus_for_device_ids(list(container.devices_ids), self.board.by_id)
+            except RequestError as e:
+                log.warning("Allocate refused: %s", e)
+                context.set_code(self.api.grpc.StatusCode.INVALID_ARGUMENT)
+                context.set_details(str(e))
+                return pb.AllocateResponse()
+            unhealthy = [d.cpu for d in (self.board.by_id[device_id(c)] for c in cpus) if not d.healthy]
+            if unhealthy:
+                log.warning("Allocate: CPUs %s are offline", format_cpu_list(unhealthy))
+            envs, specs = container_allocation(
+                cpus, self.config.env_name, cpuid_device_paths(cpus, self.config.cpuid_devices))
+            response.container_responses.add(
+                envs=envs,
+                devices=[pb.DeviceSpec(container_path=c, host_path=h, permissions=p) for c, h, p in specs])
+            log.info("allocated CPUs %s (%s=%s)", format_cpu_list(cpus), self.config.env_name, envs[self.config.env_name])
+        return response
+
+    async def PreStartContainer(self, request, context):
+        return self.api.pb.PreStartContainerResponse()
+
+
+# ---------------------------------------------------------------------------
+# The kubelet session and lifecycle
+# ---------------------------------------------------------------------------
+
+def file_identity(path):
+    """Tells a recreated file apart (None when absent). The inode alone does
+    not: a socket deleted and created again often gets the same number back."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+
+
+def socket_answers(path, timeout=1.0):
+    """True when something accepts connections on the unix socket `path`."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(path)
+        return True
+    except socket.timeout:
+        return True                         # listening but slow: still alive
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise InputError("%s: cannot tell whether another instance serves it: %s"
+                         % (path, e.strerror or e))
+    finally:
+        probe.close()
+
+
+def clear_stale_socket(path):
+    """Remove a socket a dead instance left; refuse when one still answers."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InputError("%s exists and is not a socket; refusing to replace it" % path)
+    if socket_answers(path):
+        raise InputError("%s is served by another running instance; stop it first" % path)
+    os.unlink(path)
+    log.info("removed stale socket %s", path)
+
+
+_IN_EVENTS = 0x4 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # attrib, moves, create, delete, self
+_IN_IGNORED = 0x8000
+_IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
+
+
+class DirectoryWatch(object):
+    """Calls `on_change` when entries of a directory are created, deleted or
+    moved (inotify through libc). `active` is False when inotify is
+    unavailable or the directory is missing: the caller then polls."""
+
+    def __init__(self, path, on_change):
+        self.path = path
+        self.on_change = on_change
+        self.fd = None
+        self.active = False
+        self._libc = None
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+            if fd >= 0:
+                self._libc, self.fd = libc, fd
+                asyncio.get_event_loop().add_reader(fd, self._readable)
+        except (ImportError, OSError, AttributeError) as e:
+            log.debug("inotify unavailable (%s); polling %s", one_line(e), path)
+
+    def arm(self):
+        """Watch the directory if not yet watching; cheap when already active."""
+        if self.fd is not None and not self.active:
+            self.active = self._libc.inotify_add_watch(
+                self.fd, os.fsencode(self.path), _IN_EVENTS) >= 0
+        return self.active
+
+    def _readable(self):
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return
+        offset = 0
+        while offset + 16 <= len(data):
+            _wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+            if mask & _IN_IGNORED:
+                self.active = False          # directory gone: re-armed when it returns
+            offset += 16 + length
+        self.on_change()
+
+    def close(self):
+        if self.fd is not None:
+            asyncio.get_event_loop().remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+
+_NETLINK_KOBJECT_UEVENT = 15
+
+
+class CpuUevents(object):
+    """Calls `on_cpu_event` on kernel uevents for CPUs (online/offline/add),
+    so hotplug is seen at once instead of by polling. open() returns None
+    where the kernel's uevent socket is out of reach."""
+
+    def __init__(self, sock, on_cpu_event):
+        self.sock = sock
+        self.on_cpu_event = on_cpu_event
+        asyncio.get_event_loop().add_reader(sock.fileno(), self._readable)
+
+    @classmethod
+    def open(cls, on_cpu_event):
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_KOBJECT_UEVENT)
+            sock.bind((0, 1))                # group 1: the kernel's own events
+            sock.setblocking(False)
+        except (OSError, AttributeError) as e:
+            log.info("kernel uevents unavailable (%s); polling for CPU hotplug", one_line(e))
+            return None
+        return cls(sock, on_cpu_event)
+
+    def _readable(self):
+        seen = False
+        while True:
+            try:
+                message = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError:                  # ENOBUFS: events were lost; rescan anyway
+                seen = True
+                continue
+            seen = seen or b"@/devices/system/cpu/" in message.split(b"\0", 1)[0]
+        if seen:
+            self.on_cpu_event()
+
+    def close(self):
+        asyncio.get_event_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class Backoff(object):
+    """Retry delays for the kubelet: short, growing to a small cap."""
+
+    def __init__(self, first=0.5, cap=5.0):
+        self.first, self.cap, self.delay = first, cap, first
+
+    def next(self):
+        delay, self.delay = self.delay, min(self.delay * 2, self.cap)
+        return delay
+
+    def reset(self):
+        self.delay = self.first
+
+
+class Plugin(object):
+    """One running plugin: keeps its socket served, registered with whichever
+    kubelet runs, and the device list current, until stopped."""
+
+    REGISTER_TIMEOUT = 10.0      # the kubelet dials back before it answers
+    POLL_INTERVAL = 1.0          # directory checks where inotify cannot watch
+    UEVENT_RESCAN = 5.0          # safety rescan period while uevents report hotplug
+    STREAM_GRACE = 1.0           # a lost ListAndWatch not replaced by then: register again
+
+    def __init__(self, config, inventory, api):
+        self.config = config
+        self.inventory = inventory
+        self.api = api
+        self.socket_path = os.path.join(config.device_plugin_path, config.socket_name)
+        self.kubelet_socket = os.path.join(config.device_plugin_path, KUBELET_SOCKET_NAME)
+        self.server = None
+        self.served_identity = None      # our socket file as we bound it
+        self.registered_with = None      # kubelet.sock identity we are registered with
+        self.last_kubelet = None         # ... or were, before it went away
+        self.registered_at = 0.0
+        self.exit_code = 0
+        self._complaints = {}
+
+    # Logging: a condition that persists is logged once, then at debug ----------
+
+    def complain(self, key, message, *args, **kwargs):
+        text = message % args
+        if self._complaints.get(key) != text:
+            log.log(kwargs.get("level", logging.WARNING), text)
+        else:
+            log.debug(text)
+        self._complaints[key] = text
+
+    def settle(self, key):
+        self._complaints.pop(key, None)
+
+    # Entry -------------------------------------------------------------------
+
+    async def run(self):
+        loop = asyncio.get_event_loop()
+        self.loop = loop
+        self.stopping = asyncio.Event()
+        self.session_wakeup = asyncio.Event()
+        self.rescan_wakeup = asyncio.Event()
+        self.board = DeviceBoard(self.inventory.devices)
+        self.servicer = DevicePluginServicer(self.api, self.board, self.config,
+                                             on_stream_closed=self._stream_closed)
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stop)
+            loop.add_signal_handler(signal.SIGHUP, self._reload)
+        self.watch = DirectoryWatch(self.config.device_plugin_path, self.session_wakeup.set)
+        self.uevents = (CpuUevents.open(self.rescan_wakeup.set)
+                        if os.path.realpath(self.config.sysfs) == "/sys" else None)
+        tasks = [loop.create_task(self._guarded(self.run_session)),
+                 loop.create_task(self._guarded(self.watch_host))]
+        log.info("advertising %s: %d devices (%s) from %s", self.config.resource_name,
+                 len(self.inventory.devices), format_cpu_list(d.cpu for d in self.inventory.devices) or "none",
+                 self.inventory.origin)
+        await self.stopping.wait()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.board.close()
+        await self.stop_serving(grace=0.3)
+        self.watch.close()
+        if self.uevents:
+            self.uevents.close()
+        log.info("stopped")
+        return self.exit_code
+
+    def stop(self, exit_code=None):
+        if exit_code is not None:
+            self.exit_code = exit_code
+        self.stopping.set()
+        self.session_wakeup.set()
+        self.rescan_wakeup.set()
+
+    def stop_threadsafe(self):
+        self.loop.call_soon_threadsafe(self.stop)
+
+    def _reload(self):
+        log.info("SIGHUP: re-reading the host")
+        try:
+            self.inventory.reload()
+        except InputError as e:
+            log.warning("reload failed, keeping the last configuration: %s", e)
+        self.rescan_wakeup.set()
+
+    def _stream_closed(self):
+        self.loop.call_later(self.STREAM_GRACE + 0.05, self.session_wakeup.set)
+
+    async def _guarded(self, loop_body):
+        """Run a forever-loop; a bug in it is logged and the loop restarted,
+        an InputError (e.g. another instance took our socket) stops the plugin."""
+        while not self.stopping.is_set():
+            try:
+                await loop_body()
+            except asyncio.CancelledError:
+                raise
+            except InputError as e:
+                log.error("%s", e)
+                self.stop(2)
+            except Exception as e:
+                log.error("internal error in %s: %s: %s", loop_body.__name__, type(e).__name__, one_line(e))
+                log.debug("details", exc_info=True)
+                await self._sleep_unless_stopping(1.0)
+
+    async def _sleep_unless_stopping(self, seconds, wakeup=None):
+        """Sleep up to `seconds` (None: no limit); an event cuts it short."""
+        event = wakeup or self.stopping
+        try:
+            await asyncio.wait_for(event.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+        if wakeup is not None:
+            wakeup.clear()
+
+    # Host ----------------------------------------------------------------------
+
+    async def watch_host(self):
+        while not self.stopping.is_set():
+            period = self.config.rescan_interval
+            if self.uevents:
+                period = max(period, self.UEVENT_RESCAN)
+            await self._sleep_unless_stopping(period, self.rescan_wakeup)
+            change = self.inventory.rescan()
+            if change:
+                log.info("%s", change)
+                await self.board.publish(self.inventory.devices)
+
+    # Socket and registration ---------------------------------------------------
+
+    async def run_session(self):
+        backoff = Backoff()
+        while not self.stopping.is_set():
+            watched = self.watch.arm()
+            delay = None if watched else self.POLL_INTERVAL
+            if not await self.ensure_serving():
+                await self._sleep_unless_stopping(self.POLL_INTERVAL, self.session_wakeup)
+                continue
+            kubelet = file_identity(self.kubelet_socket)
+            if kubelet is None:
+                self.registered_with = None
+                self.complain("kubelet", "waiting for the kubelet to serve %s", self.kubelet_socket,
+                              level=logging.INFO)
+            elif self._stream_lost():
+                log.warning("kubelet closed ListAndWatch; registering again")
+                self.registered_with = None
+                continue
+            elif kubelet != self.registered_with:
+                if self.last_kubelet not in (None, kubelet):
+                    log.info("kubelet restarted (new %s); registering again", KUBELET_SOCKET_NAME)
+                    self.last_kubelet = None
+                if await self.register():
+                    self.registered_with = self.last_kubelet = kubelet
+                    self.registered_at = time.monotonic()
+                    backoff.reset()
+                    self.settle("kubelet")
+                    continue
+                delay = backoff.next()
+            await self._sleep_unless_stopping(delay, self.session_wakeup)
+
+    def _stream_lost(self):
+        servicer = self.servicer
+        return (self.registered_with is not None and servicer.active_streams == 0
+                and servicer.last_stream_closed > self.registered_at
+                and time.monotonic() - servicer.last_stream_closed >= self.STREAM_GRACE)
+
+    async def ensure_serving(self):
+        """Serve our socket; (re)create it when missing or replaced, e.g. after
+        the kubelet wiped the directory. False while it cannot be served."""
+        if self.server is not None and file_identity(self.socket_path) == self.served_identity:
+            return True
+        if self.server is not None:
+            log.info("socket %s was removed; serving it again", self.socket_path)
+            await self.stop_serving()
+        directory = self.config.device_plugin_path
+        if not os.path.isdir(directory):
+            self.complain("serve", "device-plugin directory %s does not exist; waiting for it", directory)
+            return False
+        clear_stale_socket(self.socket_path)
+        server = self.api.aio.server()
+        self.api.pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
+        try:
+            if not server.add_insecure_port("unix:" + self.socket_path):
+                raise RuntimeError("bind failed")
+            await server.start()
+            os.chmod(self.socket_path, 0o600)
+        except (RuntimeError, OSError) as e:
+            try:
+                await server.stop(None)
+            except Exception:
+                pass
+            self.complain("serve", "cannot serve %s (%s); retrying", self.socket_path, one_line(e))
+            return False
+        self.server, self.served_identity, self.registered_with = server, file_identity(self.socket_path), None
+        self.settle("serve")
+        log.info("serving %s", self.socket_path)
+        return True
+
+    async def stop_serving(self, grace=None):
+        if self.server is None:
+            return
+        server, self.server = self.server, None
+        await server.stop(grace)
+        if file_identity(self.socket_path) == self.served_identity:
+            try:
+                os.unlink(self.socket_path)
+            except OSError:
+                pass
+        self.served_identity = None
+
+    async def register(self):
+        pb, aio = self.api.pb, self.api.aio
+        request = pb.RegisterRequest(version=API_VERSION, endpoint=self.config.socket_name,
+                                     resource_name=self.config.resource_name,
+                                     options=self.servicer.options())
+        channel = aio.insecure_channel("unix:" + self.kubelet_socket)
+        try:
+            await self.api.pb_grpc.RegistrationStub(channel).Register(request, timeout=self.REGISTER_TIMEOUT)
+        except self.api.grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            self.complain("kubelet", "registering with the kubelet failed (%s: %s); retrying",
+                          getattr(code, "name", code), quote(e.details() if hasattr(e, "details") else e, 200))
+            return False
+        finally:
+            await channel.close()
+        log.info("registered %s with the kubelet (endpoint %s)", self.config.resource_name, self.config.socket_name)
+        return True
+
+
+def serve(config, inventory):
+    """Run the plugin until SIGTERM/SIGINT; returns the exit code."""
+    # SIGTERM before the event loop takes over (grpc imports take a while) still ends with 0
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # another instance serving our socket: refuse before doing anything
+    clear_stale_socket(os.path.join(config.device_plugin_path, config.socket_name))
+    api = load_grpc()
+    os.umask(0o077)                       # the socket is created private
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(Plugin(config, inventory, api).run())
+    finally:
+        finish_pending_tasks(loop)
+        loop.close()
+
+
+def finish_pending_tasks(loop, timeout=0.5):
+    """Let the tasks grpc still runs for ended RPCs finish before the loop
+    closes (cancelling them makes grpc print tracebacks)."""
+    all_tasks = getattr(asyncio, "all_tasks", None) or asyncio.Task.all_tasks
+    pending = [task for task in all_tasks(loop) if not task.done()]
+    if pending:
+        loop.run_until_complete(asyncio.wait(pending, timeout=timeout))
+
+
+# ---------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*\Z")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+# (flag, default, help); every flag also reads ISOLCPU_<FLAG> from the environment.
+VALUE_OPTIONS = (
+    ("--resource-name", DEFAULT_RESOURCE_NAME, "extended resource to advertise"),
+    ("--device-plugin-path", DEFAULT_DEVICE_PLUGIN_PATH, "the kubelet's device-plugin directory"),
+    ("--sysfs", "/sys", "where the host's sysfs is mounted"),
+    ("--procfs", "/proc", "where the host's procfs is mounted"),
+    ("--cpus", None, "serve exactly these CPUs (kernel cpu-list), overriding discovery"),
+    ("--source", "auto", "where isolated CPUs come from: " + "|".join(SOURCES)),
+    ("--env-name", "ISOLCPUS", "environment variable that receives the allocated CPUs"),
+    ("--cpuid-devices", "auto", "pass /dev/cpu/N/cpuid: auto (when present)|always|never"),
+    ("--rescan-interval", "0.5", "seconds between rereads of the online and isolated lists"),
+    ("--log-level", "info", "|".join(LOG_LEVELS)),
+)
+SWITCH_OPTIONS = (
+    ("--list", "print the devices that would be advertised, then exit"),
+    ("--json", "with --list: print them as one JSON object"),
+)
+
+
+def env_twin(flag):
+    return "ISOLCPU_" + flag[2:].upper().replace("-", "_")
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, "%s: error: %s\n" % (PROGRAM, " ".join(message.split())))
+
+
+def build_parser():
+    parser = _OneLineParser(
+        prog="isolcpu_plugin.py",
+        description="Kubernetes device plugin offering isolated CPUs (isolcpus=) as devices. "
+                    "Every flag can also be set as ISOLCPU_<FLAG> in the environment; a flag wins.")
+    for flag, default, text in VALUE_OPTIONS:
+        parser.add_argument(flag, metavar=flag[2:].upper().replace("-", "_"),
+                            help="%s (default: %s; env %s)" % (text, default, env_twin(flag)))
+    for flag, text in SWITCH_OPTIONS:
+        parser.add_argument(flag, action="store_true", default=None,
+                            help="%s (env %s)" % (text, env_twin(flag)))
+    parser.add_argument("--version", action="version",
+                        version="%s %s (python %s)" % (PROGRAM, __version__, sys.version.split()[0]))
+    return parser
+
+
+class Config(object):
+    """Validated settings; `origin[name]` is the flag or variable a value came from."""
+
+
+def parse_config(argv, environ):
+    args = build_parser().parse_args(argv)
+    config = Config()
+    config.origin = {}
+    for flag, default, _ in VALUE_OPTIONS:
+        name = flag[2:].replace("-", "_")
+        value, origin = getattr(args, name), flag
+        if value is None and env_twin(flag) in environ:
+            value, origin = environ[env_twin(flag)], env_twin(flag)
+        setattr(config, name, default if value is None else value)
+        config.origin[name] = origin
+    for flag, _ in SWITCH_OPTIONS:
+        name = flag[2:]
+        value = getattr(args, name)
+        if value is None:
+            text = environ.get(env_twin(flag), "").strip().lower()
+            if text not in _TRUE + _FALSE:
+                raise InputError("%s=%s: expected 1/0, true/false, yes/no" % (env_twin(flag), quote(text)))
+            value = text in _TRUE
+        setattr(config, name, value)
+
+    def bad(name, why):
+        return InputError("%s %s: %s" % (config.origin[name], quote(getattr(config, name), 200), why))
+
+    try:
+        check_resource_name(config.resource_name)
+    except InputError as e:
+        raise bad("resource_name", e)
+    config.socket_name = socket_name_for(config.resource_name)
+    for name in ("device_plugin_path", "sysfs", "procfs"):
+        if not getattr(config, name):
+            raise bad(name, "must not be empty")
+        setattr(config, name, os.path.abspath(getattr(config, name)))
+    if len(os.fsencode(os.path.join(config.device_plugin_path, config.socket_name))) > UNIX_PATH_MAX:
+        raise bad("device_plugin_path", "socket path longer than %d bytes" % UNIX_PATH_MAX)
+    if config.source not in SOURCES:
+        raise bad("source", "expected one of " + ", ".join(SOURCES))
+    if not _ENV_NAME.match(config.env_name):
+        raise bad("env_name", "not a valid environment variable name")
+    if config.cpuid_devices not in ("auto", "always", "never"):
+        raise bad("cpuid_devices", "expected auto, always or never")
+    try:
+        interval = float(config.rescan_interval)
+    except ValueError:
+        interval = float("nan")
+    if not (0.05 <= interval <= 3600):
+        raise bad("rescan_interval", "expected seconds between 0.05 and 3600")
+    config.rescan_interval = interval
+    config.log_level = config.log_level.lower()
+    if config.log_level not in LOG_LEVELS:
+        raise bad("log_level", "expected one of " + ", ".join(LOG_LEVELS))
+    if config.json and not config.list:
+        raise InputError("--json needs --list")
+    return config
+
+
+def device_record(device):
+    """A device as `--list --json` prints it (a contract: keep these keys)."""
+    info = device.info
+    return collections.OrderedDict([
+        ("id", device_id(device.cpu)), ("cpu", device.cpu),
+        ("health", HEALTHY if device.healthy else UNHEALTHY),
+        ("numa_nodes", list(info.numa_nodes)), ("package", info.package),
+        ("core_id", info.core_id), ("thread_siblings", list(info.thread_siblings))])
+
+
+def write_listing(config, inventory, out):
+    devices = inventory.devices
+    if config.json:
+        json.dump(collections.OrderedDict([("resource_name", config.resource_name),
+                                           ("devices", [device_record(d) for d in devices])]), out)
+        out.write("\n")
+        return
+    out.write("%s: %d devices from %s\n" % (config.resource_name, len(devices), inventory.origin))
+    rows = [("ID", "CPU", "HEALTH", "NUMA", "PACKAGE", "CORE", "THREAD SIBLINGS")]
+    for d in devices:
+        info = d.info
+        rows.append((device_id(d.cpu), str(d.cpu), HEALTHY if d.healthy else UNHEALTHY,
+                     format_cpu_list(info.numa_nodes) or "-",
+                     "-" if info.package is None else str(info.package),
+                     "-" if info.core_id is None else str(info.core_id),
+                     format_cpu_list(info.thread_siblings) or "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
+    if not devices:
+        out.write("(no isolated CPUs: boot with isolcpus=<cpu-list>, or use --cpus)\n")
+
+
+def configure_logging(level):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+def main(argv=None, environ=None):
+    environ = os.environ if environ is None else environ
+    try:
+        config = parse_config(argv, environ)
+        configure_logging(config.log_level)
+        inventory = CpuInventory(Host(config.sysfs, config.procfs), config.source,
+                                 config.cpus, config.origin["cpus"])
+        if config.list:
+            write_listing(config, inventory, sys.stdout)
+            sys.stdout.flush()
+            return 0
+        return serve(config, inventory)
+    except InputError as e:
+        sys.stderr.write("%s: error: %s\n" % (PROGRAM, e))
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:
+        return 0
+    except Exception as e:                     # a bug: one line, details at debug
+        sys.stderr.write("%s: internal error: %s: %s\n" % (PROGRAM, type(e).__name__, one_line(e)))
+        log.debug("details", exc_info=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,903 @@
+"""Tests for isolcpu_plugin: run with `python3 -m unittest` in the project root.
+
+Parsing and topology are tested on their own and on fake sysfs/procfs trees;
+topology also against hwloc on the real machines in ../shared/fixtures/sysfs
+(skipped when that folder or lstopo is absent). The plugin itself runs as a
+real process, over real unix sockets, against FakeKubelet: an in-process
+kubelet that does what the kubelet's device manager does.
+"""
+
+import collections
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import unittest
+import xml.etree.ElementTree as ElementTree
+
+import isolcpu_plugin as plugin
+from isolcpu_plugin import InputError, format_cpu_list, parse_cpu_list
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PLUGIN = os.path.join(HERE, "isolcpu_plugin.py")
+CORPUS = os.path.join(HERE, "..", "shared", "fixtures", "sysfs")
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+try:
+    import grpc
+    from concurrent import futures
+    import deviceplugin_pb2 as pb
+    import deviceplugin_pb2_grpc as pb_grpc
+except ImportError:                                  # parsing tests still run
+    grpc = None
+
+needs_grpc = unittest.skipIf(grpc is None, "grpcio/protobuf not installed")
+
+
+# ---------------------------------------------------------------------------
+# Fake host trees
+# ---------------------------------------------------------------------------
+
+def write_files(root, files):
+    """Create files under root from {relative path: text}."""
+    for rel, text in files.items():
+        path = os.path.join(root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def cpu_mask(cpus, words=2):
+    value = sum(1 << c for c in cpus)
+    return ",".join("%08x" % ((value >> (32 * i)) & 0xFFFFFFFF) for i in reversed(range(words)))
+
+
+def fake_host(root, sockets=1, cores=4, threads=2, isolated="2-3,6-7", offline=(),
+              node_ids=None, numa=True, masks_only=False, cmdline="root=/dev/sda1 quiet",
+              kernel_max=63, isolated_file=True, extra=None):
+    """A sysfs+procfs tree of a machine numbered as Linux numbers x86:
+    thread t of core c of socket s is CPU t*(sockets*cores) + s*cores + c.
+    NUMA node per socket (ids from node_ids). Offline CPUs lose topology/.
+    Returns (sysfs, procfs)."""
+    per_thread = sockets * cores
+    total = per_thread * threads
+    node_ids = node_ids or list(range(sockets))
+    files = {
+        "proc/cmdline": cmdline + "\n",
+        "sys/devices/system/cpu/possible": "0-%d\n" % (total - 1),
+        "sys/devices/system/cpu/present": "0-%d\n" % (total - 1),
+        "sys/devices/system/cpu/online": format_cpu_list(set(range(total)) - set(offline)) + "\n",
+        "sys/devices/system/cpu/kernel_max": "%d\n" % kernel_max,
+    }
+    if isolated_file:
+        files["sys/devices/system/cpu/isolated"] = isolated + "\n"
+    for cpu in range(total):
+        thread, rest = divmod(cpu, per_thread)
+        sock, core = divmod(rest, cores)
+        base = "sys/devices/system/cpu/cpu%d/" % cpu
+        if cpu:
+            files[base + "online"] = "0\n" if cpu in offline else "1\n"
+        if cpu in offline:
+            continue
+        siblings = [t * per_thread + rest for t in range(threads)]
+        package = [c for c in range(total) if (c % per_thread) // cores == sock]
+        topo = base + "topology/"
+        files[topo + "physical_package_id"] = "%d\n" % sock
+        files[topo + "core_id"] = "%d\n" % core
+        files[topo + "thread_siblings"] = cpu_mask(siblings) + "\n"
+        files[topo + "core_siblings"] = cpu_mask(package) + "\n"
+        if not masks_only:
+            files[topo + "thread_siblings_list"] = format_cpu_list(siblings) + "\n"
+            files[topo + "core_cpus_list"] = format_cpu_list(siblings) + "\n"
+            files[topo + "package_cpus_list"] = format_cpu_list(package) + "\n"
+    if numa:
+        for sock, node in enumerate(node_ids):
+            cpus = [c for c in range(total) if (c % per_thread) // cores == sock]
+            online = [c for c in cpus if c not in offline]
+            files["sys/devices/system/node/node%d/cpulist" % node] = format_cpu_list(online) + "\n"
+            for cpu in cpus:                        # the link stays while a CPU is offline
+                os.makedirs(os.path.join(root, "sys/devices/system/cpu/cpu%d/node%d" % (cpu, node)),
+                            exist_ok=True)
+    files.update(extra or {})
+    write_files(root, files)
+    return os.path.join(root, "sys"), os.path.join(root, "proc")
+
+
+class TempDirTest(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="isolcpu-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+
+
+def run_main(args):
+    """plugin.main() in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = plugin.main(args, environ={})
+    return code, out.getvalue(), err.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------
+
+class CpuListTests(unittest.TestCase):
+    def parse(self, text, last=15, top=63):
+        return sorted(parse_cpu_list(text, last, top))
+
+    def test_grammar_matches_the_kernel(self):
+        cases = {
+            "": [], "  \n": [], "3": [3], "0-3": [0, 1, 2, 3], "1,3,5": [1, 3, 5],
+            " 2-4 , 7 \n": [2, 3, 4, 7], "1,,3": [1, 3], ",1, 3,": [1, 3], "1\t2": [1, 2],
+            "0-15:2/4": [0, 1, 4, 5, 8, 9, 12, 13], "0-9:1/3": [0, 3, 6, 9],
+            "0-10:3/4": [0, 1, 2, 4, 5, 6, 8, 9, 10], "4-4:0/1": [],
+            "N": [15], "12-N": [12, 13, 14, 15], "all": list(range(16)), "ALL": list(range(16)),
+            "all:1/8": [0, 8], "2-5,3-4": [2, 3, 4, 5], "007": [7],
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(self.parse(text), expected)
+
+    def test_errors_name_the_bad_token(self):
+        cases = {
+            "1-x": "'1-x'", "5-3": "'5-3'", "0-7:3/2": "'0-7:3/2'", "0-7:1/0": "'0-7:1/0'",
+            "3:1/2": "'3:1/2'", "1-": "'1-'", "-1": "'-1'", "a": "'a'", "1 2-": "'2-'",
+            "0x3": "'0x3'", "allx": "'allx'", "n": "'n'", "1.5": "'1.5'", "\u0663": "'\u0663'",
+            "1\x002": "'1\\x002'", "٣-4": "'٣-4'",
+        }
+        for text, named in cases.items():
+            with self.subTest(text=text):
+                with self.assertRaises(InputError) as caught:
+                    self.parse(text)
+                self.assertIn(named, str(caught.exception))
+
+    def test_work_is_bounded_by_the_highest_possible_cpu(self):
+        for text in ("64", "0-4294967295", "0-99999999999999999999", "1-" + "9" * 5000, "all:1/2,70"):
+            with self.subTest(text=text[:30]):
+                started = time.monotonic()
+                with self.assertRaises(InputError) as caught:
+                    self.parse(text)
+                self.assertLess(time.monotonic() - started, 0.5)
+                self.assertLess(len(str(caught.exception)), 200)
+        self.assertEqual(self.parse("63"), [63])
+
+    def test_format_is_canonical(self):
+        self.assertEqual(format_cpu_list([8, 2, 3, 4, 5]), "2-5,8")
+        self.assertEqual(format_cpu_list([3, 11]), "3,11")
+        self.assertEqual(format_cpu_list([13, 4, 5, 6]), "4-6,13")
+        self.assertEqual(format_cpu_list([0, 1]), "0-1")
+        self.assertEqual(format_cpu_list([]), "")
+
+    def test_format_and_parse_round_trip(self):
+        rng = random.Random(7)
+        for _ in range(500):
+            cpus = set(rng.sample(range(128), rng.randint(0, 40)))
+            text = format_cpu_list(cpus)
+            self.assertEqual(parse_cpu_list(text, 127, 127), cpus)
+            self.assertEqual(format_cpu_list(parse_cpu_list(text, 127, 127)), text)
+
+    def test_masks(self):
+        mask = plugin.parse_cpu_mask
+        self.assertEqual(sorted(mask("00000000,00000101")), [0, 8])
+        self.assertEqual(sorted(mask("80000000,00000001")), [0, 63])
+        self.assertEqual(sorted(mask("f")), [0, 1, 2, 3])
+        self.assertEqual(sorted(mask("00000000")), [])
+        for bad in ("", "xyz", "0x1", "1,,2", "123456789", "ffffffff," * 300 + "f"):
+            with self.subTest(bad=bad[:20]):
+                self.assertRaises(InputError, mask, bad)
+
+
+class KernelCmdlineTests(unittest.TestCase):
+    def test_parameters_quotes_and_init_args(self):
+        params = plugin.kernel_parameters(
+            'BOOT_IMAGE=/vmlinuz "isolcpus=2-3" foo="a b" nohz_full="4-5" quiet -- isolcpus=9')
+        self.assertEqual(params, [("BOOT_IMAGE", "/vmlinuz"), ("isolcpus", "2-3"),
+                                  ("foo", "a b"), ("nohz_full", "4-5"), ("quiet", "")])
+
+    def test_isolcpus_flags(self):
+        parse = plugin.parse_isolcpus
+        self.assertEqual(parse("2-5"), ((), "2-5"))
+        self.assertEqual(parse("domain,2-5"), (("domain",), "2-5"))
+        self.assertEqual(parse("nohz,managed_irq,2-5"), (("nohz", "managed_irq"), "2-5"))
+        self.assertEqual(parse("bogus,2-5"), (("bogus",), "2-5"))
+        for bad in ("d0main,2-5", "all", "domain"):
+            with self.subTest(bad=bad):
+                self.assertRaises(InputError, parse, bad)
+
+    def test_which_flags_isolate_from_domains(self):
+        isolates = plugin.isolcpus_isolates_domain
+        self.assertTrue(isolates(()))
+        self.assertTrue(isolates(("domain", "nohz")))
+        self.assertTrue(isolates(("bogus",)))               # unknown flags are skipped
+        self.assertFalse(isolates(("nohz", "managed_irq")))
+
+
+class ResourceNameTests(unittest.TestCase):
+    def test_kubelet_rules(self):
+        for good in ("windriver.com/isolcpus", "example.com/cpu_1", "a/b", "x.y-z.io/A.b-c_9"):
+            plugin.check_resource_name(good)
+        for bad in ("isolcpus", "a/b/c", "kubernetes.io/cpus", "foo.kubernetes.io/cpus",
+                    "requests.example.com/x", "Example.com/x", "example.com/", "/x",
+                    "example.com/-x", "example.com/" + "x" * 64, "a" * 254 + "/x", "ex ample.com/x"):
+            with self.subTest(bad=bad):
+                self.assertRaises(InputError, plugin.check_resource_name, bad)
+
+    def test_socket_name(self):
+        self.assertEqual(plugin.socket_name_for("windriver.com/isolcpus"), "windriver.com-isolcpus.sock")
+
+
+# ---------------------------------------------------------------------------
+# Reading the host
+# ---------------------------------------------------------------------------
+
+class HostTests(TempDirTest):
+    def inventory(self, **kw):
+        source = kw.pop("source", "auto")
+        cpus = kw.pop("cpus", None)
+        sysfs, procfs = fake_host(self.tmp, **kw)
+        return plugin.CpuInventory(plugin.Host(sysfs, procfs), source, cpus)
+
+    def test_devices_from_the_isolated_file(self):
+        inv = self.inventory(isolated="2-3,6-7")
+        self.assertEqual([d.cpu for d in inv.devices], [2, 3, 6, 7])
+        info = inv.devices[0].info
+        self.assertEqual((info.numa_nodes, info.package, info.core_id, info.thread_siblings),
+                         ((0,), 0, 2, (2, 6)))
+
+    def test_lists_and_masks_agree(self):
+        with_lists = self.inventory(sockets=2, cores=2, node_ids=[0, 3], isolated="0-7").devices
+        shutil.rmtree(self.tmp)
+        masks = self.inventory(sockets=2, cores=2, node_ids=[0, 3], isolated="0-7", masks_only=True).devices
+        self.assertEqual(with_lists, masks)
+        self.assertEqual([d.info.numa_nodes for d in masks], [(0,), (0,), (3,), (3,)] * 2)
+
+    def test_unknown_topology_degrades(self):
+        sysfs, procfs = fake_host(self.tmp, numa=False, isolated="1-2", extra={
+            "sys/devices/system/cpu/cpu2/topology/core_id": "garbage\n",
+            "sys/devices/system/cpu/cpu2/topology/core_cpus_list": "\x01\x02\n"})
+        shutil.rmtree(os.path.join(sysfs, "devices/system/cpu/cpu1/topology"))
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        one, two = inv.devices
+        self.assertEqual(one.info, plugin.unknown_cpu_info(1))
+        self.assertEqual((two.info.numa_nodes, two.info.core_id, two.info.package), ((), None, 0))
+        self.assertEqual(two.info.thread_siblings, (2, 6))        # from the mask file instead
+
+    def test_offline_cpu_is_unhealthy_and_keeps_its_node_link(self):
+        inv = self.inventory(isolated="2-3", offline=[3])
+        self.assertEqual([(d.cpu, d.healthy) for d in inv.devices], [(2, True), (3, False)])
+        self.assertEqual(inv.devices[1].info.numa_nodes, (0,))
+        self.assertEqual(inv.devices[1].info.thread_siblings, ())
+
+    def test_per_cpu_online_files_without_online_list(self):
+        sysfs, procfs = fake_host(self.tmp, isolated="1-3", offline=[2])
+        os.unlink(os.path.join(sysfs, "devices/system/cpu/online"))
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        self.assertEqual([(d.cpu, d.healthy) for d in inv.devices], [(1, True), (2, False), (3, True)])
+
+    def test_cpus_the_host_lacks_are_dropped(self):
+        inv = self.inventory(cpus="6-9,40")
+        self.assertEqual([d.cpu for d in inv.devices], [6, 7])
+
+    def test_sources(self):
+        cmdline = "ro isolcpus=nohz,managed_irq,1 isolcpus=domain,4-5 nohz_full=6-7 quiet"
+        cases = [
+            (dict(source="auto", isolated_file=False), [4, 5]),
+            (dict(source="auto", isolated_file=True, isolated="2"), [2]),
+            (dict(source="isolated", isolated="3"), [3]),
+            (dict(source="cmdline", isolated="3"), [1]),
+            (dict(source="nohz_full"), [6, 7]),
+            (dict(source="auto", cpus="0,7"), [0, 7]),
+        ]
+        for kw, expected in cases:
+            with self.subTest(**kw):
+                shutil.rmtree(self.tmp)
+                inv = self.inventory(cmdline=cmdline, **kw)
+                self.assertEqual([d.cpu for d in inv.devices], expected)
+
+    def test_auto_ignores_isolcpus_without_domain(self):
+        inv = self.inventory(isolated_file=False, cmdline="isolcpus=nohz,managed_irq,2-5")
+        self.assertEqual(inv.devices, ())
+
+    def test_nohz_full_file_null_and_padding(self):
+        inv = self.inventory(source="nohz_full", extra={
+            "sys/devices/system/cpu/nohz_full": "              (null)\n"}, cmdline="nohz_full=1")
+        self.assertEqual(inv.devices, ())
+
+    def test_bad_source_file_is_an_error_naming_it(self):
+        sysfs, procfs = fake_host(self.tmp, isolated="2-x")
+        with self.assertRaises(InputError) as caught:
+            plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        self.assertIn("isolated", str(caught.exception))
+        self.assertIn("'2-x'", str(caught.exception))
+
+    def test_rescan_keeps_last_good_state(self):
+        sysfs, procfs = fake_host(self.tmp, isolated="2-3")
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        before = inv.devices
+        write_files(self.tmp, {"sys/devices/system/cpu/isolated": "\xff\xfe garbage"})
+        with self.assertLogs(plugin.log, "WARNING") as logs:
+            self.assertIsNone(inv.rescan())
+        self.assertEqual(inv.devices, before)
+        self.assertIn("keeping the last device list", logs.output[0])
+        write_files(self.tmp, {"sys/devices/system/cpu/isolated": "2-4\n"})
+        self.assertIn("added 4", inv.rescan())
+
+    def test_rescan_sees_offline_and_back(self):
+        sysfs, procfs = fake_host(self.tmp, isolated="2-3")
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        self.assertIsNone(inv.rescan())
+        write_files(self.tmp, {"sys/devices/system/cpu/online": "0-2,4-7\n"})
+        self.assertIn("now unhealthy (offline) 3", inv.rescan())
+        write_files(self.tmp, {"sys/devices/system/cpu/online": "0-7\n"})
+        self.assertIn("healthy again 3", inv.rescan())
+
+
+# ---------------------------------------------------------------------------
+# The real-machine corpus against hwloc
+# ---------------------------------------------------------------------------
+
+LSTOPO = shutil.which("lstopo-no-graphics")
+
+# Where hwloc knowingly corrects the kernel the plugin follows the kernel
+# (fixtures README): written out here from each fixture's own files.
+KERNEL_OVERRIDES = {
+    "8em64t-2s2ca2c-buggynuma": {"numa": lambda cpu: list(range(8))},
+    "64amd64-4s2n4ca2co": {"siblings": lambda cpu: [cpu & ~1, cpu | 1]},
+    "fakeheterocpunuma": {"numa": lambda cpu: sorted(
+        node for node, cpus in {0: range(0, 4), 1: range(8, 12), 3: range(20, 24),
+                                4: range(16, 24), 5: range(12, 24)}.items() if cpu in cpus)},
+}
+
+
+def hwloc_bitmap(text):
+    """hwloc's "0x00000003,0x0000000f" bitmaps (32-bit words, most significant first)."""
+    value = 0
+    for word in text.split(","):                  # an empty word is a zero word
+        value = (value << 32) | int(word[2:] if word.startswith("0x") else word or "0", 16)
+    return {bit for bit in range(value.bit_length()) if value >> bit & 1}
+
+
+def hwloc_truth(root):
+    """{pu: (thread siblings, local NUMA nodes)} from lstopo's XML for a fixture
+    (siblings empty where hwloc has no Core for the PU)."""
+    env = dict(os.environ, HWLOC_FSROOT=root, HWLOC_COMPONENTS="linux,-x86")
+    xml = subprocess.run([LSTOPO, "--no-io", "--disallowed", "--of", "xml", "-"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True).stdout
+    tree = ElementTree.fromstring(xml)
+    nodes = [(int(o.get("os_index")), hwloc_bitmap(o.get("cpuset")))
+             for o in tree.iter("object") if o.get("type") == "NUMANode"]
+    truth = {}
+
+    def walk(obj, core):
+        if obj.get("type") == "Core":
+            core = obj
+        if obj.get("type") == "PU":
+            pu = int(obj.get("os_index"))
+            # no Core object: hwloc does not know the core either
+            siblings = ({int(p.get("os_index")) for p in core.iter("object") if p.get("type") == "PU"}
+                        if core is not None else set())
+            truth[pu] = (sorted(siblings), sorted(n for n, cpus in nodes if pu in cpus))
+        for child in obj.findall("object"):
+            walk(child, core)
+
+    walk(tree.find("object"), None)
+    return truth
+
+
+def cpu_nodes_in_kernel(sysfs):
+    """NUMA nodes that hold CPUs per the kernel's own files (not memory-only tiers)."""
+    node_dir = os.path.join(sysfs, "devices/system/node")
+    if not os.path.isdir(node_dir):
+        return None
+    result = set()
+    for name in os.listdir(node_dir):
+        if name.startswith("node") and name[4:].isdigit():
+            for file, empty in (("cpulist", ""), ("cpumap", None)):
+                path = os.path.join(node_dir, name, file)
+                if os.path.exists(path):
+                    with open(path, "rb") as f:
+                        text = f.read().split(b"\0")[0].decode().strip()
+                    if (text != empty) if empty is not None else text.strip("0,"):
+                        result.add(int(name[4:]))
+                    break
+    return result
+
+
+@unittest.skipUnless(os.path.isdir(CORPUS) and LSTOPO, "sysfs corpus or lstopo-no-graphics absent")
+class CorpusTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.tmp = tempfile.mkdtemp(prefix="isolcpu-corpus-")
+        cls.machines = []
+        for name in sorted(os.listdir(CORPUS)):
+            if name.endswith(".tar.bz2"):
+                with tarfile.open(os.path.join(CORPUS, name)) as tar:
+                    top = tar.getnames()[0].split("/")[0]
+                    tar.extractall(cls.tmp)
+                cls.machines.append(top)
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.tmp, True)
+
+    def test_corpus_is_complete(self):
+        self.assertEqual(len(self.machines), 43)
+
+    def test_list_json_agrees_with_hwloc(self):
+        compared = 0
+        for machine in self.machines:
+            with self.subTest(machine=machine):
+                root = os.path.join(self.tmp, machine)
+                sysfs = os.path.join(root, "sys")
+                code, out, err = run_main(["--sysfs", sysfs, "--procfs", os.path.join(root, "proc"),
+                                           "--cpus", "all", "--list", "--json"])
+                self.assertEqual(code, 0, err)
+                listed = {d["cpu"]: d for d in json.loads(out)["devices"]}
+                truth = hwloc_truth(root)
+                cpu_nodes = cpu_nodes_in_kernel(sysfs)
+                overrides = KERNEL_OVERRIDES.get(machine, {})
+                self.assertTrue(set(truth) <= set(listed), "hwloc PUs missing from --list")
+                for cpu, (siblings, nodes) in truth.items():
+                    if cpu_nodes is None:
+                        nodes = []                      # no node/ tree: unknown, not hwloc's fake node 0
+                    else:
+                        nodes = [n for n in nodes if n in cpu_nodes]
+                    nodes = overrides.get("numa", lambda c: nodes)(cpu)
+                    siblings = overrides.get("siblings", lambda c: siblings)(cpu)
+                    self.assertEqual(listed[cpu]["thread_siblings"], siblings, "cpu %d" % cpu)
+                    self.assertEqual(listed[cpu]["numa_nodes"], nodes, "cpu %d" % cpu)
+                    compared += 1
+        self.assertGreater(compared, 1500)
+
+    def test_listing_never_fails_and_ids_are_cpus(self):
+        for machine in self.machines:
+            with self.subTest(machine=machine):
+                root = os.path.join(self.tmp, machine)
+                for source in ("auto", "cmdline", "nohz_full"):
+                    code, out, err = run_main(["--sysfs", os.path.join(root, "sys"), "--procfs",
+                                               os.path.join(root, "proc"), "--source", source,
+                                               "--list", "--json"])
+                    if code == 2:                     # e.g. no /proc/cmdline in this dump
+                        self.assertEqual(len(err.strip().splitlines()), 1, err)
+                        continue
+                    self.assertEqual(code, 0, err)
+                    for device in json.loads(out)["devices"]:
+                        self.assertEqual(device["id"], str(device["cpu"]))
+
+
+# ---------------------------------------------------------------------------
+# The CLI
+# ---------------------------------------------------------------------------
+
+class CliTests(TempDirTest):
+    def setUp(self):
+        super().setUp()
+        self.sysfs, self.procfs = fake_host(self.tmp, sockets=2, cores=2, isolated="2-3,6-7")
+        self.base = ["--sysfs", self.sysfs, "--procfs", self.procfs]
+
+    def run_cli(self, *args, env=None):
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ISOLCPU_")}
+        full_env.update(env or {})
+        return subprocess.run([sys.executable, PLUGIN] + list(args), env=full_env, timeout=60,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+
+    def test_list_json_contract(self):
+        result = self.run_cli(*self.base + ["--list", "--json"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        data = json.loads(result.stdout)
+        self.assertEqual(list(data), ["resource_name", "devices"])
+        self.assertEqual(data["resource_name"], "windriver.com/isolcpus")
+        self.assertEqual(data["devices"][0], {"id": "2", "cpu": 2, "health": "Healthy", "numa_nodes": [1],
+                                              "package": 1, "core_id": 0, "thread_siblings": [2, 6]})
+        self.assertEqual([d["id"] for d in data["devices"]], ["2", "3", "6", "7"])
+
+    def test_list_table(self):
+        result = self.run_cli(*self.base + ["--list"])
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertIn("4 devices", lines[0])
+        self.assertEqual(lines[1].split()[:4], ["ID", "CPU", "HEALTH", "NUMA"])
+        self.assertEqual(lines[2].split(), ["2", "2", "Healthy", "1", "1", "0", "2,6"])
+
+    def test_environment_twins_and_flag_precedence(self):
+        env = {"ISOLCPU_SYSFS": self.sysfs, "ISOLCPU_PROCFS": self.procfs, "ISOLCPU_CPUS": "1",
+               "ISOLCPU_RESOURCE_NAME": "example.com/quiet", "ISOLCPU_LIST": "1", "ISOLCPU_JSON": "true"}
+        data = json.loads(self.run_cli(env=env).stdout)
+        self.assertEqual((data["resource_name"], [d["cpu"] for d in data["devices"]]), ("example.com/quiet", [1]))
+        data = json.loads(self.run_cli("--cpus", "0", env=env).stdout)
+        self.assertEqual([d["cpu"] for d in data["devices"]], [0])
+
+    def test_bad_input_is_one_line_and_exit_2(self):
+        cases = [
+            (["--cpus", "1-x"], "--cpus"), (["--resource-name", "kubernetes.io/x"], "--resource-name"),
+            (["--resource-name", "nodomain"], "--resource-name"), (["--source", "bios"], "--source"),
+            (["--rescan-interval", "0"], "--rescan-interval"), (["--rescan-interval", "nan"], "--rescan-interval"),
+            (["--env-name", "1X"], "--env-name"), (["--cpuid-devices", "maybe"], "--cpuid-devices"),
+            (["--log-level", "loud"], "--log-level"), (["--bogus"], "--bogus"), (["--cpus"], "--cpus"),
+            (["--sysfs", "/nonexistent"], "--sysfs"),
+            (["--device-plugin-path", "/" + "d" * 120], "--device-plugin-path"),
+        ]
+        for args, named in cases + [(["--json"], "--json")]:
+            with self.subTest(args=args):
+                listing = [] if args == ["--json"] else ["--list"]
+                result = self.run_cli(*self.base + args + listing)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(named, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+        result = self.run_cli(*self.base + ["--list"], env={"ISOLCPU_CPUS": "9-3"})
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("ISOLCPU_CPUS", result.stderr)
+
+    def test_bad_host_files_are_one_line(self):
+        write_files(self.tmp, {"sys/devices/system/cpu/isolated": "1-3,\x00\x00", "proc/cmdline": ""})
+        self.assertEqual(self.run_cli(*self.base + ["--list"]).returncode, 0)   # NUL ends the text
+        for content in ("\x89PNG\r\n\x1a\n", "1-99999999999", "0-3:5/4"):
+            with self.subTest(content=content):
+                write_files(self.tmp, {"sys/devices/system/cpu/isolated": content})
+                result = self.run_cli(*self.base + ["--list"])
+                self.assertEqual(result.returncode, 2)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn("isolated", result.stderr)
+
+    def test_version(self):
+        result = self.run_cli("--version")
+        self.assertEqual(result.returncode, 0)
+        self.assertIn(plugin.__version__, result.stdout)
+
+
+# ---------------------------------------------------------------------------
+# A kubelet, as the device manager behaves
+# ---------------------------------------------------------------------------
+
+Snapshot = collections.namedtuple("Snapshot", "devices at")   # devices: {id: (health, nodes or None)}
+
+
+class FakeKubelet(object):
+    """The kubelet's device manager toward one device-plugin directory.
+
+    start() wipes every socket in the directory (as a starting kubelet does)
+    and serves kubelet.sock. Register checks version and resource name, dials
+    the endpoint, calls GetDevicePluginOptions, and only then answers; then it
+    consumes ListAndWatch in a thread, recording every list. A plugin that
+    registers again replaces its previous connection."""
+
+    def __init__(self, directory):
+        self.dir = directory
+        self.server = None
+        self.cond = threading.Condition()
+        self.registrations = []
+        self.options = []
+        self.lists = []
+        self.stream_ends = 0
+        self.channel = None
+        self.stub = None
+        self.stream = None
+        self.answer_register = True
+
+    @property
+    def socket(self):
+        return os.path.join(self.dir, "kubelet.sock")
+
+    def start(self, wipe=True):
+        os.makedirs(self.dir, exist_ok=True)
+        if wipe:
+            for name in os.listdir(self.dir):
+                path = os.path.join(self.dir, name)
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        pb_grpc.add_RegistrationServicer_to_server(self, self.server)
+        self.server.add_insecure_port("unix:" + self.socket)
+        self.server.start()
+        return self
+
+    def stop(self):
+        if self.server is not None:
+            self.server.stop(None).wait()
+            self.server = None
+        self._drop_plugin()
+        if os.path.exists(self.socket):
+            os.unlink(self.socket)
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def _drop_plugin(self):
+        if self.stream is not None:
+            self.stream.cancel()
+        if self.channel is not None:
+            self.channel.close()
+        self.stream = self.channel = self.stub = None
+
+    # The Registration service -------------------------------------------------
+
+    def Register(self, request, context):
+        if request.version != "v1beta1":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unsupported version")
+        if "/" not in request.resource_name or "kubernetes.io/" in request.resource_name:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid resource name")
+        if not self.answer_register:
+            time.sleep(30)
+        channel = grpc.insecure_channel("unix:" + os.path.join(self.dir, request.endpoint))
+        stub = pb_grpc.DevicePluginStub(channel)
+        try:
+            options = stub.GetDevicePluginOptions(pb.Empty(), timeout=5)
+        except grpc.RpcError as e:
+            channel.close()
+            context.abort(grpc.StatusCode.UNAVAILABLE, "cannot reach plugin: %s" % e.code())
+        with self.cond:
+            self._drop_plugin()
+            self.channel, self.stub = channel, stub
+            self.stream = stub.ListAndWatch(pb.Empty())
+            self.registrations.append(request)
+            self.options.append(options)
+            self.cond.notify_all()
+        threading.Thread(target=self._consume, args=(self.stream,), daemon=True).start()
+        return pb.Empty()
+
+    def _consume(self, stream):
+        try:
+            for response in stream:
+                devices = {d.ID: (d.health, [n.ID for n in d.topology.nodes] if d.HasField("topology") else None)
+                           for d in response.devices}
+                with self.cond:
+                    self.lists.append(Snapshot(devices, time.monotonic()))
+                    self.cond.notify_all()
+        except grpc.RpcError:
+            pass
+        with self.cond:
+            self.stream_ends += 1
+            self.cond.notify_all()
+
+    # Helpers for tests -----------------------------------------------------------
+
+    def wait(self, predicate, timeout=10.0, what="condition"):
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout):
+                raise AssertionError("fake kubelet: timed out waiting for " + what)
+
+    def wait_registered(self, count=1, timeout=10.0):
+        self.wait(lambda: len(self.registrations) >= count, timeout, "registration %d" % count)
+        return self.registrations[count - 1]
+
+    def wait_list(self, predicate, timeout=10.0, since=0.0):
+        """The latest list received after `since` (monotonic) that satisfies
+        predicate, waiting for one if there is none yet."""
+        found = []
+
+        def check():
+            for snap in reversed(self.lists):
+                if snap.at > since and predicate(snap.devices):
+                    found.append(snap)
+                    return True
+            return False
+        self.wait(check, timeout, "a matching device list")
+        return found[0]
+
+    def allocate(self, *ids):
+        request = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=list(ids))])
+        return self.stub.Allocate(request, timeout=5)
+
+
+class PluginProcess(object):
+    """isolcpu_plugin.py as a real process; its log goes to a file."""
+
+    def __init__(self, tmp, args, env=None):
+        self.log_path = tempfile.mktemp(prefix="plugin-log-", dir=tmp)
+        self.log_file = open(self.log_path, "w")
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ISOLCPU_")}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, PLUGIN] + list(args), stdout=subprocess.DEVNULL,
+                                     stderr=self.log_file, env=full_env)
+
+    def log(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def wait_log(self, text, timeout=10.0):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log():
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise AssertionError("plugin never logged %r; log:\n%s" % (text, self.log()))
+
+    def stop(self, signum=signal.SIGTERM, timeout=5.0):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self.log_file.close()
+
+
+@needs_grpc
+class LifecycleTests(TempDirTest):
+    """The plugin as a process, against FakeKubelet over real unix sockets."""
+
+    def setUp(self):
+        super().setUp()
+        self.sysfs, self.procfs = fake_host(os.path.join(self.tmp, "host"), sockets=2, cores=2,
+                                            isolated="2-3,6-7", node_ids=[0, 2])
+        self.dir = os.path.join(self.tmp, "device-plugins")
+        os.makedirs(self.dir)
+        self.kubelet = FakeKubelet(self.dir)
+        self.addCleanup(self.kubelet.stop)
+
+    def start_plugin(self, *extra, env=None):
+        args = ["--sysfs", self.sysfs, "--procfs", self.procfs, "--device-plugin-path", self.dir,
+                "--rescan-interval", "0.2", "--log-level", "debug"] + list(extra)
+        process = PluginProcess(self.tmp, args, env)
+        self.addCleanup(process.stop, signal.SIGKILL)
+        return process
+
+    @property
+    def plugin_socket(self):
+        return os.path.join(self.dir, "windriver.com-isolcpus.sock")
+
+    def set_host(self, name, text):
+        write_files(os.path.dirname(self.sysfs), {"sys/devices/system/cpu/" + name: text})
+
+    def test_register_list_and_allocate(self):
+        self.kubelet.start()
+        process = self.start_plugin()
+        request = self.kubelet.wait_registered()
+        self.assertEqual((request.version, request.endpoint, request.resource_name),
+                         ("v1beta1", "windriver.com-isolcpus.sock", "windriver.com/isolcpus"))
+        self.assertFalse(self.kubelet.options[0].pre_start_required)
+        snap = self.kubelet.wait_list(lambda devices: devices)
+        self.assertEqual(snap.devices, {"2": ("Healthy", [2]), "3": ("Healthy", [2]),
+                                        "6": ("Healthy", [2]), "7": ("Healthy", [2])})
+        self.assertEqual(stat.S_IMODE(os.stat(self.plugin_socket).st_mode), 0o600)
+        self.assertEqual(os.stat(self.plugin_socket).st_uid, os.getuid())
+
+        response = self.kubelet.allocate("7", "3")
+        container = response.container_responses[0]
+        self.assertEqual(dict(container.envs), {"ISOLCPUS": "3,7"})
+        self.assertEqual(list(container.mounts), [])
+        process.wait_log("allocated CPUs 3,7")
+        prestart = self.kubelet.stub.PreStartContainer(pb.PreStartContainerRequest(devices_ids=["3"]))
+        self.assertEqual(prestart, pb.PreStartContainerResponse())
+        self.assertEqual(process.stop(), 0)
+
+    def test_allocate_bad_ids_is_invalid_argument(self):
+        self.kubelet.start()
+        self.start_plugin()
+        self.kubelet.wait_list(lambda devices: devices)
+        for ids, named in ((["3", "99"], "'99'"), (["x" * 500], "'xxxxxxxxxxxxxxxxxxxx'..."),
+                           (["3", "3"], "duplicate"), ([], "no device IDs"), (["0"], "'0'"),
+                           (["-3"], "'-3'"), ([" 3"], "' 3'")):
+            with self.subTest(ids=ids):
+                with self.assertRaises(grpc.RpcError) as caught:
+                    self.kubelet.allocate(*ids)
+                self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+                self.assertIn(named, caught.exception.details())
+                self.assertLess(len(caught.exception.details()), 300)
+        self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
+
+    def test_cpuid_devices_and_env_name(self):
+        self.kubelet.start()
+        self.start_plugin("--cpuid-devices", "always", "--env-name", "EXCLUSIVE_CPUS")
+        self.kubelet.wait_list(lambda devices: devices)
+        container = self.kubelet.allocate("6", "2").container_responses[0]
+        self.assertEqual(dict(container.envs), {"EXCLUSIVE_CPUS": "2,6"})
+        self.assertEqual([(d.container_path, d.host_path, d.permissions) for d in container.devices],
+                         [("/dev/cpu/2/cpuid", "/dev/cpu/2/cpuid", "r"), ("/dev/cpu/6/cpuid", "/dev/cpu/6/cpuid", "r")])
+
+    def test_cpuid_auto_follows_the_device_nodes(self):
+        self.kubelet.start()
+        self.start_plugin()
+        self.kubelet.wait_list(lambda devices: devices)
+        container = self.kubelet.allocate("2").container_responses[0]
+        present = os.path.exists("/dev/cpu/2/cpuid")
+        self.assertEqual([d.host_path for d in container.devices], ["/dev/cpu/2/cpuid"] if present else [])
+
+    def test_numa_unknown_leaves_topology_out(self):
+        shutil.rmtree(os.path.join(self.sysfs, "devices/system/node"))
+        for cpu in range(8):
+            for name in ("node0", "node2"):
+                path = os.path.join(self.sysfs, "devices/system/cpu/cpu%d" % cpu, name)
+                if os.path.isdir(path):
+                    os.rmdir(path)
+        self.kubelet.start()
+        self.start_plugin()
+        snap = self.kubelet.wait_list(lambda devices: devices)
+        self.assertEqual(set(snap.devices.values()), {("Healthy", None)})
+
+    def test_kubelet_late(self):
+        process = self.start_plugin()
+        process.wait_log("waiting for the kubelet")
+        time.sleep(0.5)
+        self.kubelet.start(wipe=False)
+        self.kubelet.wait_registered(timeout=5)
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+
+    def test_device_plugin_dir_created_late(self):
+        os.rmdir(self.dir)
+        process = self.start_plugin()
+        process.wait_log("does not exist")
+        self.kubelet.start()
+        self.kubelet.wait_registered(timeout=5)
+        self.assertEqual(process.proc.poll(), None)
+
+    def test_kubelet_restarts(self):
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_registered()
+        for restart in range(2, 5):
+            started = time.monotonic()
+            self.kubelet.restart()
+            self.kubelet.wait_registered(restart, timeout=5)
+            self.assertLess(time.monotonic() - started, 2.5)
+            self.kubelet.wait_list(lambda devices: len(devices) == 4, since=started)
+            self.assertEqual(dict(self.kubelet.allocate("3").container_responses[0].envs), {"ISOLCPUS": "3"})
+        process.wait_log("kubelet restarted")
+
+    def test_hotplug_and_isolated_set_changes_reach_list_and_watch(self):
+        self.kubelet.start()
+        self.start_plugin()
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        changed = time.monotonic()
+        self.set_host("online", "0-5,7\n")
+        snap = self.kubelet.wait_list(lambda devices: devices.get("6", ("",))[0] == "Unhealthy", timeout=3)
+        self.assertLess(snap.at - changed, 1.0)
+        self.set_host("online", "0-7\n")
+        self.kubelet.wait_list(lambda devices: devices.get("6", ("",))[0] == "Healthy", timeout=3)
+        self.set_host("isolated", "2-3\n")
+        self.kubelet.wait_list(lambda devices: sorted(devices) == ["2", "3"], timeout=3)
+        count = len(self.kubelet.lists)
+        time.sleep(1.0)
+        self.assertEqual(len(self.kubelet.lists), count, "a list was sent although nothing changed")
+
+    def test_sigterm_stops_within_a_second_and_removes_the_socket(self):
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_list(lambda devices: devices)
+        self.assertTrue(os.path.exists(self.plugin_socket))
+        started = time.monotonic()
+        self.assertEqual(process.stop(signal.SIGTERM), 0)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertFalse(os.path.exists(self.plugin_socket))
+        self.assertNotIn("Traceback", process.log())
+
+    def test_sigint_exits_zero(self):
+        process = self.start_plugin()
+        process.wait_log("serving " + self.plugin_socket)
+        self.assertEqual(process.stop(signal.SIGINT), 0)
+
+    def test_stale_socket_reclaimed_and_live_one_refused(self):
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(self.plugin_socket)
+        stale.close()                                   # a socket file nobody listens on
+        self.kubelet.start(wipe=False)
+        first = self.start_plugin()
+        self.kubelet.wait_registered()
+        first.wait_log("removed stale socket")
+        second = self.start_plugin()
+        self.assertEqual(second.proc.wait(10), 2)
+        self.assertIn("another running instance", second.log())
+        self.assertEqual(len(second.log().strip().splitlines()), 1)
+        self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
+        self.assertIsNone(first.proc.poll())
+
+
+if __name__ == "__main__":
+    unittest.main()
