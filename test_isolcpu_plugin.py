@@ -11,6 +11,7 @@ import collections
 import contextlib
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -31,7 +32,7 @@ from isolcpu_plugin import InputError, format_cpu_list, parse_cpu_list
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PLUGIN = os.path.join(HERE, "isolcpu_plugin.py")
-CORPUS = os.path.join(HERE, "..", "shared", "fixtures", "sysfs")
+CORPUS = os.environ.get("ISOLCPU_TEST_CORPUS") or os.path.join(HERE, "..", "shared", "fixtures", "sysfs")
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 try:
@@ -43,6 +44,8 @@ except ImportError:                                  # parsing tests still run
     grpc = None
 
 needs_grpc = unittest.skipIf(grpc is None, "grpcio/protobuf not installed")
+plugin.log.handlers[:] = [logging.NullHandler()]     # in-process warnings: asserted, not printed
+plugin.log.propagate = False
 
 
 # ---------------------------------------------------------------------------

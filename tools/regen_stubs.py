@@ -111,6 +111,8 @@ def main():
     if stale:
         sys.exit("regen_stubs: %s out of date with %s; run python3 tools/regen_stubs.py"
                  % (", ".join(stale), PROTO))
+    if check:
+        print("regen_stubs: %s match %s" % (" and ".join(STUBS), PROTO))
 
 
 if __name__ == "__main__":
