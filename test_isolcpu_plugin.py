@@ -421,14 +421,18 @@ def cpu_nodes_in_kernel(sysfs):
 class CorpusTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.tmp = tempfile.mkdtemp(prefix="isolcpu-corpus-")
-        cls.machines = []
+        # 127k small files: on tmpfs 1-2 s, on this CI's ext4 10-35 s
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        cls.tmp = tempfile.mkdtemp(prefix="isolcpu-corpus-", dir=shm)
         for name in sorted(os.listdir(CORPUS)):
             if name.endswith(".tar.bz2"):
-                with tarfile.open(os.path.join(CORPUS, name)) as tar:
-                    top = tar.getnames()[0].split("/")[0]
-                    tar.extractall(cls.tmp)
-                cls.machines.append(top)
+                path = os.path.join(CORPUS, name)
+                if shutil.which("tar"):               # 15x faster than tarfile here
+                    subprocess.run(["tar", "-xjf", path, "-C", cls.tmp], check=True)
+                else:
+                    with tarfile.open(path) as tar:
+                        tar.extractall(cls.tmp)
+        cls.machines = sorted(os.listdir(cls.tmp))
 
     @classmethod
     def tearDownClass(cls):
