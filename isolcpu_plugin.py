@@ -17,9 +17,9 @@ import argparse
 import asyncio
 import collections
 import errno
+import itertools
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -633,9 +633,331 @@ def cpus_for_device_ids(ids, devices_by_id):
     return frozenset(devices_by_id[i].cpu for i in ids)
 
 
+_DEVICE_ID = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z")
+
+
+def cpus_of_device_ids(ids, what):
+    """CPU numbers of well-formed device IDs; RequestError names malformed ones."""
+    malformed = [i for i in ids if not _DEVICE_ID.match(i)]
+    if malformed:
+        raise RequestError("malformed %s device IDs %s" % (what, quote_list(malformed)))
+    return [int(i) for i in ids]
+
+
 def container_allocation(cpus, env_name, cpuid_paths):
     """(envs, device specs) for a container given `cpus`."""
     return {env_name: format_cpu_list(cpus)}, [(path, path, "r") for path in cpuid_paths]
+
+
+# Where a CPU sits, as the preferred-allocation policy counts it. numa: the
+# frozenset of its NUMA nodes; core: the key of its physical core (its thread
+# siblings); package, die, cluster: keys of the domains around that core.
+# Whatever sysfs does not tell becomes a singleton of the CPU's own, so an
+# unknown CPU costs a node, a core and a domain of its own: it ranks last.
+Placement = collections.namedtuple("Placement", "numa core package die cluster known")
+
+
+def cpu_placement(info):
+    own = ("cpu", info.cpu)
+    numa = frozenset(info.numa_nodes) if info.numa_nodes else frozenset([own])
+    core = (numa, info.thread_siblings) if info.thread_siblings else own
+    package = ("package", info.package) if info.package is not None else ("core", core)
+    die = package + (info.die,) if info.die is not None else package       # absent level: one per parent
+    cluster = die + (info.cluster,) if info.cluster is not None else die
+    return Placement(numa, core, package, die, cluster, bool(info.numa_nodes and info.thread_siblings))
+
+
+def cpu_placements(infos):
+    """{cpu: Placement} for the policy, from {cpu: CpuInfo}."""
+    return {cpu: cpu_placement(info) for cpu, info in infos.items()}
+
+
+COMBINATION_BUDGET = 2048      # domain sets tried exactly before falling back to greedy
+
+
+def preferred_allocation(placements, available, must_include, size):
+    """The CPUs to prefer for one container, and the problems met.
+
+    Exactly `size` distinct CPUs of `available`, all of `must_include`, chosen
+    by, most important first:
+      1. the fewest NUMA nodes;
+      2. the fewest physical cores (SMT siblings together, any SMT width);
+      3. known topology before unknown; the fewest packages, then dies, then
+         clusters; filling partly taken cores (a sibling not available)
+         before breaking wholly free ones; the NUMA node set with the least
+         room to spare (best fit, keeping big free blocks for big pods);
+      4. the lowest CPU numbers: the same request gets the same answer.
+    A request that cannot be met (size above what is available, must-include
+    not available, size <= 0) gets the best valid subset, with the reason in
+    `problems`. Ranks 1 and 2 are exact (exhaustive over NUMA node sets, a
+    histogram count for cores); rank 3 is a careful greedy.
+    """
+    problems = []
+    available = frozenset(available)
+    must = frozenset(must_include)
+    if not must <= available:
+        problems.append("must-include CPUs %s are not available; left out"
+                        % format_cpu_list(must - available))
+        must &= available
+    if size <= 0:
+        problems.append("allocation size %d; nothing to prefer" % size)
+        return [], problems
+    if size > len(available):
+        problems.append("allocation size %d but only %d available" % (size, len(available)))
+        size = len(available)
+    if len(must) > size:
+        problems.append("%d must-include CPUs for size %d; preferring among them" % (len(must), size))
+        available, must = must, frozenset()
+    if len(must) == size:
+        return sorted(must), problems
+    place = {cpu: placements.get(cpu) or cpu_placement(unknown_cpu_info(cpu)) for cpu in available}
+    request = _Request(place, available, must, size)
+    return request.choose(), problems
+
+
+class _Request(object):
+    """One preferred-allocation request, worked through rank by rank."""
+
+    def __init__(self, place, available, must, size):
+        self.place, self.available, self.must, self.size = place, available, must, size
+        self.cores = {}                                   # core key -> its available CPUs, ascending
+        for cpu in sorted(available):
+            self.cores.setdefault(place[cpu].core, []).append(cpu)
+        self.must_cores = {place[cpu].core for cpu in must}
+        self.group_cores = collections.defaultdict(list)  # NUMA group -> its other cores
+        self.group_sizes = collections.defaultdict(collections.Counter)   # ... their sizes
+        for core, cpus in self.cores.items():
+            if core not in self.must_cores:
+                group = place[cpus[0]].numa
+                self.group_cores[group].append(core)
+                self.group_sizes[group][len(cpus)] += 1
+
+    def wholly_free(self, core):
+        """Every thread of the core is available (taking part of it breaks it)."""
+        if core[0] == "cpu":
+            return True
+        return all(cpu in self.available for cpu in core[1])
+
+    # Rank 1 ------------------------------------------------------------------
+
+    def numa_candidates(self):
+        """The smallest NUMA node sets that hold the request: [(nodes, groups)]."""
+        capacity = collections.Counter(self.place[cpu].numa for cpu in self.available)
+        required = {self.place[cpu].numa for cpu in self.must}
+        optional = sorted((g for g in capacity if g not in required), key=_sort_key)
+        base = frozenset().union(*required)
+
+        def closure(nodes):     # every group inside the node set is usable for free
+            return [g for g in capacity if g <= nodes]
+
+        best, found, tried = None, [], 0
+        for count in range(len(optional) + 1):
+            if best is not None and count > best - len(base):
+                break                          # each extra group adds at least one node
+            for extra in itertools.combinations(optional, count):
+                tried += 1
+                if tried > COMBINATION_BUDGET:
+                    return found or [self._greedy_numa(capacity, required, optional, base)]
+                nodes = base.union(*extra)
+                if any(g <= base.union(*(e for e in extra if e is not g)) for g in extra):
+                    continue                   # a redundant group: the set without it is as good
+                groups = closure(nodes)
+                if sum(capacity[g] for g in groups) < self.size:
+                    continue
+                if best is None or len(nodes) < best:
+                    best, found = len(nodes), []
+                if len(nodes) == best:
+                    found.append((nodes, groups))
+        return found
+
+    def _greedy_numa(self, capacity, required, optional, base):
+        """Add the largest groups until the request fits (exact when no CPU
+        sits in two nodes, as on every sane machine)."""
+        nodes, total = base, sum(capacity[g] for g in required)
+        for group in sorted(optional, key=lambda g: (-capacity[g] / len(g), _sort_key(g))):
+            if total >= self.size:
+                break
+            nodes |= group
+            total = sum(capacity[g] for g in capacity if g <= nodes)
+        return nodes, [g for g in capacity if g <= nodes]
+
+    # Rank 2 ------------------------------------------------------------------
+
+    def core_plan(self, groups):
+        """(cores touched at least, CPUs still needed after the must cores,
+        the other cores usable, how many of them) within the NUMA groups."""
+        need = self.size - sum(len(self.cores[c]) for c in self.must_cores)
+        sizes = collections.Counter()
+        for group in groups:
+            sizes.update(self.group_sizes.get(group, {}))
+        extra = _fewest_to_cover(sizes, need)
+        others = [core for group in groups for core in self.group_cores.get(group, ())]
+        return len(self.must_cores) + extra, need, others, extra
+
+    # Rank 3 and the final pick -------------------------------------------------
+
+    def choose(self):
+        plans = []
+        for nodes, groups in self.numa_candidates():
+            cores, need, others, extra = self.core_plan(groups)
+            fit = sum(len(self.cores[c]) for c in others)      # best fit: the tightest node set
+            plans.append((cores, fit, sorted(_sort_key(n) for n in nodes), need, others, extra))
+        plans.sort(key=lambda plan: plan[:3])
+        best = None
+        for cores, fit, _, need, others, extra in plans[:8]:    # the few equal on ranks 1-2
+            if cores != plans[0][0]:
+                break
+            chosen = self.fill(need, others, extra)
+            cost = (self.rank3_cost(chosen), fit, sorted(chosen))
+            if best is None or cost < best[0]:
+                best = (cost, chosen)
+        return sorted(best[1])
+
+    def fill(self, need, others, extra):
+        chosen = set(self.must)
+        remaining = self.size - len(chosen)
+        # the must cores are touched anyway: fill them first, wholly free ones
+        # first so that they are not left broken
+        for core in sorted(self.must_cores, key=lambda c: (not self.wholly_free(c), self.cores[c][0])):
+            for cpu in self.cores[core]:
+                if remaining and cpu not in chosen:
+                    chosen.add(cpu)
+                    remaining -= 1
+        if remaining:
+            for core in self.pick_cores(self.narrow_domains(others, extra, remaining), extra, remaining):
+                take = self.cores[core][:remaining]
+                chosen.update(take)
+                remaining -= len(take)
+        return chosen
+
+    def narrow_domains(self, cores, budget, need):
+        """Restrict `cores` to the fewest packages, then dies, then clusters in
+        which `budget` cores still hold `need` CPUs; the domains the must
+        CPUs touch come for free."""
+        for level in ("package", "die", "cluster"):
+            by_domain = collections.defaultdict(list)
+            for core in cores:
+                by_domain[getattr(self.place[self.cores[core][0]], level)].append(core)
+            required = {getattr(self.place[cpu], level) for cpu in self.must} & set(by_domain)
+            sizes = {domain: collections.Counter(len(self.cores[c]) for c in members)
+                     for domain, members in by_domain.items()}
+            chosen = _fewest_domains(sizes, required, budget, need)
+            cores = [core for domain in chosen for core in by_domain[domain]]
+        return cores
+
+    def pick_cores(self, cores, budget, need):
+        """`budget` cores holding `need` CPUs: biggest first (partly taken
+        first among equals), the last one fitting the remainder best."""
+        def preference(core):
+            return (not self.place[self.cores[core][0]].known, -len(self.cores[core]),
+                    self.wholly_free(core), self.cores[core][0])
+
+        def last_preference(core):
+            size = len(self.cores[core])
+            return (not self.place[self.cores[core][0]].known, size != need,
+                    self.wholly_free(core), size, self.cores[core][0])
+
+        left = collections.Counter(len(self.cores[c]) for c in cores)
+        picked, skipped = [], []
+        # One pass: a core that cannot be taken now (the rest could no longer
+        # reach `need`) cannot be taken later either, as taking any core y
+        # lowers what the rest can reach by at least y.
+        for core in sorted(cores, key=preference):
+            if budget <= 1 or need <= 0:
+                skipped.append(core)
+                continue
+            size = len(self.cores[core])
+            left[size] -= 1
+            if size + _top_sum(left, budget - 1) >= need:
+                picked.append(core)
+                need -= size
+                budget -= 1
+            else:
+                left[size] += 1
+        if need > 0 and budget == 1:                                # the last core fits the remainder
+            fitting = [core for core in skipped if len(self.cores[core]) >= need]
+            if fitting:
+                picked.append(min(fitting, key=last_preference))
+        return picked
+
+    def rank3_cost(self, chosen):
+        place = self.place
+        touched = {place[cpu].core for cpu in chosen}
+        broken = sum(1 for core in touched
+                     if self.wholly_free(core) and not set(self.cores[core]) <= chosen)
+        return (sum(1 for cpu in chosen if not place[cpu].known),
+                len({place[cpu].package for cpu in chosen}), len({place[cpu].die for cpu in chosen}),
+                len({place[cpu].cluster for cpu in chosen}), broken)
+
+
+def _sort_key(value):
+    """A total order over the policy's keys (ints, tuples, frozensets, mixed)."""
+    if isinstance(value, frozenset):
+        return (2, sorted((_sort_key(v) for v in value)))
+    if isinstance(value, tuple):
+        return (1, [_sort_key(v) for v in value])
+    if isinstance(value, int):
+        return (0, value)
+    return (3, str(value))
+
+
+def _fewest_to_cover(sizes, need):
+    """How many of the largest sizes (a Counter of size -> cores) reach `need`."""
+    count = 0
+    for size in sorted(sizes, reverse=True):
+        if need <= 0:
+            break
+        take = min(sizes[size], -(-need // size))
+        need -= take * size
+        count += take
+    return count
+
+
+def _top_sum(counter, count):
+    """Sum of the `count` largest values in a Counter of value -> multiplicity."""
+    total = 0
+    for value in sorted(counter, reverse=True):
+        take = min(count, counter[value])
+        total += take * value
+        count -= take
+        if count <= 0:
+            break
+    return total
+
+
+def _fewest_domains(sizes, required, budget, need):
+    """The fewest domains, including `required`, whose cores (sizes: domain
+    -> Counter of core sizes) let `budget` cores hold `need` CPUs; among
+    equals the tightest fit, then the lowest keys. Exhaustive up to
+    COMBINATION_BUDGET sets, then greedy."""
+    def holds(domains):
+        merged = collections.Counter()
+        for domain in domains:
+            merged.update(sizes[domain])
+        return _top_sum(merged, budget) >= need, sum(size * n for size, n in merged.items())
+
+    optional = sorted((d for d in sizes if d not in required), key=_sort_key)
+    tried = 0
+    for count in range(len(optional) + 1):
+        fits = []
+        for extra in itertools.combinations(optional, count):
+            tried += 1
+            if tried > COMBINATION_BUDGET:
+                break
+            domains = list(required) + list(extra)
+            ok, total = holds(domains)
+            if ok:
+                fits.append((total, [_sort_key(d) for d in extra], domains))
+        if fits:
+            return min(fits, key=lambda fit: fit[:2])[2]
+        if tried > COMBINATION_BUDGET:
+            break
+    domains = list(required)                               # greedy: biggest domains first
+    for domain in sorted(optional, key=lambda d: (-_top_sum(sizes[d], budget), _sort_key(d))):
+        if holds(domains)[0]:
+            break
+        domains.append(domain)
+    return domains
 
 
 # ---------------------------------------------------------------------------
@@ -717,10 +1039,24 @@ class DevicePluginServicer(object):
         self.active_streams = 0
         self.last_stream_closed = 0.0
         self._message = (None, None)            # (generation, ListAndWatchResponse)
+        self._placements = (None, None)         # (generation, {cpu: Placement})
 
     def options(self):
         return self.api.pb.DevicePluginOptions(
-            pre_start_required=False, get_preferred_allocation_available=False)
+            pre_start_required=False, get_preferred_allocation_available=True)
+
+    def placements(self):
+        generation, placements = self._placements
+        if generation != self.board.generation:
+            placements = cpu_placements({d.cpu: d.info for d in self.board.devices})
+            self._placements = (self.board.generation, placements)
+        return placements
+
+    def refuse(self, context, error, response):
+        log.warning("%s", error)
+        context.set_code(self.api.grpc.StatusCode.INVALID_ARGUMENT)
+        context.set_details(str(error))
+        return response
 
     async def GetDevicePluginOptions(self, request, context):
         return self.options()
@@ -754,9 +1090,29 @@ class DevicePluginServicer(object):
             self.on_stream_closed()
 
     async def GetPreferredAllocation(self, request, context):
-        context.set_code(self.api.grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details("GetPreferredAllocation is not offered")
-        return self.api.pb.PreferredAllocationResponse()
+        pb = self.api.pb
+        placements = self.placements()
+        response = pb.PreferredAllocationResponse()
+        for container in request.container_requests:
+            try:
+                available = cpus_of_device_ids(container.available_deviceIDs, "available")
+                must = cpus_of_device_ids(container.must_include_deviceIDs, "must-include")
+            except RequestError as e:
+                return self.refuse(context, "GetPreferredAllocation refused: %s" % e,
+                                   pb.PreferredAllocationResponse())
+            unknown = [cpu for cpu in available if cpu not in placements]
+            if unknown:
+                log.warning("GetPreferredAllocation: CPUs %s are not advertised; left out",
+                            format_cpu_list(unknown))
+            size = container.allocation_size
+            cpus, problems = preferred_allocation(
+                placements, [cpu for cpu in available if cpu in placements], must, size)
+            for problem in problems:
+                log.warning("GetPreferredAllocation: %s", problem)
+            log.info("preferred CPUs %s for %d of %d available", format_cpu_list(cpus) or "none",
+                     size, len(available))
+            response.container_responses.add(deviceIDs=[device_id(cpu) for cpu in cpus])
+        return response
 
     async def Allocate(self, request, context):
         pb = self.api.pb
@@ -765,10 +1121,7 @@ class DevicePluginServicer(object):
             try:
                 cpus = cpus_for_device_ids(list(container.devices_ids), self.board.by_id)
             except RequestError as e:
-                log.warning("Allocate refused: %s", e)
-                context.set_code(self.api.grpc.StatusCode.INVALID_ARGUMENT)
-                context.set_details(str(e))
-                return pb.AllocateResponse()
+                return self.refuse(context, "Allocate refused: %s" % e, pb.AllocateResponse())
             unhealthy = [d.cpu for d in (self.board.by_id[device_id(c)] for c in cpus) if not d.healthy]
             if unhealthy:
                 log.warning("Allocate: CPUs %s are offline", format_cpu_list(unhealthy))

@@ -10,6 +10,7 @@ kubelet that does what the kubelet's device manager does.
 import collections
 import contextlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -484,6 +485,182 @@ class CorpusTests(unittest.TestCase):
 
 
 # ---------------------------------------------------------------------------
+# Preferred allocation
+# ---------------------------------------------------------------------------
+
+def synthetic_infos(sockets=1, cores=4, threads=2, nodes_per_socket=1, node_ids=None, unknown=()):
+    """{cpu: CpuInfo} of a machine numbered as Linux numbers x86 (thread t of
+    core c of socket s is CPU t*(sockets*cores) + s*cores + c); nodes split
+    each socket's cores evenly; CPUs in `unknown` have no topology at all."""
+    per_thread = sockets * cores
+    node_ids = node_ids or list(range(sockets * nodes_per_socket))
+    infos = {}
+    for cpu in range(per_thread * threads):
+        rest = cpu % per_thread
+        sock, core = divmod(rest, cores)
+        node = node_ids[sock * nodes_per_socket + core * nodes_per_socket // cores]
+        siblings = tuple(t * per_thread + rest for t in range(threads))
+        infos[cpu] = plugin.CpuInfo(cpu, (node,), sock, None, None, core, siblings)
+    for cpu in unknown:
+        infos[cpu] = plugin.unknown_cpu_info(cpu)
+    return infos
+
+
+def oracle_ranks_1_2(infos, available, must, size):
+    """The best (NUMA nodes, physical cores) over every valid answer, by
+    exhaustive search. Unknown topology: a node and a core of the CPU's own."""
+    def nodes(cpu):
+        info = infos.get(cpu)
+        return set(info.numa_nodes) if info and info.numa_nodes else {("cpu", cpu)}
+
+    def core(cpu):
+        info = infos.get(cpu)
+        return frozenset(info.thread_siblings) if info and info.thread_siblings else ("cpu", cpu)
+
+    best = None
+    for extra in itertools.combinations(sorted(set(available) - set(must)), size - len(must)):
+        chosen = set(must) | set(extra)
+        cost = (len(set().union(*(nodes(c) for c in chosen))), len({core(c) for c in chosen}))
+        if best is None or cost < best:
+            best = cost
+    return best
+
+
+def corpus_infos(machine):
+    """{cpu: CpuInfo} of one machine of the sysfs corpus, or None without it."""
+    path = os.path.join(CORPUS, machine + ".tar.bz2")
+    if not os.path.exists(path):
+        return None
+    tmp = tempfile.mkdtemp(prefix="isolcpu-machine-")
+    try:
+        subprocess.run(["tar", "-xjf", path, "-C", tmp, "--wildcards", "*/sys/devices/system/*"], check=True)
+        top = os.listdir(tmp)[0]
+        host = plugin.Host(os.path.join(tmp, top, "sys"), os.path.join(tmp, top, "proc"))
+        return host.cpu_topology(sorted(host.present_cpus()))
+    finally:
+        shutil.rmtree(tmp, True)
+
+
+class PreferredAllocationTests(unittest.TestCase):
+    def prefer(self, infos, available, must=(), size=1):
+        cpus, problems = plugin.preferred_allocation(plugin.cpu_placements(infos), available, must, size)
+        return cpus
+
+    def check_against_oracle(self, infos, seed, requests=120, max_available=12):
+        rng = random.Random(seed)
+        placements = plugin.cpu_placements(infos)
+        cpus = sorted(infos)
+        for _ in range(requests):
+            available = rng.sample(cpus, rng.randint(1, min(max_available, len(cpus))))
+            must = rng.sample(available, rng.randint(0, min(3, len(available))))
+            size = rng.randint(max(1, len(must)), len(available))
+            answer, problems = plugin.preferred_allocation(placements, available, must, size)
+            context = "available=%s must=%s size=%d -> %s" % (sorted(available), sorted(must), size, answer)
+            self.assertEqual(problems, [], context)
+            self.assertEqual(len(answer), size, context)
+            self.assertEqual(len(set(answer)), size, context)
+            self.assertTrue(set(answer) <= set(available), context)
+            self.assertTrue(set(must) <= set(answer), context)
+            got = oracle_ranks_1_2(infos, answer, answer, size)
+            self.assertEqual(got, oracle_ranks_1_2(infos, available, must, size), context)
+            shuffled = list(available)
+            rng.shuffle(shuffled)
+            self.assertEqual(plugin.preferred_allocation(placements, shuffled, list(reversed(must)), size)[0],
+                             answer, "not deterministic: " + context)
+
+    def test_oracle_smt1_two_nodes(self):
+        self.check_against_oracle(synthetic_infos(sockets=2, cores=6, threads=1), seed=1)
+
+    def test_oracle_smt2_four_nodes(self):
+        self.check_against_oracle(synthetic_infos(sockets=2, cores=4, threads=2, nodes_per_socket=2), seed=2)
+
+    def test_oracle_smt4_sparse_node_ids(self):
+        self.check_against_oracle(synthetic_infos(sockets=2, cores=2, threads=4, node_ids=[0, 33]), seed=3)
+
+    def test_oracle_smt8(self):
+        self.check_against_oracle(synthetic_infos(sockets=1, cores=2, threads=8, nodes_per_socket=2), seed=4)
+
+    def test_oracle_packages_sharing_a_node_and_unknown_cpus(self):
+        infos = synthetic_infos(sockets=4, cores=2, threads=2, node_ids=[0, 0, 1, 1], unknown=(5, 13))
+        self.check_against_oracle(infos, seed=5)
+
+    def test_oracle_corpus_hybrid_machine(self):
+        infos = corpus_infos("20em64t-hybrid-1p6c2t+2ca4co1t")
+        if infos is None:
+            self.skipTest("sysfs corpus absent")
+        self.assertEqual(len(infos), 20)
+        self.check_against_oracle(infos, seed=6, requests=150)
+
+    def test_oracle_corpus_power_smt4_multi_node(self):
+        infos = corpus_infos("256ppc-8n8s4t")
+        if infos is None:
+            self.skipTest("sysfs corpus absent")
+        subset = {cpu: infos[cpu] for cpu in sorted(infos)[:64]}       # two nodes' worth, SMT-4
+        self.assertEqual({len(i.thread_siblings) for i in subset.values()}, {4})
+        self.check_against_oracle(subset, seed=7, requests=80, max_available=11)
+
+    # Rank 3 ------------------------------------------------------------------
+
+    def test_siblings_together(self):
+        infos = synthetic_infos(sockets=1, cores=4, threads=2)             # core c: CPUs c, c+4
+        self.assertEqual(self.prefer(infos, range(8), size=2), [0, 4])
+        self.assertEqual(self.prefer(infos, [1, 2, 5, 6], size=2), [1, 5])
+
+    def test_partly_taken_core_before_a_free_one(self):
+        infos = synthetic_infos(sockets=1, cores=4, threads=2)
+        # core 2's sibling 6 is taken: its CPU 2 goes before breaking core 0 or 1
+        self.assertEqual(self.prefer(infos, [0, 4, 1, 5, 2], size=1), [2])
+        self.assertEqual(self.prefer(infos, [0, 4, 1, 5, 2], size=3), [0, 2, 4])
+        self.assertEqual(self.prefer(infos, [0, 4, 1, 5, 2, 3], size=2), [0, 4])   # a whole core wins (rank 2)
+
+    def test_one_package_when_a_node_holds_several(self):
+        infos = synthetic_infos(sockets=4, cores=2, threads=2, node_ids=[0, 0, 0, 0])
+        self.assertEqual(self.prefer(infos, range(16), size=4), [0, 1, 8, 9])
+        self.assertEqual(self.prefer(infos, range(16), must=[3], size=4), [2, 3, 10, 11])
+
+    def test_one_die_and_one_cluster(self):
+        infos = {}
+        for cpu in range(16):                          # one package, 2 dies x 2 clusters x 4 cores, SMT-1
+            die, rest = divmod(cpu, 8)
+            infos[cpu] = plugin.CpuInfo(cpu, (0,), 0, die, rest // 4, cpu, (cpu,))
+        self.assertEqual(self.prefer(infos, [3, 5, 6, 7, 8, 12, 13, 14], size=3), [5, 6, 7])
+        self.assertEqual(self.prefer(infos, [3, 4, 5, 6, 7, 8, 12, 13], size=4), [4, 5, 6, 7])
+        self.assertEqual(self.prefer(infos, [0, 1, 8, 9, 10, 11, 12], size=2), [0, 1])
+
+    def test_tightest_node_keeps_big_blocks_free(self):
+        infos = synthetic_infos(sockets=2, cores=4, threads=2)   # node 0: 0-3,8-11; node 1: 4-7,12-15
+        # node 0 has two free cores, node 1 one: a 1-CPU pod goes to node 1
+        self.assertEqual(self.prefer(infos, [2, 3, 7, 10, 11, 15], size=1), [7])
+        self.assertEqual(self.prefer(infos, [2, 3, 7, 10, 11, 15], size=4), [2, 3, 10, 11])
+
+    def test_unknown_topology_last(self):
+        infos = synthetic_infos(sockets=1, cores=4, threads=1, unknown=(2, 3))
+        self.assertEqual(self.prefer(infos, [0, 2, 3], size=2), [0, 2])
+        self.assertEqual(self.prefer(infos, [2, 3, 1], size=1), [1])
+        self.assertEqual(self.prefer(infos, [2, 3, 99], size=2), [2, 3])       # 99: no topology known
+
+    def test_fewest_nodes_beats_fewest_cores(self):
+        infos = synthetic_infos(sockets=2, cores=3, threads=2)
+        # node 0: cores {0,6} {1,7} {2,8}; node 1: cores {3,9} {4,10} {5,11}
+        self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 9], size=3), [0, 1, 2])       # 1 node, 3 cores
+        self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 9, 4, 10], size=3), [3, 4, 9])  # 1 node, 2 cores
+
+    def test_requests_that_cannot_be_met(self):
+        placements = plugin.cpu_placements(synthetic_infos(sockets=1, cores=4, threads=2))
+        prefer = plugin.preferred_allocation
+        self.assertEqual(prefer(placements, [0, 4], [], 5)[0], [0, 4])
+        self.assertIn("only 2 available", prefer(placements, [0, 4], [], 5)[1][0])
+        cpus, problems = prefer(placements, [0, 1, 5], [4], 2)
+        self.assertEqual(cpus, [1, 5])
+        self.assertIn("not available", problems[0])
+        self.assertEqual(prefer(placements, [0, 4], [], 0), ([], ["allocation size 0; nothing to prefer"]))
+        self.assertEqual(prefer(placements, [0, 4], [], -3)[0], [])
+        cpus, problems = prefer(placements, [0, 1, 4, 5], [0, 1, 5], 2)
+        self.assertEqual(cpus, [1, 5])
+        self.assertEqual(prefer(placements, [], [], 1)[0], [])
+
+
+# ---------------------------------------------------------------------------
 # The CLI
 # ---------------------------------------------------------------------------
 
@@ -698,6 +875,12 @@ class FakeKubelet(object):
         request = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=list(ids))])
         return self.stub.Allocate(request, timeout=5)
 
+    def prefer(self, available, must, size):
+        """GetPreferredAllocation for one container: the IDs in the answer."""
+        request = pb.PreferredAllocationRequest(container_requests=[pb.ContainerPreferredAllocationRequest(
+            available_deviceIDs=available, must_include_deviceIDs=must, allocation_size=size)])
+        return list(self.stub.GetPreferredAllocation(request, timeout=5).container_responses[0].deviceIDs)
+
 
 class PluginProcess(object):
     """isolcpu_plugin.py as a real process; its log goes to a file."""
@@ -770,6 +953,7 @@ class LifecycleTests(TempDirTest):
         self.assertEqual((request.version, request.endpoint, request.resource_name),
                          ("v1beta1", "windriver.com-isolcpus.sock", "windriver.com/isolcpus"))
         self.assertFalse(self.kubelet.options[0].pre_start_required)
+        self.assertTrue(self.kubelet.options[0].get_preferred_allocation_available)
         snap = self.kubelet.wait_list(lambda devices: devices)
         self.assertEqual(snap.devices, {"2": ("Healthy", [2]), "3": ("Healthy", [2]),
                                         "6": ("Healthy", [2]), "7": ("Healthy", [2])})
@@ -799,6 +983,30 @@ class LifecycleTests(TempDirTest):
                 self.assertIn(named, caught.exception.details())
                 self.assertLess(len(caught.exception.details()), 300)
         self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
+
+    def test_get_preferred_allocation(self):
+        # isolated 2-3,6-7: cores {2,6} and {3,7}, both on NUMA node 2
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_list(lambda devices: devices)
+        prefer = self.kubelet.prefer
+        self.assertEqual(prefer(["7", "3", "6", "2"], [], 2), ["2", "6"])
+        self.assertEqual(prefer(["7", "3", "6", "2"], ["7"], 2), ["3", "7"])
+        self.assertEqual(prefer(["2", "3", "6"], [], 1), ["3"])              # 3's sibling 7 is taken
+        self.assertEqual(prefer(["2", "3"], [], 10), ["2", "3"])              # best valid subset
+        self.assertEqual(prefer(["99", "2"], [], 1), ["2"])                   # not advertised: left out
+        self.assertEqual(prefer(["2", "6"], ["3"], 1), ["2"])
+        self.assertEqual(prefer(["2", "6"], [], 0), [])
+        process.wait_log("only 2 available")
+        for available, named in ((["2", "x"], "'x'"), (["-1"], "'-1'"), (["02"], "'02'"), ([""], "''")):
+            with self.subTest(available=available):
+                with self.assertRaises(grpc.RpcError) as caught:
+                    prefer(available, [], 1)
+                self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+                self.assertIn(named, caught.exception.details())
+        with self.assertRaises(grpc.RpcError) as caught:
+            prefer(["2"], ["3 "], 1)
+        self.assertIn("must-include", caught.exception.details())
 
     def test_cpuid_devices_and_env_name(self):
         self.kubelet.start()
