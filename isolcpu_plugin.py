@@ -13,6 +13,13 @@ Needs only the standard library, grpcio and protobuf; grpc is imported only
 when the plugin serves, so --list runs with the standard library alone.
 """
 
+import sys
+
+if __name__ == "__main__":
+    # Run as the plugin: asyncio imports ssl only for TLS transports, which
+    # the plugin never uses; not loading libssl/libcrypto saves ~6 MiB RSS.
+    sys.modules.setdefault("ssl", None)
+
 import argparse
 import asyncio
 import collections
@@ -26,7 +33,6 @@ import signal
 import socket
 import stat
 import struct
-import sys
 import threading
 import time
 
@@ -461,6 +467,37 @@ def cpuid_device_paths(cpus, mode):
     return paths
 
 
+def pin_threads(cpus):
+    """Restrict every thread of this process to `cpus`. sched_setaffinity
+    moves one thread, so each is moved; threads created later inherit it
+    from their creator. Returns [(thread id, error)] for those that failed."""
+    failures = []
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]                                  # no /proc: this thread at least
+    for tid in threads:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:
+            pass                                       # ended meanwhile
+        except OSError as e:
+            failures.append((tid, e))
+    return failures
+
+
+CHECKPOINT_NAME = "kubelet_internal_checkpoint"
+
+
+def read_checkpoint(directory):
+    """The kubelet's device-manager checkpoint text, None when unreadable."""
+    try:
+        with open(os.path.join(directory, CHECKPOINT_NAME), "rb") as f:
+            return f.read(16 << 20).decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
 SOURCES = ("auto", "isolated", "cmdline", "nohz_full")
 
 
@@ -631,6 +668,32 @@ def cpus_for_device_ids(ids, devices_by_id):
     if duplicates:
         raise RequestError("duplicate device IDs %s" % quote_list(duplicates))
     return frozenset(devices_by_id[i].cpu for i in ids)
+
+
+def housekeeping_cpus(online, isolated, allowed):
+    """Where the plugin itself should run: online, not isolated, allowed to it."""
+    return frozenset(online) - frozenset(isolated) & frozenset(allowed)
+
+
+def checkpoint_allocations(text, resource_name):
+    """{cpu: "pod-uid/container"} of `resource_name` in the kubelet's
+    device-manager checkpoint (DeviceIDs a list, or per NUMA node since
+    Kubernetes 1.20). ValueError when the text is not such a checkpoint."""
+    try:
+        entries = json.loads(text)["Data"]["PodDeviceEntries"] or []
+        holders = {}
+        for entry in entries:
+            if entry.get("ResourceName") != resource_name:
+                continue
+            ids = entry.get("DeviceIDs") or []
+            if isinstance(ids, dict):
+                ids = [i for per_node in ids.values() for i in per_node or []]
+            for i in ids:
+                if isinstance(i, str) and _DEVICE_ID.match(i):
+                    holders[int(i)] = "%s/%s" % (entry.get("PodUID"), entry.get("ContainerName"))
+        return holders
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError("not a device-manager checkpoint (%s)" % one_line(e))
 
 
 _DEVICE_ID = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z")
@@ -1040,6 +1103,7 @@ class DevicePluginServicer(object):
         self.last_stream_closed = 0.0
         self._message = (None, None)            # (generation, ListAndWatchResponse)
         self._placements = (None, None)         # (generation, {cpu: Placement})
+        self.allocated = set()                  # CPUs handed to containers since start
 
     def options(self):
         return self.api.pb.DevicePluginOptions(
@@ -1127,6 +1191,7 @@ class DevicePluginServicer(object):
                 log.warning("Allocate: CPUs %s are offline", format_cpu_list(unhealthy))
             envs, specs = container_allocation(
                 cpus, self.config.env_name, cpuid_device_paths(cpus, self.config.cpuid_devices))
+            self.allocated.update(cpus)
             response.container_responses.add(
                 envs=envs,
                 devices=[pb.DeviceSpec(container_path=c, host_path=h, permissions=p) for c, h, p in specs])
@@ -1270,7 +1335,10 @@ class CpuUevents(object):
             except OSError:                  # ENOBUFS: events were lost; rescan anyway
                 seen = True
                 continue
-            seen = seen or b"@/devices/system/cpu/" in message.split(b"\0", 1)[0]
+            header = message.split(b"\0", 1)[0]
+            if b"@/devices/system/cpu/" in header:
+                log.debug("kernel uevent %s: rescanning", quote(header.decode("latin-1"), 60))
+                seen = True
         if seen:
             self.on_cpu_event()
 
@@ -1315,6 +1383,8 @@ class Plugin(object):
         self.registered_at = 0.0
         self.exit_code = 0
         self._complaints = {}
+        self.allowed_cpus = frozenset(os.sched_getaffinity(0))   # what we may run on, before pinning
+        self.pinned_to = None
 
     # Logging: a condition that persists is logged once, then at debug ----------
 
@@ -1344,9 +1414,11 @@ class Plugin(object):
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload)
+        self.place_self()
         self.watch = DirectoryWatch(self.config.device_plugin_path, self.session_wakeup.set)
         self.uevents = (CpuUevents.open(self.rescan_wakeup.set)
-                        if os.path.realpath(self.config.sysfs) == "/sys" else None)
+                        if self.config.uevents == "auto" and os.path.realpath(self.config.sysfs) == "/sys"
+                        else None)
         tasks = [loop.create_task(self._guarded(self.run_session)),
                  loop.create_task(self._guarded(self.watch_host))]
         log.info("advertising %s: %d devices (%s) from %s", self.config.resource_name,
@@ -1419,10 +1491,57 @@ class Plugin(object):
             if self.uevents:
                 period = max(period, self.UEVENT_RESCAN)
             await self._sleep_unless_stopping(period, self.rescan_wakeup)
+            before = self.inventory.devices
             change = self.inventory.rescan()
             if change:
                 log.info("%s", change)
+                self.warn_if_yanked(before, self.inventory.devices)
                 await self.board.publish(self.inventory.devices)
+                self.place_self()
+
+    def place_self(self):
+        """Keep every thread of the plugin off the CPUs it hands out."""
+        if self.config.self_affinity == "off":
+            return
+        inventory = self.inventory
+        target = housekeeping_cpus(inventory.online, inventory.served, self.allowed_cpus)
+        if not target:
+            self.complain("affinity", "self-affinity: no housekeeping CPU is allowed to the plugin "
+                          "(allowed %s, served %s); staying where it is",
+                          format_cpu_list(self.allowed_cpus), format_cpu_list(inventory.served))
+            return
+        if target == self.pinned_to:
+            return
+        failures = pin_threads(target)
+        if failures:
+            self.complain("affinity", "self-affinity: could not move %d threads to CPUs %s (%s)",
+                          len(failures), format_cpu_list(target), one_line(failures[0][1]))
+        else:
+            self.settle("affinity")
+            log.info("self-affinity: plugin threads on housekeeping CPUs %s", format_cpu_list(target))
+        self.pinned_to = target
+
+    def warn_if_yanked(self, before, after):
+        """Log CPUs in use by containers that went offline or stopped being
+        served: running pods keep them (the kubelet does not take devices
+        back), but nothing should happen silently."""
+        healthy_now = {d.cpu for d in after if d.healthy}
+        lost = {d.cpu for d in before if d.healthy} - healthy_now
+        if not lost:
+            return
+        text = read_checkpoint(self.config.device_plugin_path)
+        try:
+            holders = checkpoint_allocations(text, self.config.resource_name) if text else None
+        except ValueError as e:
+            log.debug("%s: %s", CHECKPOINT_NAME, e)
+            holders = None
+        if holders is None:                        # no checkpoint: what this process allocated
+            holders = {cpu: "a container" for cpu in self.servicer.allocated}
+        yanked = sorted(cpu for cpu in lost if cpu in holders)
+        if yanked:
+            log.warning("CPUs %s are offline or no longer isolated but allocated (%s); those pods keep "
+                        "them, new pods will not get them", format_cpu_list(yanked),
+                        quote_list(sorted({holders[cpu] for cpu in yanked})))
 
     # Socket and registration ---------------------------------------------------
 
@@ -1570,6 +1689,8 @@ VALUE_OPTIONS = (
     ("--env-name", "ISOLCPUS", "environment variable that receives the allocated CPUs"),
     ("--cpuid-devices", "auto", "pass /dev/cpu/N/cpuid: auto (when present)|always|never"),
     ("--rescan-interval", "0.5", "seconds between rereads of the online and isolated lists"),
+    ("--uevents", "auto", "kernel CPU hotplug events: auto (when --sysfs is /sys)|off (always poll)"),
+    ("--self-affinity", "on", "keep the plugin's own threads off the CPUs it serves: on|off"),
     ("--log-level", "info", "|".join(LOG_LEVELS)),
 )
 SWITCH_OPTIONS = (
@@ -1646,8 +1767,10 @@ def parse_config(argv, environ):
         raise bad("source", "expected one of " + ", ".join(SOURCES))
     if not _ENV_NAME.match(config.env_name):
         raise bad("env_name", "not a valid environment variable name")
-    if config.cpuid_devices not in ("auto", "always", "never"):
-        raise bad("cpuid_devices", "expected auto, always or never")
+    for name, choices in (("cpuid_devices", ("auto", "always", "never")), ("uevents", ("auto", "off")),
+                          ("self_affinity", ("on", "off"))):
+        if getattr(config, name) not in choices:
+            raise bad(name, "expected " + " or ".join(choices))
     try:
         interval = float(config.rescan_interval)
     except ValueError:

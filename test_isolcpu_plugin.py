@@ -1082,6 +1082,108 @@ class LifecycleTests(TempDirTest):
         time.sleep(1.0)
         self.assertEqual(len(self.kubelet.lists), count, "a list was sent although nothing changed")
 
+    def test_hotplug_within_a_second_at_the_default_interval(self):
+        self.kubelet.start()
+        process = self.start_plugin("--rescan-interval", "0.5")
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        for online, health in (("0-6\n", "Unhealthy"), ("0-7\n", "Healthy")) * 2:
+            changed = time.monotonic()
+            self.set_host("online", online)
+            snap = self.kubelet.wait_list(lambda devices: devices["7"][0] == health, timeout=3, since=changed)
+            self.assertLess(snap.at - changed, 1.0, health)
+        process.wait_log("now unhealthy (offline) 7")
+        process.wait_log("healthy again 7")
+
+    def test_yanked_allocations_are_logged(self):
+        checkpoint = {"Data": {"PodDeviceEntries": [
+            {"PodUID": "pod-1", "ContainerName": "app", "ResourceName": "windriver.com/isolcpus",
+             "DeviceIDs": {"2": ["6", "2"]}, "AllocResp": ""},
+            {"PodUID": "pod-2", "ContainerName": "gpu", "ResourceName": "example.com/gpu",
+             "DeviceIDs": {"0": ["3"]}, "AllocResp": ""}],
+            "RegisteredDevices": {"windriver.com/isolcpus": ["2", "3", "6", "7"]}}, "Checksum": 1}
+        write_files(self.dir, {"kubelet_internal_checkpoint": json.dumps(checkpoint)})
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        self.set_host("online", "0-2,4-5,7\n")                    # 3 and 6 go offline
+        process.wait_log("CPUs 6 are offline or no longer isolated but allocated ('pod-1/app')")
+        self.assertNotIn("CPUs 3 ", process.log())
+
+    def test_yanked_allocations_without_checkpoint(self):
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        self.kubelet.allocate("7")
+        self.set_host("isolated", "2-3,6\n")                     # 7 leaves the set: removed
+        self.kubelet.wait_list(lambda devices: sorted(devices) == ["2", "3", "6"], timeout=3)
+        process.wait_log("CPUs 7 are offline or no longer isolated but allocated ('a container')")
+
+    def thread_affinities(self, pid):
+        lists = set()
+        for tid in os.listdir("/proc/%d/task" % pid):
+            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+                lists.update(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
+        return lists
+
+    def test_self_affinity_keeps_every_thread_off_served_cpus(self):
+        if not {0, 1} <= os.sched_getaffinity(0):
+            self.skipTest("needs CPUs 0 and 1 to be allowed here")
+        self.set_host("isolated", "1\n")                         # fake host: housekeeping 0,2-7
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_list(lambda devices: list(devices) == ["1"])
+        process.wait_log("self-affinity: plugin threads on housekeeping CPUs 0")
+        self.assertEqual(self.thread_affinities(process.proc.pid), {"0"})
+        self.assertGreaterEqual(len(os.listdir("/proc/%d/task" % process.proc.pid)), 3)   # grpc's too
+        self.assertEqual(dict(self.kubelet.allocate("1").container_responses[0].envs), {"ISOLCPUS": "1"})
+        self.set_host("isolated", "0\n")                         # the set moves: so does the plugin
+        process.wait_log("self-affinity: plugin threads on housekeeping CPUs 1")
+        self.assertEqual(self.thread_affinities(process.proc.pid), {"1"})
+
+    def test_self_affinity_off(self):
+        self.set_host("isolated", "1\n")
+        self.kubelet.start()
+        process = self.start_plugin("--self-affinity", "off")
+        self.kubelet.wait_list(lambda devices: list(devices) == ["1"])
+        self.assertEqual(self.thread_affinities(process.proc.pid), self.thread_affinities(os.getpid()))
+        self.assertNotIn("self-affinity", process.log())
+
+    def test_sighup_rereads_the_kernel_command_line(self):
+        write_files(os.path.dirname(self.sysfs), {"proc/cmdline": "ro isolcpus=2-3\n"})
+        self.kubelet.start()
+        process = self.start_plugin("--source", "cmdline", "--rescan-interval", "600")
+        self.kubelet.wait_list(lambda devices: sorted(devices) == ["2", "3"])
+        write_files(os.path.dirname(self.sysfs), {"proc/cmdline": "ro isolcpus=domain,2-3,6\n"})
+        time.sleep(0.3)
+        self.assertEqual(len(self.kubelet.lists), 1, "rescanned without being asked")
+        sent = time.monotonic()
+        process.proc.send_signal(signal.SIGHUP)
+        snap = self.kubelet.wait_list(lambda devices: sorted(devices) == ["2", "3", "6"], timeout=3)
+        self.assertLess(snap.at - sent, 1.0)
+        process.wait_log("SIGHUP")
+        self.assertIsNone(process.proc.poll())
+
+    def test_kernel_cpu_uevent_triggers_a_rescan(self):
+        try:
+            sender = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15)
+        except OSError as e:
+            self.skipTest("no netlink here: %s" % e)
+        self.addCleanup(sender.close)
+        self.kubelet.start()
+        process = PluginProcess(self.tmp, ["--sysfs", "/sys", "--cpus", "0", "--device-plugin-path", self.dir,
+                                           "--rescan-interval", "600", "--log-level", "debug",
+                                           "--self-affinity", "off"])
+        self.addCleanup(process.stop, signal.SIGKILL)
+        self.kubelet.wait_registered()
+        if "kernel uevents unavailable" in process.log():
+            self.skipTest("the plugin could not open the uevent socket here")
+        message = b"offline@/devices/system/cpu/cpu0\0ACTION=offline\0DEVPATH=/devices/system/cpu/cpu0\0SUBSYSTEM=cpu\0"
+        try:
+            sender.sendto(message, (0, 1))                       # to the kernel uevent group, as root may
+        except PermissionError as e:
+            self.skipTest("cannot send to the uevent group: %s" % e)
+        process.wait_log("kernel uevent 'offline@/devices/system/cpu/cpu0': rescanning", timeout=3)
+
     def test_sigterm_stops_within_a_second_and_removes_the_socket(self):
         self.kubelet.start()
         process = self.start_plugin()

@@ -7,6 +7,8 @@
 
 Sections:
   policy   preferred_allocation() alone at 64, 1024 and 8192 CPUs
+  idle     wakeups/s (all threads), CPU and RSS of a registered, idle plugin
+  hotplug  CPU offline/online to the new list on ListAndWatch
 
 Figures are wall-clock on a shared machine: compare them within one run.
 """
@@ -15,14 +17,19 @@ import json
 import os
 import platform
 import random
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import isolcpu_plugin as plugin                      # noqa: E402
-from test_isolcpu_plugin import synthetic_infos       # noqa: E402
+from test_isolcpu_plugin import (FakeKubelet, PluginProcess, fake_host, synthetic_infos,  # noqa: E402
+                                 write_files)
 
 
 def percentiles(samples):
@@ -41,7 +48,7 @@ POLICY_SHAPES = (
 )
 
 
-def bench_policy(requests):
+def bench_policy(args):
     """p50/p99 of one GetPreferredAllocation decision, placements precomputed
     (the servicer caches them per device list): all CPUs available, then
     a quarter of them taken at random, with 0-2 must-include CPUs."""
@@ -51,7 +58,7 @@ def bench_policy(requests):
         infos = synthetic_infos(sockets=sockets, cores=cores, threads=threads, nodes_per_socket=nodes)
         placements = plugin.cpu_placements(infos)
         cpus = sorted(infos)
-        count = requests if len(cpus) <= 1024 else max(20, requests // 5)
+        count = args.requests if len(cpus) <= 1024 else max(20, args.requests // 5)
         for scenario in ("all available", "25% taken"):
             samples = []
             for _ in range(count):
@@ -76,7 +83,148 @@ def print_policy(rows):
                  row["max_ms"], row["requests"]))
 
 
-SECTIONS = {"policy": (bench_policy, print_policy)}
+class Rig(object):
+    """A fake kubelet and a plugin process on a synthetic host, in a temp dir."""
+
+    def __init__(self, *args, sysfs=None):
+        self.tmp = tempfile.mkdtemp(prefix="isolcpu-bench-")
+        self.host_root = os.path.join(self.tmp, "host")
+        fake_sysfs, fake_procfs = fake_host(self.host_root, sockets=2, cores=4, threads=2, isolated="2-7,10-15")
+        self.dir = os.path.join(self.tmp, "device-plugins")
+        self.kubelet = FakeKubelet(self.dir).start()
+        self.started = time.monotonic()
+        self.process = PluginProcess(self.tmp, ["--sysfs", sysfs or fake_sysfs, "--procfs", fake_procfs,
+                                                "--device-plugin-path", self.dir] + list(args))
+
+    @property
+    def pid(self):
+        return self.process.proc.pid
+
+    def set_cpu_file(self, name, text):
+        write_files(self.host_root, {"sys/devices/system/cpu/" + name: text})
+
+    def close(self):
+        self.process.stop(signal.SIGTERM)
+        self.kubelet.stop()
+        shutil.rmtree(self.tmp, True)
+
+
+def thread_switches(pid):
+    """{thread id: (name, voluntary + involuntary context switches)}."""
+    threads = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
+                name = f.read().strip()
+            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
+                switches = sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+        except OSError:
+            continue                                   # the thread ended
+        threads[int(tid)] = (name, switches)
+    return threads
+
+
+def cpu_seconds(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def measure_idle(pid, seconds):
+    """Wakeups/s of all threads (and of the plugin's own event-loop thread),
+    share of one CPU and RSS over `seconds` of idling."""
+    before, cpu_before, started = thread_switches(pid), cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    after, cpu_after, elapsed = thread_switches(pid), cpu_seconds(pid), time.monotonic() - started
+    per_thread = {}
+    for tid, (name, switches) in after.items():
+        per_thread[tid] = (name, switches - before.get(tid, (name, 0))[1])
+    total = sum(n for _, n in per_thread.values())
+    own = per_thread.get(pid, ("", 0))[1]
+    return {"seconds": round(elapsed, 1), "wakeups_per_s": round(total / elapsed, 2),
+            "own_thread_wakeups_per_s": round(own / elapsed, 2),
+            "grpc_threads_wakeups_per_s": round((total - own) / elapsed, 2),
+            "cpu_percent": round(100 * (cpu_after - cpu_before) / elapsed, 3),
+            "rss_mib": round(rss_mib(pid), 1), "threads": len(after),
+            "per_thread": sorted("%s:%d" % (name, n) for name, n in per_thread.values())}
+
+
+def bench_idle(args):
+    """Both ways the plugin watches the host, measured side by side: real
+    /sys with kernel uevents (production), and a fake tree polled every
+    --rescan-interval (0.5 s, the default)."""
+    import grpc
+    rigs = {"real /sys, uevents": Rig("--cpus", "1", sysfs="/sys"),
+            "fake tree, polling 0.5 s": Rig()}
+    results = []
+    try:
+        for rig in rigs.values():
+            rig.kubelet.wait_list(lambda devices: devices, timeout=30)
+        time.sleep(2)                                  # let start-up settle
+        measured = {}
+        threads = [threading.Thread(target=lambda n=n, r=r: measured.__setitem__(n, measure_idle(r.pid, args.idle_seconds)))
+                   for n, r in rigs.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for name in rigs:
+            results.append(dict(measured[name], mode=name, grpcio=grpc.__version__))
+    finally:
+        for rig in rigs.values():
+            rig.close()
+    return results
+
+
+def print_idle(rows):
+    print("Idle, registered, ListAndWatch open (targets: <= 1 wakeup/s, <= 0.1 % CPU, <= 40 MiB RSS)")
+    for row in rows:
+        print("  %-26s grpcio %-7s over %4.0f s: %5.2f wakeups/s (event loop %.2f, grpc threads %.2f), "
+              "CPU %.3f %%, RSS %.1f MiB, %d threads"
+              % (row["mode"], row["grpcio"], row["seconds"], row["wakeups_per_s"], row["own_thread_wakeups_per_s"],
+                 row["grpc_threads_wakeups_per_s"], row["cpu_percent"], row["rss_mib"], row["threads"]))
+        print("  %-26s per thread (name:switches): %s" % ("", " ".join(row["per_thread"])))
+
+
+def bench_hotplug(args):
+    """CPU 7 offline/online on a fake tree (default --rescan-interval 0.5):
+    time from the file change to the new list arriving on ListAndWatch."""
+    rig = Rig()
+    rng = random.Random(3)
+    samples = {"offline -> Unhealthy": [], "online -> Healthy": []}
+    try:
+        rig.kubelet.wait_list(lambda devices: devices, timeout=30)
+        for _ in range(args.flips):
+            for online, health, key in (("0-6\n", "Unhealthy", "offline -> Unhealthy"),
+                                        ("0-15\n", "Healthy", "online -> Healthy")):
+                time.sleep(rng.uniform(0, 0.5))        # any phase of the polling period
+                changed = time.monotonic()
+                rig.set_cpu_file("online", online.replace("0-6", "0-6,8-15"))
+                snap = rig.kubelet.wait_list(lambda d, h=health: d["7"][0] == h, timeout=5, since=changed)
+                samples[key].append((snap.at - changed) * 1000)
+    finally:
+        rig.close()
+    return [dict(event=key, **{k + "_ms" if k != "n" else k: (round(v, 1) if k != "n" else v)
+                              for k, v in percentiles(values).items()}) for key, values in samples.items()]
+
+
+def print_hotplug(rows):
+    print("Hotplug on a fake tree, polling every 0.5 s (target: within 1 s)")
+    for row in rows:
+        print("  %-22s p50 %6.1f ms  p99 %6.1f ms  max %6.1f ms  (%d flips)"
+              % (row["event"], row["p50_ms"], row["p99_ms"], row["max_ms"], row["n"]))
+
+
+SECTIONS = {"policy": (bench_policy, print_policy), "idle": (bench_idle, print_idle),
+            "hotplug": (bench_hotplug, print_hotplug)}
 
 
 def machine():
@@ -89,12 +237,14 @@ def main():
     parser.add_argument("sections", nargs="*", choices=sorted(SECTIONS) + [[]], default=[])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--requests", type=int, default=300, help="requests per policy scenario")
+    parser.add_argument("--idle-seconds", type=float, default=60, help="idle measuring window")
+    parser.add_argument("--flips", type=int, default=20, help="offline/online flips for hotplug")
     args = parser.parse_args()
     chosen = args.sections or sorted(SECTIONS)
     report = {"machine": machine()}
     for name in chosen:
         measure, show = SECTIONS[name]
-        report[name] = measure(args.requests)
+        report[name] = measure(args)
         if not args.json:
             show(report[name])
     if args.json:
