@@ -1091,14 +1091,57 @@ class DeviceBoard(object):
         return None if self.closed else self.generation
 
 
+class Counters(object):
+    """What the plugin counts, for --metrics-address. Plain ints, bumped in
+    the event loop and read by the metrics thread (one reference each)."""
+
+    def __init__(self):
+        self.allocations = 0             # container requests answered by Allocate
+        self.allocation_errors = 0       # Allocate and GetPreferredAllocation refusals
+        self.preferred_allocations = 0   # container requests answered by GetPreferredAllocation
+        self.registrations = 0
+        self.kubelet_restarts = 0
+        self.registered = False
+        self.serving = False
+
+
+def render_metrics(resource_name, devices, counters):
+    """Prometheus text exposition (format 0.0.4) of the plugin's state. The
+    resource name needs no escaping: check_resource_name() allows no quotes."""
+    healthy = sum(1 for d in devices if d.healthy)
+    lines = []
+
+    def metric(name, kind, text, samples):
+        lines.append("# HELP isolcpu_%s %s" % (name, text))
+        lines.append("# TYPE isolcpu_%s %s" % (name, kind))
+        for labels, value in samples:
+            lines.append("isolcpu_%s{%s} %d" % (name, ",".join(['resource="%s"' % resource_name] + labels), value))
+
+    metric("devices", "gauge", "Devices advertised, by health.",
+           [(['health="Healthy"'], healthy), (['health="Unhealthy"'], len(devices) - healthy)])
+    metric("allocations_total", "counter", "Container requests answered by Allocate.",
+           [([], counters.allocations)])
+    metric("allocation_errors_total", "counter", "Allocate and GetPreferredAllocation requests refused.",
+           [([], counters.allocation_errors)])
+    metric("preferred_allocations_total", "counter", "Container requests answered by GetPreferredAllocation.",
+           [([], counters.preferred_allocations)])
+    metric("registrations_total", "counter", "Successful registrations with the kubelet.",
+           [([], counters.registrations)])
+    metric("kubelet_restarts_total", "counter", "Kubelet restarts seen.", [([], counters.kubelet_restarts)])
+    metric("registered", "gauge", "1 while registered with a running kubelet.", [([], int(counters.registered))])
+    metric("build_info", "gauge", "Version of the plugin.", [(['version="%s"' % __version__], 1)])
+    return "\n".join(lines) + "\n"
+
+
 class DevicePluginServicer(object):
     """v1beta1.DevicePlugin. Thin: requests become policy calls and back."""
 
-    def __init__(self, api, board, config, on_stream_closed):
+    def __init__(self, api, board, config, on_stream_closed, counters):
         self.api = api
         self.board = board
         self.config = config
         self.on_stream_closed = on_stream_closed
+        self.counters = counters
         self.active_streams = 0
         self.last_stream_closed = 0.0
         self._message = (None, None)            # (generation, ListAndWatchResponse)
@@ -1118,6 +1161,7 @@ class DevicePluginServicer(object):
 
     def refuse(self, context, error, response):
         log.warning("%s", error)
+        self.counters.allocation_errors += 1
         context.set_code(self.api.grpc.StatusCode.INVALID_ARGUMENT)
         context.set_details(str(error))
         return response
@@ -1175,6 +1219,7 @@ class DevicePluginServicer(object):
                 log.warning("GetPreferredAllocation: %s", problem)
             log.info("preferred CPUs %s for %d of %d available", format_cpu_list(cpus) or "none",
                      size, len(available))
+            self.counters.preferred_allocations += 1
             response.container_responses.add(deviceIDs=[device_id(cpu) for cpu in cpus])
         return response
 
@@ -1192,6 +1237,7 @@ class DevicePluginServicer(object):
             envs, specs = container_allocation(
                 cpus, self.config.env_name, cpuid_device_paths(cpus, self.config.cpuid_devices))
             self.allocated.update(cpus)
+            self.counters.allocations += 1
             response.container_responses.add(
                 envs=envs,
                 devices=[pb.DeviceSpec(container_path=c, host_path=h, permissions=p) for c, h, p in specs])
@@ -1385,6 +1431,8 @@ class Plugin(object):
         self._complaints = {}
         self.allowed_cpus = frozenset(os.sched_getaffinity(0))   # what we may run on, before pinning
         self.pinned_to = None
+        self.counters = Counters()
+        self.metrics_server = None
 
     # Logging: a condition that persists is logged once, then at debug ----------
 
@@ -1409,12 +1457,14 @@ class Plugin(object):
         self.rescan_wakeup = asyncio.Event()
         self.board = DeviceBoard(self.inventory.devices)
         self.servicer = DevicePluginServicer(self.api, self.board, self.config,
-                                             on_stream_closed=self._stream_closed)
+                                             on_stream_closed=self._stream_closed, counters=self.counters)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload)
         self.place_self()
+        if self.metrics_server:
+            self.metrics_server.start()          # after place_self: its thread inherits the affinity
         self.watch = DirectoryWatch(self.config.device_plugin_path, self.session_wakeup.set)
         self.uevents = (CpuUevents.open(self.rescan_wakeup.set)
                         if self.config.uevents == "auto" and os.path.realpath(self.config.sysfs) == "/sys"
@@ -1548,6 +1598,8 @@ class Plugin(object):
     async def run_session(self):
         backoff = Backoff()
         while not self.stopping.is_set():
+            self.counters.registered = self.registered_with is not None
+            self.counters.serving = self.server is not None
             watched = self.watch.arm()
             delay = None if watched else self.POLL_INTERVAL
             if not await self.ensure_serving():
@@ -1565,8 +1617,10 @@ class Plugin(object):
             elif kubelet != self.registered_with:
                 if self.last_kubelet not in (None, kubelet):
                     log.info("kubelet restarted (new %s); registering again", KUBELET_SOCKET_NAME)
+                    self.counters.kubelet_restarts += 1
                     self.last_kubelet = None
                 if await self.register():
+                    self.counters.registrations += 1
                     self.registered_with = self.last_kubelet = kubelet
                     self.registered_at = time.monotonic()
                     backoff.reset()
@@ -1574,6 +1628,9 @@ class Plugin(object):
                     continue
                 delay = backoff.next()
             await self._sleep_unless_stopping(delay, self.session_wakeup)
+
+    def render_metrics(self):
+        return render_metrics(self.config.resource_name, self.board.devices, self.counters)
 
     def _stream_lost(self):
         servicer = self.servicer
@@ -1644,6 +1701,85 @@ class Plugin(object):
         return True
 
 
+class MetricsServer(object):
+    """--metrics-address: GET /metrics (Prometheus text) and /healthz, on the
+    stdlib http.server in a daemon thread that sleeps in select() between
+    requests (no polling: poll_interval only matters for shutdown, never
+    asked for)."""
+
+    def __init__(self, address, render, healthy):
+        import http.server
+        import socketserver
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 5                          # a stalled client cannot hold a thread long
+
+            def do_GET(self):
+                if self.path == "/metrics":
+                    self.reply(200, "text/plain; version=0.0.4; charset=utf-8", render())
+                elif self.path == "/healthz":
+                    ok, text = healthy()
+                    self.reply(200 if ok else 503, "text/plain; charset=utf-8", text + "\n")
+                else:
+                    self.reply(404, "text/plain; charset=utf-8", "not found: try /metrics or /healthz\n")
+
+            def reply(self, code, content_type, text):
+                body = text.encode("utf-8")
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt, *args):
+                log.debug("metrics: %s %s", quote(self.address_string(), 60), quote(fmt % args, 120))
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+
+        self.httpd = Server(address, Handler)
+        self.address = self.httpd.server_address[:2]
+
+    def start(self):
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 3600},
+                         name="metrics", daemon=True).start()
+        log.info("metrics on http://%s/metrics", format_listen_address(self.address))
+
+
+def parse_listen_address(text):
+    """(host, port) of "HOST:PORT", "[v6]:PORT" or ":PORT" (all interfaces)."""
+    match = re.match(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[-A-Za-z0-9.]*)):(?P<port>[0-9]{1,5})\Z", text)
+    if not match or int(match.group("port")) > 65535:
+        raise InputError("expected HOST:PORT, [IPv6]:PORT or :PORT")
+    return (match.group("v6") or match.group("host") or "0.0.0.0", int(match.group("port")))
+
+
+def format_listen_address(address):
+    host, port = address[:2]
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+def probe(config):
+    """--probe: 0 when the running plugin answers GetDevicePluginOptions on
+    its socket within 2 s, else 1 with one line saying why."""
+    path = os.path.join(config.device_plugin_path, config.socket_name)
+    if not os.path.exists(path):
+        sys.stderr.write("%s: probe: %s does not exist\n" % (PROGRAM, path))
+        return 1
+    api = load_grpc()
+    channel = api.grpc.insecure_channel("unix:" + path)
+    try:
+        api.pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api.pb.Empty(), timeout=2)
+    except api.grpc.RpcError as e:
+        sys.stderr.write("%s: probe: %s did not answer GetDevicePluginOptions within 2 s (%s)\n"
+                         % (PROGRAM, path, getattr(e.code(), "name", e.code())))
+        return 1
+    finally:
+        channel.close()
+    return 0
+
+
 def serve(config, inventory):
     """Run the plugin until SIGTERM/SIGINT; returns the exit code."""
     # SIGTERM before the event loop takes over (grpc imports take a while) still ends with 0
@@ -1654,8 +1790,17 @@ def serve(config, inventory):
     os.umask(0o077)                       # the socket is created private
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
+    plugin = Plugin(config, inventory, api)
+    if config.metrics_address:
+        try:
+            plugin.metrics_server = MetricsServer(
+                config.metrics_address, plugin.render_metrics,
+                lambda: (plugin.counters.serving, "serving" if plugin.counters.serving else "not serving"))
+        except OSError as e:
+            raise InputError("%s %s: cannot listen: %s" % (config.origin["metrics_address"],
+                             format_listen_address(config.metrics_address), e.strerror or e))
     try:
-        return loop.run_until_complete(Plugin(config, inventory, api).run())
+        return loop.run_until_complete(plugin.run())
     finally:
         finish_pending_tasks(loop)
         loop.close()
@@ -1692,10 +1837,12 @@ VALUE_OPTIONS = (
     ("--uevents", "auto", "kernel CPU hotplug events: auto (when --sysfs is /sys)|off (always poll)"),
     ("--self-affinity", "on", "keep the plugin's own threads off the CPUs it serves: on|off"),
     ("--log-level", "info", "|".join(LOG_LEVELS)),
+    ("--metrics-address", None, "serve Prometheus /metrics and /healthz on HOST:PORT (off by default)"),
 )
 SWITCH_OPTIONS = (
     ("--list", "print the devices that would be advertised, then exit"),
     ("--json", "with --list: print them as one JSON object"),
+    ("--probe", "exit 0 if the running plugin answers on its socket within 2 s, else 1"),
 )
 
 
@@ -1783,6 +1930,13 @@ def parse_config(argv, environ):
         raise bad("log_level", "expected one of " + ", ".join(LOG_LEVELS))
     if config.json and not config.list:
         raise InputError("--json needs --list")
+    if config.probe and config.list:
+        raise InputError("--probe and --list exclude each other")
+    if config.metrics_address:
+        try:
+            config.metrics_address = parse_listen_address(config.metrics_address)
+        except InputError as e:
+            raise bad("metrics_address", e)
     return config
 
 
@@ -1832,6 +1986,8 @@ def main(argv=None, environ=None):
     try:
         config = parse_config(argv, environ)
         configure_logging(config.log_level)
+        if config.probe:
+            return probe(config)
         inventory = CpuInventory(Host(config.sysfs, config.procfs), config.source,
                                  config.cpus, config.origin["cpus"])
         if config.list:

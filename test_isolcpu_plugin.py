@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.error
+import urllib.request
 import xml.etree.ElementTree as ElementTree
 
 import isolcpu_plugin as plugin
@@ -1194,6 +1196,88 @@ class LifecycleTests(TempDirTest):
         self.assertLess(time.monotonic() - started, 1.0)
         self.assertFalse(os.path.exists(self.plugin_socket))
         self.assertNotIn("Traceback", process.log())
+
+    def probe(self):
+        return subprocess.run([sys.executable, PLUGIN, "--probe", "--device-plugin-path", self.dir],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+
+    def test_probe(self):
+        result = self.probe()
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (1, 1), result.stderr)
+        self.assertIn("does not exist", result.stderr)
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_registered()
+        result = self.probe()
+        self.assertEqual(result.returncode, 0, result.stderr)
+        process.proc.send_signal(signal.SIGSTOP)                 # alive but not answering
+        try:
+            started = time.monotonic()
+            result = self.probe()
+            self.assertLess(time.monotonic() - started, 5)
+        finally:
+            process.proc.send_signal(signal.SIGCONT)
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (1, 1), result.stderr)
+        self.assertIn("did not answer GetDevicePluginOptions within 2 s (DEADLINE_EXCEEDED)", result.stderr)
+        self.assertEqual(self.probe().returncode, 0)
+
+    def test_metrics_and_healthz(self):
+        self.kubelet.start()
+        process = self.start_plugin("--metrics-address", "127.0.0.1:0")
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        process.wait_log("metrics on http://127.0.0.1:")
+        port = int(process.log().split("metrics on http://127.0.0.1:")[1].split("/")[0])
+
+        def get(path):
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as reply:
+                    return reply.status, reply.headers["Content-Type"], reply.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.headers["Content-Type"], e.read().decode()
+
+        def sample(text, name, labels=""):
+            prefix = 'isolcpu_%s{resource="windriver.com/isolcpus"%s} ' % (name, labels)
+            values = [line[len(prefix):] for line in text.splitlines() if line.startswith(prefix)]
+            self.assertEqual(len(values), 1, "%s%s in:\n%s" % (name, labels, text))
+            return int(values[0])
+
+        status, kind, text = get("/metrics")
+        self.assertEqual((status, kind.split(";")[0]), (200, "text/plain"))
+        self.assertEqual(sample(text, "devices", ',health="Healthy"'), 4)
+        self.assertEqual(sample(text, "registrations_total"), 1)
+        self.assertEqual(sample(text, "registered"), 1)
+        self.kubelet.allocate("2")
+        self.kubelet.prefer(["2", "6"], [], 1)
+        with self.assertRaises(grpc.RpcError):
+            self.kubelet.allocate("99")
+        self.set_host("online", "0-6\n")
+        self.kubelet.wait_list(lambda devices: devices["7"][0] == "Unhealthy", timeout=3)
+        self.kubelet.restart()
+        self.kubelet.wait_registered(2)
+        deadline = time.monotonic() + 5                  # the plugin counts once the kubelet answered
+        while sample(get("/metrics")[2], "registrations_total") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = get("/metrics")[2]
+        self.assertEqual((sample(text, "allocations_total"), sample(text, "allocation_errors_total"),
+                          sample(text, "preferred_allocations_total")), (1, 1, 1))
+        self.assertEqual((sample(text, "devices", ',health="Healthy"'),
+                          sample(text, "devices", ',health="Unhealthy"')), (3, 1))
+        self.assertEqual((sample(text, "registrations_total"), sample(text, "kubelet_restarts_total")), (2, 1))
+        self.assertEqual(get("/healthz")[::2], (200, "serving\n"))
+        self.assertEqual(get("/nothing")[0], 404)
+
+    def test_metrics_address_errors(self):
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        self.addCleanup(busy.close)
+        for address, why in (("localhost", "HOST:PORT"), ("1.2.3.4:99999", "HOST:PORT"),
+                             ("127.0.0.1:%d" % busy.getsockname()[1], "cannot listen")):
+            with self.subTest(address=address):
+                process = self.start_plugin("--metrics-address", address)
+                self.assertEqual(process.proc.wait(30), 2)
+                self.assertEqual(len(process.log().strip().splitlines()), 1, process.log())
+                self.assertIn(why, process.log())
 
     def test_sigint_exits_zero(self):
         process = self.start_plugin()
