@@ -401,6 +401,18 @@ def hwloc_truth(root):
     return truth
 
 
+def extract_machine(archive, dest, only_cpu_files=False):
+    """Unpack one corpus machine (NAME.tar.bz2 -> dest/NAME/...)."""
+    if shutil.which("tar") and shutil.which("bzip2"):     # 15x faster than tarfile for whole machines
+        pattern = ["--wildcards", "*/sys/devices/system/*"] if only_cpu_files else []
+        subprocess.run(["tar", "-xjf", archive, "-C", dest] + pattern, check=True)
+        return
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if not only_cpu_files or "/sys/devices/system/" in m.name]
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}   # 3.12+ warns without one
+        tar.extractall(dest, members, **safe)
+
+
 def cpu_nodes_in_kernel(sysfs):
     """NUMA nodes that hold CPUs per the kernel's own files (not memory-only tiers)."""
     node_dir = os.path.join(sysfs, "devices/system/node")
@@ -429,12 +441,7 @@ class CorpusTests(unittest.TestCase):
         cls.tmp = tempfile.mkdtemp(prefix="isolcpu-corpus-", dir=shm)
         for name in sorted(os.listdir(CORPUS)):
             if name.endswith(".tar.bz2"):
-                path = os.path.join(CORPUS, name)
-                if shutil.which("tar"):               # 15x faster than tarfile here
-                    subprocess.run(["tar", "-xjf", path, "-C", cls.tmp], check=True)
-                else:
-                    with tarfile.open(path) as tar:
-                        tar.extractall(cls.tmp)
+                extract_machine(os.path.join(CORPUS, name), cls.tmp)
         cls.machines = sorted(os.listdir(cls.tmp))
 
     @classmethod
@@ -535,7 +542,7 @@ def corpus_infos(machine):
         return None
     tmp = tempfile.mkdtemp(prefix="isolcpu-machine-")
     try:
-        subprocess.run(["tar", "-xjf", path, "-C", tmp, "--wildcards", "*/sys/devices/system/*"], check=True)
+        extract_machine(path, tmp, only_cpu_files=True)
         top = os.listdir(tmp)[0]
         host = plugin.Host(os.path.join(tmp, top, "sys"), os.path.join(tmp, top, "proc"))
         return host.cpu_topology(sorted(host.present_cpus()))
