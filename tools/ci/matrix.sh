@@ -82,7 +82,8 @@ stack() {
         if grep -q '^VERSION_ID="12"' /etc/os-release 2>/dev/null; then
             dpkg -s python3-grpcio python3-protobuf >/dev/null 2>&1 || \
                 { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-grpcio python3-protobuf >/dev/null; }
-            run_suite "Debian 12 system python3 (this host)" env -i PATH=/usr/bin:/bin HOME="$HOME" GRPC_VERBOSITY=ERROR /usr/bin/python3
+            run_suite "Debian 12 system python3 (this host)" env -i PATH=/usr/bin:/bin HOME="$HOME" \
+                GRPC_VERBOSITY=ERROR ISOLCPU_TEST_CORPUS="$CORPUS" /usr/bin/python3
         else
             "$ROOT/tools/ci/debian-root.sh" bookworm "$WORK/debian12" python3-grpcio python3-protobuf >/dev/null
             in_chroot "$WORK/debian12" "Debian 12 chroot"
