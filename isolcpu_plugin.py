@@ -221,6 +221,27 @@ def isolcpus_isolates_domain(flags):
     return "domain" in known or not known
 
 
+def cmdline_cpu_list(cmdline, param, domain_only=False):
+    """(cpu-list text of `param` on a kernel command line or None, problems).
+    For isolcpus, the first occurrence the kernel would apply: its flags
+    parse, and with domain_only they isolate from scheduler domains (a later
+    conflicting isolcpus= is refused by the kernel)."""
+    problems = []
+    for name, value in kernel_parameters(cmdline):
+        if name != param:
+            continue
+        if param != "isolcpus":
+            return value, problems
+        try:
+            flags, cpu_list = parse_isolcpus(value)
+        except InputError as e:
+            problems.append(str(e))
+            continue
+        if not domain_only or isolcpus_isolates_domain(flags):
+            return cpu_list, problems
+    return None, problems
+
+
 _DNS_LABEL = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?"
 _DNS_SUBDOMAIN = re.compile(r"{0}(?:\.{0})*\Z".format(_DNS_LABEL))
 _RESOURCE_NAME_PART = re.compile(r"[A-Za-z0-9](?:[-A-Za-z0-9_.]*[A-Za-z0-9])?\Z")
@@ -293,8 +314,15 @@ class Host(object):
             raise InputError("%s: larger than %d bytes" % (path, HOST_FILE_LIMIT))
         return data.split(b"\0", 1)[0].decode("latin-1").strip()
 
-    def cpu_file(self, name):
-        return self.read(os.path.join(self.cpu_dir, name))
+    def optional_text(self, path, problems=None, kind=None):
+        """read() for files that only refine what is advertised: unreadable
+        is absent (noted in `problems` under `kind` when given)."""
+        try:
+            return self.read(path)
+        except InputError as e:
+            if problems is not None:
+                problems.setdefault(kind or os.path.basename(path), str(e))
+            return None
 
     def cpu_list_file(self, path):
         """A cpu-list file as a set, None when absent; bad contents name the file."""
@@ -309,14 +337,20 @@ class Host(object):
     # CPU numbering ---------------------------------------------------------
 
     def _max_cpu(self):
-        text = self.cpu_file("kernel_max")
+        text = self.optional_text(os.path.join(self.cpu_dir, "kernel_max"))
         if text is not None and text.isdigit() and len(text) <= 6:
             return int(text)
         return max([FALLBACK_MAX_CPU] + list(self._cpu_dirs()))
 
     def _last_cpu(self):
+        """The last possible CPU (what `N` and `all` mean): from `possible`,
+        else the highest cpuN directory."""
         self.last_cpu = self.max_cpu            # `possible` may itself say N
-        possible = self.cpu_list_file(os.path.join(self.cpu_dir, "possible"))
+        try:
+            possible = self.cpu_list_file(os.path.join(self.cpu_dir, "possible"))
+        except InputError as e:
+            log.warning("%s; the highest cpuN directory is taken as the last CPU", e)
+            possible = None
         if possible:
             return max(possible)
         return max(self._cpu_dirs() or [self.max_cpu])
@@ -391,7 +425,7 @@ class Host(object):
                 if cpus is None:
                     mask = self.read(os.path.join(directory, "cpumap"))
                     cpus = parse_cpu_mask(mask, self.max_cpu) if mask is not None else None
-            except InputError as e:
+            except InputError as e:                     # unreadable or unparseable alike
                 log.warning("topology: %s; NUMA node %s taken as unknown", e, name[4:])
                 cpus = None
             if cpus is not None:
@@ -404,7 +438,7 @@ class Host(object):
 
         def number(name):
             path = os.path.join(topo, name)
-            text = self.read(path)
+            text = self.optional_text(path, problems)
             if text is None:
                 return None
             if re.match(r"-?[0-9]{1,9}\Z", text):
@@ -416,7 +450,7 @@ class Host(object):
         def cpu_set(list_names, mask_names):
             for name in list_names + mask_names:
                 path = os.path.join(topo, name)
-                text = self.read(path)
+                text = self.optional_text(path, problems)
                 if text is None:
                     continue
                 try:
@@ -519,7 +553,7 @@ class CpuInventory(object):
         self.source = source
         if source == "auto":        # the isolated file (kernel 4.12+), else isolcpus= with `domain`
             self.source = "isolated" if os.path.exists(os.path.join(host.cpu_dir, "isolated")) else "isolcpus-domain"
-        self.cmdline = None
+        self.cmdline_cpus = None         # (cpus, origin) from /proc/cmdline, per (re)load
         self.origin = ""
         self.served = self.present = self.online = frozenset()
         self.topology = {}
@@ -528,52 +562,50 @@ class CpuInventory(object):
         self.scan()
 
     def reload(self):
-        """Read what does not change while the kernel runs (/proc/cmdline)."""
-        if self.explicit is None and self.source in ("cmdline", "isolcpus-domain", "nohz_full"):
-            self.cmdline = self.host.cmdline()
+        """Read what does not change while the kernel runs: /proc/cmdline and
+        the CPUs it names for a command-line source (problems logged once)."""
+        cmdline_cpus = None
+        if self.explicit is None and self.source in ("cmdline", "isolcpus-domain"):
+            cmdline_cpus = self._from_cmdline("isolcpus")
+        self.cmdline_cpus = cmdline_cpus
+
+    def _from_cmdline(self, param):
+        path = self.host.cmdline_path
+        text, problems = cmdline_cpu_list(self.host.cmdline(), param,
+                                          domain_only=self.source == "isolcpus-domain")
+        for problem in problems:
+            log.warning("%s: %s", path, problem)
+        origin = "%s %s=" % (path, param)
+        if text is None:
+            return frozenset(), origin
+        try:
+            return parse_cpu_list(text, self.host.last_cpu, self.host.max_cpu), origin
+        except InputError as e:
+            raise InputError("%s %s=%s: %s" % (path, param, quote(text), e))
 
     def served_cpus(self):
         """(CPUs to serve, where they came from); InputError when unreadable."""
         host = self.host
         if self.explicit is not None:
             return self.explicit, "--cpus"
+        if self.cmdline_cpus is not None:
+            return self.cmdline_cpus
         if self.source == "isolated":
             path = os.path.join(host.cpu_dir, "isolated")
             cpus = host.cpu_list_file(path)
             if cpus is None:
                 raise InputError("%s: missing (kernel older than 4.12?); try --source cmdline" % path)
             return cpus, path
-        if self.source == "nohz_full":
-            path = os.path.join(host.cpu_dir, "nohz_full")
-            text = host.read(path)
-            if text is not None:
-                text = "" if text == "(null)" else text
-                try:
-                    return parse_cpu_list(text, host.last_cpu, host.max_cpu), path
-                except InputError as e:
-                    raise InputError("%s: %s" % (path, e))
-            values = [value for name, value in kernel_parameters(self.cmdline) if name == "nohz_full"]
-            return self._cmdline_cpus("nohz_full", values[:1]), host.cmdline_path + " nohz_full="
-        values = [value for name, value in kernel_parameters(self.cmdline) if name == "isolcpus"]
-        chosen = []
-        for value in values:
-            try:
-                flags, cpu_list = parse_isolcpus(value)
-            except InputError as e:
-                log.warning("%s: %s", self.host.cmdline_path, e)
-                continue
-            if self.source == "cmdline" or isolcpus_isolates_domain(flags):
-                chosen = [cpu_list]          # the kernel keeps the first; later ones conflict
-                break
-        return self._cmdline_cpus("isolcpus", chosen), host.cmdline_path + " isolcpus="
-
-    def _cmdline_cpus(self, param, values):
-        if not values:
-            return frozenset()
+        # nohz_full: the file CONFIG_NO_HZ_FULL makes, else the command line (read once)
+        path = os.path.join(host.cpu_dir, "nohz_full")
+        text = host.read(path)
+        if text is None:
+            self.cmdline_cpus = self._from_cmdline("nohz_full")
+            return self.cmdline_cpus
         try:
-            return parse_cpu_list(values[0], self.host.last_cpu, self.host.max_cpu)
+            return parse_cpu_list("" if text == "(null)" else text, host.last_cpu, host.max_cpu), path
         except InputError as e:
-            raise InputError("%s %s=%s: %s" % (self.host.cmdline_path, param, quote(values[0]), e))
+            raise InputError("%s: %s" % (path, e))
 
     def scan(self):
         """Read the host; return a log line when the devices changed, else
@@ -1035,7 +1067,9 @@ def load_grpc():
     here = os.path.dirname(os.path.abspath(__file__))
     if here not in sys.path:
         sys.path.append(here)
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")   # grpc core's info lines would break our log format
+    # grpc core logs in its own format to stderr; the plugin reports what
+    # matters itself, so grpc's lines show only at --log-level debug
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR" if log.isEnabledFor(logging.DEBUG) else "NONE")
     try:
         import grpc
     except ImportError as e:
@@ -1280,6 +1314,20 @@ def socket_answers(path, timeout=1.0):
         probe.close()
 
 
+def unbindable(path):
+    """Why a unix socket cannot be bound at `path` (read-only or missing
+    directory, permissions), or None. grpc would only say "bind failed"."""
+    trial = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        trial.bind(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    finally:
+        trial.close()
+    os.unlink(path)
+    return None
+
+
 def clear_stale_socket(path):
     """Remove a socket a dead instance left; refuse when one still answers."""
     try:
@@ -1426,6 +1474,7 @@ class Plugin(object):
         self.served_identity = None      # our socket file as we bound it
         self.registered_with = None      # kubelet.sock identity we are registered with
         self.last_kubelet = None         # ... or were, before it went away
+        self.socket_wiped = False        # our socket vanished since we registered
         self.registered_at = 0.0
         self.exit_code = 0
         self._complaints = {}
@@ -1615,11 +1664,17 @@ class Plugin(object):
                 self.registered_with = None
                 continue
             elif kubelet != self.registered_with:
-                if self.last_kubelet not in (None, kubelet):
+                # a restarted kubelet has a new kubelet.sock and wiped our socket; within
+                # one clock tick the new socket can look like the old one, the wipe cannot
+                if self.last_kubelet is not None and (kubelet != self.last_kubelet or self.socket_wiped):
                     log.info("kubelet restarted (new %s); registering again", KUBELET_SOCKET_NAME)
                     self.counters.kubelet_restarts += 1
                     self.last_kubelet = None
-                if await self.register():
+                self.socket_wiped = False
+                registered = await self.register_unless_replaced(kubelet)
+                if registered is None:
+                    continue                           # a new kubelet.sock: try that one now
+                if registered:
                     self.counters.registrations += 1
                     self.registered_with = self.last_kubelet = kubelet
                     self.registered_at = time.monotonic()
@@ -1645,12 +1700,17 @@ class Plugin(object):
             return True
         if self.server is not None:
             log.info("socket %s was removed; serving it again", self.socket_path)
+            self.socket_wiped = True               # what a starting kubelet does to every plugin
             await self.stop_serving()
         directory = self.config.device_plugin_path
         if not os.path.isdir(directory):
             self.complain("serve", "device-plugin directory %s does not exist; waiting for it", directory)
             return False
         clear_stale_socket(self.socket_path)
+        problem = unbindable(self.socket_path)
+        if problem:
+            self.complain("serve", "cannot serve %s (%s); retrying", self.socket_path, problem)
+            return False
         server = self.api.aio.server()
         self.api.pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
         try:
@@ -1681,6 +1741,22 @@ class Plugin(object):
             except OSError:
                 pass
         self.served_identity = None
+
+    async def register_unless_replaced(self, kubelet):
+        """register(), given up at once (None) when a new kubelet.sock appears
+        meanwhile: a hung kubelet replaced by a good one is not waited out."""
+        attempt = self.loop.create_task(self.register())
+        while not attempt.done():
+            woken = self.loop.create_task(self.session_wakeup.wait())
+            await asyncio.wait([attempt, woken], return_when=asyncio.FIRST_COMPLETED)
+            woken.cancel()
+            if not attempt.done():
+                self.session_wakeup.clear()        # every loop pass re-checks all state anyway
+                if self.stopping.is_set() or file_identity(self.kubelet_socket) != kubelet:
+                    attempt.cancel()
+                    await asyncio.gather(attempt, return_exceptions=True)
+                    return None
+        return attempt.result()
 
     async def register(self):
         pb, aio = self.api.pb, self.api.aio

@@ -205,6 +205,17 @@ class CpuListTests(unittest.TestCase):
 
 
 class KernelCmdlineTests(unittest.TestCase):
+    def test_cmdline_cpu_list_picks_what_the_kernel_applies(self):
+        pick = plugin.cmdline_cpu_list
+        line = "ro isolcpus=nohz,1 isolcpus=d0main,2 isolcpus=domain,3-4 isolcpus=5 nohz_full=6 nohz_full=7"
+        self.assertEqual(pick(line, "isolcpus"), ("1", []))          # the first, whatever its flags
+        text, problems = pick(line, "isolcpus", domain_only=True)
+        self.assertEqual(text, "3-4")
+        self.assertIn("'d0main'", problems[0])
+        self.assertEqual(pick(line, "nohz_full"), ("6", []))
+        self.assertEqual(pick("ro quiet", "isolcpus"), (None, []))
+        self.assertEqual(pick("isolcpus=nohz,2-5", "isolcpus", domain_only=True), (None, []))
+
     def test_parameters_quotes_and_init_args(self):
         params = plugin.kernel_parameters(
             'BOOT_IMAGE=/vmlinuz "isolcpus=2-3" foo="a b" nohz_full="4-5" quiet -- isolcpus=9')
@@ -884,6 +895,12 @@ class FakeKubelet(object):
         request = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=list(ids))])
         return self.stub.Allocate(request, timeout=5)
 
+    def close_stream(self):
+        """End the current ListAndWatch from the kubelet's side, without restarting."""
+        with self.cond:
+            if self.stream is not None:
+                self.stream.cancel()
+
     def prefer(self, available, must, size):
         """GetPreferredAllocation for one container: the IDs in the answer."""
         request = pb.PreferredAllocationRequest(container_requests=[pb.ContainerPreferredAllocationRequest(
@@ -906,10 +923,10 @@ class PluginProcess(object):
         with open(self.log_path) as f:
             return f.read()
 
-    def wait_log(self, text, timeout=10.0):
+    def wait_log(self, text, timeout=10.0, count=1):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if text in self.log():
+            if self.log().count(text) >= count:
                 return
             if self.proc.poll() is not None:
                 break
@@ -928,9 +945,8 @@ class PluginProcess(object):
             self.log_file.close()
 
 
-@needs_grpc
-class LifecycleTests(TempDirTest):
-    """The plugin as a process, against FakeKubelet over real unix sockets."""
+class PluginRig(TempDirTest):
+    """A fake host, a device-plugin dir, a FakeKubelet; plugin processes on demand."""
 
     def setUp(self):
         super().setUp()
@@ -954,6 +970,11 @@ class LifecycleTests(TempDirTest):
 
     def set_host(self, name, text):
         write_files(os.path.dirname(self.sysfs), {"sys/devices/system/cpu/" + name: text})
+
+
+@needs_grpc
+class LifecycleTests(PluginRig):
+    """The plugin as a process, against FakeKubelet over real unix sockets."""
 
     def test_register_list_and_allocate(self):
         self.kubelet.start()
@@ -1305,6 +1326,342 @@ class LifecycleTests(TempDirTest):
         self.assertEqual(len(second.log().strip().splitlines()), 1)
         self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
         self.assertIsNone(first.proc.poll())
+
+
+class FuzzTests(TempDirTest):
+    """Hostile input, 100k cases per kind, fixed seeds: a clear error or a
+    documented degrade, never another exception, never unbounded text."""
+
+    PIECES = ["0", "1", "7", "15", "63", "64", "127", "128", "4294967295", "4294967296", "99999999999999999999",
+              "-", "-", ":", "/", ",", ",", " ", "\t", "\n", "N", "all", "ALL", "n", "x", "\x00", "\u0663",
+              "\u2013", "\u00e9", "0-4294967295", "1-3", "0-15:2/4", "0-15:0/0", ",,,", "  ", "-1", "+1", "0x10"]
+
+    def random_text(self, rng, pieces, most=12):
+        return "".join(rng.choice(pieces) for _ in range(rng.randint(0, most)))
+
+    def check_error(self, error, context):
+        text = str(error)
+        self.assertLess(len(text), 300, context)
+        self.assertNotIn("\n", text, context)
+
+    def test_cpu_lists(self):
+        rng = random.Random(2026)
+        valid = 0
+        started = time.monotonic()
+        for _ in range(100000):
+            text = self.random_text(rng, self.PIECES)
+            try:
+                cpus = parse_cpu_list(text, 63, 127)
+            except InputError as e:
+                self.check_error(e, repr(text))
+                continue
+            valid += 1
+            self.assertTrue(all(0 <= c <= 127 for c in cpus), repr(text))
+            self.assertEqual(parse_cpu_list(format_cpu_list(cpus), 63, 127), cpus, repr(text))
+        self.assertGreater(valid, 5000)                       # the generator also makes good lists
+        self.assertLess(time.monotonic() - started, 60)
+
+    def test_kernel_command_lines(self):
+        rng = random.Random(1971)
+        words = ["isolcpus=", "nohz_full=", "isolcpus=domain,", "isolcpus=nohz,", "isolcpus=managed_irq,",
+                 "isolcpus=bogus,", "isolcpus=d0main,", "isolcpus", '"', "=", "--", " ", " ", " ", "quiet",
+                 "root=/dev/sda1", "\x00", "\u00e9", "BOOT_IMAGE=/vmlinuz"]
+        applied = 0
+        for _ in range(100000):
+            line = "".join(rng.choice(words if rng.random() < 0.6 else self.PIECES) for _ in range(rng.randint(0, 10)))
+            for param, domain_only in (("isolcpus", False), ("isolcpus", True), ("nohz_full", False)):
+                text, problems = plugin.cmdline_cpu_list(line, param, domain_only)
+                for problem in problems:
+                    self.check_error(problem, repr(line))
+                if text is None:
+                    continue
+                try:
+                    parse_cpu_list(text, 63, 127)
+                    applied += 1
+                except InputError as e:
+                    self.check_error(e, repr(line))
+        self.assertGreater(applied, 1000)
+
+    def test_masks_checkpoints_and_device_ids(self):
+        rng = random.Random(7)
+        hexes = ["0", "1", "f", "F", "ffffffff", "00000000", "80000000", ",", "g", " ", "\x00", "123456789", "0x"]
+        for _ in range(20000):
+            text = self.random_text(rng, hexes, 8)
+            try:
+                cpus = plugin.parse_cpu_mask(text, 127)
+                self.assertTrue(all(0 <= c <= 127 for c in cpus))
+            except InputError as e:
+                self.check_error(e, repr(text))
+        docs = ["", "{}", "[]", "null", '{"Data": null}', '{"Data": {"PodDeviceEntries": null}}',
+                '{"Data": {"PodDeviceEntries": [{"ResourceName": "windriver.com/isolcpus", "DeviceIDs": 5}]}}',
+                '{"Data": {"PodDeviceEntries": [{"ResourceName": "windriver.com/isolcpus", "DeviceIDs": {"0": null}}]}}',
+                '{"Data": {"PodDeviceEntries": [{"ResourceName": "windriver.com/isolcpus", "DeviceIDs": ["1", 2, "x"]}]}}',
+                '{"Data": {"PodDeviceEntries": ["x"]}}', "\xff\xfe", '{"Data": {"PodDeviceEntries": [{}]}}']
+        for doc in docs:
+            try:
+                holders = plugin.checkpoint_allocations(doc, "windriver.com/isolcpus")
+                self.assertTrue(all(isinstance(cpu, int) for cpu in holders), doc)
+            except ValueError as e:
+                self.check_error(e, doc)
+        devices = {str(c): plugin.Device(c, True, plugin.unknown_cpu_info(c)) for c in range(8)}
+        alphabet = ["0", "3", "7", "8", "-1", "", " 1", "01", "x" * 500, "\u0663", "\x00", "1" * 30]
+        for _ in range(20000):
+            ids = [rng.choice(alphabet) for _ in range(rng.randint(0, 6))]
+            for call in (lambda: plugin.cpus_for_device_ids(ids, devices),
+                         lambda: plugin.cpus_of_device_ids(ids, "available")):
+                try:
+                    call()
+                except plugin.RequestError as e:
+                    self.check_error(e, repr(ids))
+
+    def test_garbage_sysfs_files(self):
+        files = ["isolated", "online", "present", "possible", "kernel_max", "cpu2/online",
+                 "cpu2/topology/core_id", "cpu2/topology/physical_package_id", "cpu2/topology/core_cpus_list",
+                 "cpu2/topology/thread_siblings_list", "cpu2/topology/thread_siblings", "../node/node0/cpulist"]
+        contents = ["", "\n", "garbage", "\x00\x01\x02", "\xff\xfe\x00binary", "1-99999999999", "-1",
+                    "0-4294967295", "\u0663", "7" * 100000, "1," * 600000, "<dir>", "<missing>"]
+        degrade = ("/topology/", "/node0/", "kernel_max", "possible")    # refine only: never fail
+        for name in files:
+            for content in contents:
+                with self.subTest(file=name, content=content[:12]):
+                    root = os.path.join(self.tmp, "h")
+                    shutil.rmtree(root, True)
+                    sysfs, procfs = fake_host(root, isolated="2-3,6-7", node_ids=[0])
+                    path = os.path.normpath(os.path.join(sysfs, "devices/system/cpu", name))
+                    os.unlink(path)
+                    if content == "<dir>":
+                        os.makedirs(path)
+                    elif content != "<missing>":
+                        with open(path, "wb") as f:
+                            f.write(content.encode("utf-8", "surrogateescape"))
+                    code, out, err = run_main(["--sysfs", sysfs, "--procfs", procfs, "--list", "--json"])
+                    self.assertIn(code, (0, 2), err)
+                    self.assertNotIn("Traceback", err)
+                    if code == 2:
+                        self.assertFalse(any(part in "/" + name for part in degrade), err)
+                        self.assertEqual(len(err.strip().splitlines()), 1, err)
+                        self.assertLess(len(err), 400)
+                        self.assertIn(os.path.basename(name), err)
+                    else:
+                        self.assertEqual(json.loads(out)["resource_name"], "windriver.com/isolcpus")
+
+
+def expand_cpu_list(text):
+    """The CPUs of a canonical cpu-list, read independently of the plugin."""
+    cpus = []
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        cpus.extend(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def open_fds(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
+
+
+def thread_count(pid):
+    return len(os.listdir("/proc/%d/task" % pid))
+
+
+@needs_grpc
+class FaultTests(PluginRig):
+    """Breaking the plugin on purpose: kubelet churn, load, faults, bad requests."""
+
+    def test_hundred_kubelet_restarts_without_leaks(self):
+        self.kubelet.start()
+        process = self.start_plugin("--log-level", "info")
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        pid = process.proc.pid
+        baseline = None
+        for restart in range(1, 101):
+            started = time.monotonic()
+            self.kubelet.restart()
+            self.kubelet.wait_registered(restart + 1, timeout=10)
+            self.kubelet.wait_list(lambda devices: len(devices) == 4, since=started, timeout=10)
+            # and the plugin has the kubelet's answer: else two restarts are one to it
+            process.wait_log("registered windriver.com/isolcpus", count=restart + 1)
+            if restart == 10:                      # grpc's pools have settled by now
+                baseline = (open_fds(pid), thread_count(pid))
+        self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
+        fds, threads = open_fds(pid), thread_count(pid)
+        self.assertLessEqual(fds, baseline[0] + 2, "open fds grew over 90 restarts: %s -> %d" % (baseline, fds))
+        self.assertLessEqual(threads, baseline[1], "threads grew over 90 restarts: %s -> %d" % (baseline, threads))
+        self.assertEqual(process.log().count("kubelet restarted"), 100)
+        self.assertNotIn("Traceback", process.log())
+
+    def test_concurrent_allocations(self):
+        self.set_host("isolated", "0-7\n")
+        self.kubelet.start()
+        self.start_plugin("--log-level", "warning")
+        self.kubelet.wait_list(lambda devices: len(devices) == 8)
+        errors, answered = [], []
+
+        def client(seed):
+            rng = random.Random(seed)
+            channel = grpc.insecure_channel("unix:" + self.plugin_socket)
+            stub = pb_grpc.DevicePluginStub(channel)
+            try:
+                for _ in range(500):
+                    cpus = rng.sample(range(8), rng.randint(1, 8))
+                    request = pb.AllocateRequest(container_requests=[
+                        pb.ContainerAllocateRequest(devices_ids=[str(c) for c in cpus])])
+                    envs = stub.Allocate(request, timeout=10).container_responses[0].envs
+                    if expand_cpu_list(envs["ISOLCPUS"]) != sorted(cpus):
+                        errors.append((cpus, dict(envs)))
+                    answered.append(1)
+            except grpc.RpcError as e:
+                errors.append(e)
+            finally:
+                channel.close()
+
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        self.assertEqual(errors, [])
+        self.assertEqual(len(answered), 4000)
+
+    def test_kubelet_closes_list_and_watch(self):
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        closed = time.monotonic()
+        self.kubelet.close_stream()
+        self.kubelet.wait_registered(2, timeout=5)
+        self.kubelet.wait_list(lambda devices: len(devices) == 4, since=closed, timeout=5)
+        process.wait_log("kubelet closed ListAndWatch; registering again")
+        time.sleep(2.5)                                    # and it settles: no re-register loop
+        self.assertEqual(len(self.kubelet.registrations), 2)
+
+    def test_kubelet_socket_present_but_not_answering(self):
+        mute = socket.socket(socket.AF_UNIX)
+        mute.bind(self.kubelet.socket)
+        mute.listen(16)                                    # accepts connections, never speaks
+        self.addCleanup(mute.close)
+        process = self.start_plugin()
+        process.wait_log("registering with the kubelet failed (DEADLINE_EXCEEDED", timeout=20)
+        self.assertIsNone(process.proc.poll())
+        mute.close()
+        fixed = time.monotonic()
+        self.kubelet.start()                               # a working kubelet replaces it
+        self.kubelet.wait_registered(timeout=5)
+        self.assertLess(time.monotonic() - fixed, 3)
+        self.assertEqual(process.log().count("WARNING registering with the kubelet failed"), 1,
+                         "logged once, not per retry")
+
+    def test_device_plugin_dir_read_only_then_fixed(self):
+        try:
+            subprocess.run(["mount", "--bind", self.dir, self.dir], check=True, stderr=subprocess.DEVNULL)
+        except (OSError, subprocess.CalledProcessError):
+            self.skipTest("cannot bind-mount here")
+        self.addCleanup(subprocess.run, ["umount", "-l", self.dir], stderr=subprocess.DEVNULL)
+        subprocess.run(["mount", "-o", "remount,bind,ro", self.dir], check=True)
+        process = self.start_plugin()
+        process.wait_log("cannot serve %s (Read-only file system); retrying" % self.plugin_socket)
+        time.sleep(1.5)
+        self.assertIsNone(process.proc.poll())
+        self.assertEqual(process.log().count("WARNING cannot serve"), 1, "logged once, not per retry")
+        subprocess.run(["umount", self.dir], check=True)
+        self.kubelet.start(wipe=False)
+        self.kubelet.wait_registered(timeout=5)
+
+    def test_device_plugin_dir_removed_and_recreated(self):
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_registered()
+        self.kubelet.stop()
+        shutil.rmtree(self.dir)
+        process.wait_log("does not exist")
+        self.kubelet.start()
+        self.kubelet.wait_registered(2, timeout=5)
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+
+    def test_sigkill_then_restart_reclaims_the_socket(self):
+        self.kubelet.start()
+        first = self.start_plugin()
+        self.kubelet.wait_registered()
+        self.assertEqual(first.stop(signal.SIGKILL), -signal.SIGKILL)
+        self.assertTrue(os.path.exists(self.plugin_socket))            # left behind
+        second = self.start_plugin()
+        self.kubelet.wait_registered(2)
+        second.wait_log("removed stale socket")
+        self.assertEqual(dict(self.kubelet.allocate("3").container_responses[0].envs), {"ISOLCPUS": "3"})
+
+    def test_bad_grpc_requests(self):
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        stub = self.kubelet.stub
+        self.assertEqual(stub.Allocate(pb.AllocateRequest(), timeout=5), pb.AllocateResponse())
+        self.assertEqual(stub.GetPreferredAllocation(pb.PreferredAllocationRequest(), timeout=5),
+                         pb.PreferredAllocationResponse())
+        huge = [str(i) for i in range(10000)]
+        for ids in (huge, ["2"] * 10000, ["x" * 100000]):
+            with self.assertRaises(grpc.RpcError) as caught:
+                self.kubelet.allocate(*ids)
+            self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertLess(len(caught.exception.details()), 300)
+        self.assertEqual(self.kubelet.prefer(huge, [], 2), ["2", "6"])
+        self.assertEqual(self.kubelet.prefer(["2", "3"], [], -5), [])
+        self.assertEqual(self.kubelet.prefer(["2", "2", "6"], ["6", "6"], 2), ["2", "6"])
+        rng = random.Random(11)
+        alphabet = ["2", "3", "6", "7", "0", "99", "-1", "", " 2", "x", "\u0663", "2" * 12, "1e3"]
+        for _ in range(300):
+            ids = [rng.choice(alphabet) for _ in range(rng.randint(0, 6))]
+            try:
+                if rng.random() < 0.5:
+                    self.kubelet.allocate(*ids)
+                else:
+                    self.kubelet.prefer(ids, rng.sample(ids, min(len(ids), rng.randint(0, 2))),
+                                        rng.randint(-2, 6))
+            except grpc.RpcError as e:
+                self.assertEqual(e.code(), grpc.StatusCode.INVALID_ARGUMENT, (ids, e.details()))
+        self.assertIsNone(process.proc.poll())
+        self.assertLess(max(len(line) for line in process.log().splitlines()), 400)
+        self.assertNotIn("Traceback", process.log())
+
+    @unittest.skipUnless(shutil.which("strace"), "strace not installed")
+    def test_nothing_written_outside_the_device_plugin_dir(self):
+        home, cwd = os.path.join(self.tmp, "home"), os.path.join(self.tmp, "cwd")
+        os.makedirs(home)
+        os.makedirs(cwd)
+        trace = os.path.join(self.tmp, "trace")
+        self.kubelet.start()
+        args = [sys.executable, PLUGIN, "--sysfs", self.sysfs, "--procfs", self.procfs, "--device-plugin-path",
+                self.dir, "--rescan-interval", "0.2", "--metrics-address", "127.0.0.1:0"]
+        env = dict(os.environ, HOME=home, TMPDIR=home)
+        proc = subprocess.Popen(["strace", "-f", "-qq", "-o", trace, "-e",
+                                 "trace=open,openat,creat,mkdir,mkdirat,rename,renameat,renameat2,"
+                                 "unlink,unlinkat,link,linkat,symlink,symlinkat,truncate,bind,chmod,fchmodat"]
+                                + args, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(subprocess.run, ["pkill", "-KILL", "-f", self.dir])    # strace leaves its tracee
+        self.addCleanup(proc.kill)
+        self.kubelet.wait_list(lambda devices: len(devices) == 4, timeout=30)
+        with open("/proc/%d/task/%d/children" % (proc.pid, proc.pid)) as f:
+            plugin_pid = int(f.read().split()[0])            # strace does not pass SIGTERM on
+        self.kubelet.allocate("2")
+        self.kubelet.restart()
+        self.kubelet.wait_registered(2, timeout=10)
+        self.set_host("online", "0-6\n")
+        self.kubelet.wait_list(lambda devices: devices["7"][0] == "Unhealthy", timeout=5)
+        os.kill(plugin_pid, signal.SIGTERM)
+        self.assertEqual(proc.wait(10), 0)                   # strace exits with its tracee's status
+        writes = []
+        with open(trace) as f:
+            for line in f:
+                call = line.split(None, 1)[1] if " " in line else line
+                writing = (call.startswith(("open(", "openat(")) and ("O_WRONLY" in call or "O_RDWR" in call
+                                                                       or "O_CREAT" in call))
+                if writing or call.startswith(("creat", "mkdir", "rename", "unlink", "link", "symlink",
+                                               "truncate", "bind(", "chmod", "fchmodat")):
+                    if "AF_INET" in call or "= -1" in call:
+                        continue                          # the metrics port; calls that failed
+                    writes.append(call.strip())
+        outside = [w for w in writes if self.dir not in w and "/dev/null" not in w]
+        self.assertEqual(outside, [], "written outside %s" % self.dir)
+        self.assertTrue(any("windriver.com-isolcpus.sock" in w for w in writes), writes)
+        self.assertEqual(os.listdir(home) + os.listdir(cwd), [])
 
 
 if __name__ == "__main__":
