@@ -147,6 +147,15 @@ def format_cpu_list(cpus):
     return ",".join(str(a) if a == b else "%d-%d" % (a, b) for a, b in runs)
 
 
+def brief_cpu_list(cpus, limit=120):
+    """format_cpu_list() cut to about `limit` characters, for logging CPU
+    numbers that came from a request (scattered ones do not collapse)."""
+    text = format_cpu_list(cpus)
+    if len(text) <= limit:
+        return text
+    return "%s... (%d CPUs)" % (text[:text.rfind(",", 0, limit)], len(set(cpus)))
+
+
 _MASK_WORD = re.compile(r"[0-9a-fA-F]{1,8}\Z")
 
 
@@ -314,14 +323,14 @@ class Host(object):
             raise InputError("%s: larger than %d bytes" % (path, HOST_FILE_LIMIT))
         return data.split(b"\0", 1)[0].decode("latin-1").strip()
 
-    def optional_text(self, path, problems=None, kind=None):
+    def optional_text(self, path, problems=None):
         """read() for files that only refine what is advertised: unreadable
-        is absent (noted in `problems` under `kind` when given)."""
+        is absent (noted in `problems` under the file's name when given)."""
         try:
             return self.read(path)
         except InputError as e:
             if problems is not None:
-                problems.setdefault(kind or os.path.basename(path), str(e))
+                problems.setdefault(os.path.basename(path), str(e))
             return None
 
     def cpu_list_file(self, path):
@@ -552,7 +561,8 @@ class CpuInventory(object):
                 raise InputError("%s %s: %s" % (cpus_origin, quote(cpus_text), e))
         self.source = source
         if source == "auto":        # the isolated file (kernel 4.12+), else isolcpus= with `domain`
-            self.source = "isolated" if os.path.exists(os.path.join(host.cpu_dir, "isolated")) else "isolcpus-domain"
+            has_file = os.path.exists(os.path.join(host.cpu_dir, "isolated"))
+            self.source = "isolated" if has_file else "isolcpus-domain"
         self.cmdline_cpus = None         # (cpus, origin) from /proc/cmdline, per (re)load
         self.origin = ""
         self.served = self.present = self.online = frozenset()
@@ -704,7 +714,10 @@ def cpus_for_device_ids(ids, devices_by_id):
 
 def housekeeping_cpus(online, isolated, allowed):
     """Where the plugin itself should run: online, not isolated, allowed to it."""
-    return frozenset(online) - frozenset(isolated) & frozenset(allowed)
+    return (frozenset(online) - frozenset(isolated)) & frozenset(allowed)
+
+
+_DEVICE_ID = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z")     # a CPU number as this plugin writes it
 
 
 def checkpoint_allocations(text, resource_name):
@@ -726,9 +739,6 @@ def checkpoint_allocations(text, resource_name):
         return holders
     except (KeyError, TypeError, AttributeError, ValueError) as e:
         raise ValueError("not a device-manager checkpoint (%s)" % one_line(e))
-
-
-_DEVICE_ID = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z")
 
 
 def cpus_of_device_ids(ids, what):
@@ -792,7 +802,7 @@ def preferred_allocation(placements, available, must_include, size):
     must = frozenset(must_include)
     if not must <= available:
         problems.append("must-include CPUs %s are not available; left out"
-                        % format_cpu_list(must - available))
+                        % brief_cpu_list(must - available))
         must &= available
     if size <= 0:
         problems.append("allocation size %d; nothing to prefer" % size)
@@ -1245,7 +1255,7 @@ class DevicePluginServicer(object):
             unknown = [cpu for cpu in available if cpu not in placements]
             if unknown:
                 log.warning("GetPreferredAllocation: CPUs %s are not advertised; left out",
-                            format_cpu_list(unknown))
+                            brief_cpu_list(unknown))
             size = container.allocation_size
             cpus, problems = preferred_allocation(
                 placements, [cpu for cpu in available if cpu in placements], must, size)
@@ -1275,7 +1285,8 @@ class DevicePluginServicer(object):
             response.container_responses.add(
                 envs=envs,
                 devices=[pb.DeviceSpec(container_path=c, host_path=h, permissions=p) for c, h, p in specs])
-            log.info("allocated CPUs %s (%s=%s)", format_cpu_list(cpus), self.config.env_name, envs[self.config.env_name])
+            log.info("allocated CPUs %s (%s=%s)", format_cpu_list(cpus), self.config.env_name,
+                     envs[self.config.env_name])
         return response
 
     async def PreStartContainer(self, request, context):

@@ -178,6 +178,12 @@ class CpuListTests(unittest.TestCase):
                 self.assertLess(len(str(caught.exception)), 200)
         self.assertEqual(self.parse("63"), [63])
 
+    def test_brief_cpu_list_is_bounded(self):
+        self.assertEqual(plugin.brief_cpu_list([1, 2, 3]), "1-3")
+        text = plugin.brief_cpu_list(range(0, 30000, 3))
+        self.assertLess(len(text), 150)
+        self.assertTrue(text.startswith("0,3,6,") and text.endswith("... (10000 CPUs)"), text)
+
     def test_format_is_canonical(self):
         self.assertEqual(format_cpu_list([8, 2, 3, 4, 5]), "2-5,8")
         self.assertEqual(format_cpu_list([3, 11]), "3,11")
@@ -238,6 +244,15 @@ class KernelCmdlineTests(unittest.TestCase):
         self.assertTrue(isolates(("domain", "nohz")))
         self.assertTrue(isolates(("bogus",)))               # unknown flags are skipped
         self.assertFalse(isolates(("nohz", "managed_irq")))
+
+
+class HousekeepingTests(unittest.TestCase):
+    def test_housekeeping_is_online_not_isolated_and_allowed(self):
+        housekeeping = plugin.housekeeping_cpus
+        self.assertEqual(housekeeping(range(8), {1}, {0, 1}), {0})
+        self.assertEqual(housekeeping(range(8), {2, 3}, range(8)), {0, 1, 4, 5, 6, 7})
+        self.assertEqual(housekeeping({0, 2}, {1}, {1, 3}), set())
+        self.assertEqual(housekeeping(range(4), set(), {3, 9}), {3})
 
 
 class ResourceNameTests(unittest.TestCase):
@@ -1603,6 +1618,8 @@ class FaultTests(PluginRig):
             self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
             self.assertLess(len(caught.exception.details()), 300)
         self.assertEqual(self.kubelet.prefer(huge, [], 2), ["2", "6"])
+        scattered = [str(3 * i + 100) for i in range(10000)]        # not advertised, and no runs to collapse
+        self.assertEqual(self.kubelet.prefer(scattered + ["3"], scattered[:5000], 1), ["3"])
         self.assertEqual(self.kubelet.prefer(["2", "3"], [], -5), [])
         self.assertEqual(self.kubelet.prefer(["2", "2", "6"], ["6", "6"], 2), ["2", "6"])
         rng = random.Random(11)

@@ -5,14 +5,20 @@
     python3 tools/bench.py policy          # some sections
     python3 tools/bench.py --json          # one JSON object instead of the table
 
-Sections:
-  policy   preferred_allocation() alone at 64, 1024 and 8192 CPUs
+It starts the plugin as a process against an in-process fake kubelet
+(test_isolcpu_plugin.FakeKubelet) on synthetic hosts. Sections:
+  start    process start to Registered
+  rpc      Allocate vs GetDevicePluginOptions (the floor of any call), and
+           GetPreferredAllocation over gRPC at 64, 1024 and 8192 CPUs
+  restart  kubelet restart to re-registered, many times over
   idle     wakeups/s (all threads), CPU and RSS of a registered, idle plugin
   hotplug  CPU offline/online to the new list on ListAndWatch
+  policy   preferred_allocation() alone at 64, 1024 and 8192 CPUs
 
 Figures are wall-clock on a shared machine: compare them within one run.
 """
 import argparse
+import collections
 import json
 import os
 import platform
@@ -28,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import isolcpu_plugin as plugin                      # noqa: E402
-from test_isolcpu_plugin import (FakeKubelet, PluginProcess, fake_host, synthetic_infos,  # noqa: E402
+from test_isolcpu_plugin import (FakeKubelet, PluginProcess, fake_host, pb, synthetic_infos,  # noqa: E402
                                  write_files)
 
 
@@ -84,12 +90,15 @@ def print_policy(rows):
 
 
 class Rig(object):
-    """A fake kubelet and a plugin process on a synthetic host, in a temp dir."""
+    """A fake kubelet and a plugin process on a synthetic host, in a temp dir
+    (on tmpfs where there is one: big hosts are many small files)."""
 
-    def __init__(self, *args, sysfs=None):
-        self.tmp = tempfile.mkdtemp(prefix="isolcpu-bench-")
+    def __init__(self, *args, sysfs=None, sockets=2, cores=4, isolated="2-7,10-15"):
+        shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self.tmp = tempfile.mkdtemp(prefix="isolcpu-bench-", dir=shm)
         self.host_root = os.path.join(self.tmp, "host")
-        fake_sysfs, fake_procfs = fake_host(self.host_root, sockets=2, cores=4, threads=2, isolated="2-7,10-15")
+        fake_sysfs, fake_procfs = fake_host(self.host_root, sockets=sockets, cores=cores, threads=2,
+                                            isolated=isolated, kernel_max=8191)
         self.dir = os.path.join(self.tmp, "device-plugins")
         self.kubelet = FakeKubelet(self.dir).start()
         self.started = time.monotonic()
@@ -223,8 +232,129 @@ def print_hotplug(rows):
               % (row["event"], row["p50_ms"], row["p99_ms"], row["max_ms"], row["n"]))
 
 
-SECTIONS = {"policy": (bench_policy, print_policy), "idle": (bench_idle, print_idle),
-            "hotplug": (bench_hotplug, print_hotplug)}
+def bench_start(args):
+    """Process start (Popen) to the fake kubelet holding its Register."""
+    samples = []
+    for _ in range(args.starts):
+        rig = Rig("--log-level", "warning")
+        try:
+            rig.kubelet.wait_registered(timeout=30)
+            samples.append((time.monotonic() - rig.started) * 1000)
+        finally:
+            rig.close()
+    return {"start_to_registered_ms": {k: round(v, 1) if k != "n" else v for k, v in percentiles(samples).items()}}
+
+
+def print_start(result):
+    f = result["start_to_registered_ms"]
+    print("Start to Registered: p50 %.0f ms, max %.0f ms (%d starts; grpc imports are most of it)"
+          % (f["p50"], f["max"], f["n"]))
+
+
+def timed_calls(call, count):
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - started) * 1e6)
+    return samples
+
+
+def bench_rpc(args):
+    """Round trips over the plugin's unix socket from one client, as the
+    kubelet makes them. Allocate and GetDevicePluginOptions interleaved in
+    rounds so that both see the same machine."""
+    import grpc
+    from test_isolcpu_plugin import pb_grpc
+    result = {}
+    rig = Rig("--log-level", "warning")
+    try:
+        rig.kubelet.wait_list(lambda devices: devices, timeout=30)
+        stub = rig.kubelet.stub
+        empty = pb.Empty()
+        allocate = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=["3", "11"])])
+        floor, alloc = [], []
+        timed_calls(lambda: stub.GetDevicePluginOptions(empty), 200)          # warm up
+        for _ in range(args.calls // 100):
+            floor += timed_calls(lambda: stub.GetDevicePluginOptions(empty), 100)
+            alloc += timed_calls(lambda: stub.Allocate(allocate), 100)
+        f, a = percentiles(floor), percentiles(alloc)
+        result["floor_us"] = {k: round(v) for k, v in f.items()}
+        result["allocate_us"] = {k: round(v) for k, v in a.items()}
+        result["allocate_over_floor_p50"] = round(a["p50"] / f["p50"], 3)
+    finally:
+        rig.close()
+    result["preferred"] = []
+    rng = random.Random(5)
+    for cpus, sockets, cores in ((64, 2, 16), (1024, 8, 64), (8192, 8, 512)):
+        rig = Rig("--log-level", "warning", sockets=sockets, cores=cores, isolated="0-%d" % (cpus - 1))
+        try:
+            rig.kubelet.wait_list(lambda devices: len(devices) == cpus, timeout=120)
+            ready = time.monotonic() - rig.started
+            ids = [str(c) for c in range(cpus)]
+            size = min(64, cpus // 4)
+
+            def prefer():
+                must = rng.sample(ids, rng.randint(0, 2))
+                request = pb.PreferredAllocationRequest(container_requests=[pb.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=ids, must_include_deviceIDs=must, allocation_size=size)])
+                assert len(rig.kubelet.stub.GetPreferredAllocation(request).container_responses[0].deviceIDs) == size
+            count = args.calls // 10 if cpus <= 1024 else args.calls // 40
+            figures = percentiles(timed_calls(prefer, count))
+            result["preferred"].append({"cpus": cpus, "size": size, "requests": count,
+                                        "p50_ms": round(figures["p50"] / 1000, 2),
+                                        "p99_ms": round(figures["p99"] / 1000, 2),
+                                        "start_to_first_list_s": round(ready, 2)})
+        finally:
+            rig.close()
+    return result
+
+
+def print_rpc(result):
+    f, a = result["floor_us"], result["allocate_us"]
+    print("gRPC round trips over the unix socket (target: Allocate p50 <= 1.2x the floor)")
+    print("  GetDevicePluginOptions (floor): p50 %4d us  p99 %5d us  (%d calls)" % (f["p50"], f["p99"], f["n"]))
+    print("  Allocate, 2 CPUs:               p50 %4d us  p99 %5d us  (%d calls)  p50 ratio %.2f"
+          % (a["p50"], a["p99"], a["n"], result["allocate_over_floor_p50"]))
+    for row in result["preferred"]:
+        print("  GetPreferredAllocation %4d CPUs, size %2d: p50 %6.2f ms  p99 %6.2f ms  (%d calls; plugin start "
+              "to first list %.2f s)" % (row["cpus"], row["size"], row["p50_ms"], row["p99_ms"], row["requests"],
+                                         row["start_to_first_list_s"]))
+
+
+def bench_restart(args):
+    """Kubelet restarts (sockets wiped, new kubelet.sock): from the new
+    kubelet serving to the plugin's Register arriving, and to the first
+    list on its ListAndWatch."""
+    rig = Rig()                                   # info: its "registered" lines are waited for
+    registered, listed = [], []
+    try:
+        rig.kubelet.wait_list(lambda devices: devices, timeout=30)
+        for n in range(2, args.restarts + 2):
+            rig.kubelet.stop()
+            rig.kubelet.start()
+            serving = time.monotonic()
+            rig.kubelet.wait_registered(n, timeout=30)
+            registered.append((time.monotonic() - serving) * 1000)
+            snap = rig.kubelet.wait_list(lambda devices: devices, since=serving, timeout=30)
+            listed.append((snap.at - serving) * 1000)
+            rig.process.wait_log("registered windriver.com/isolcpus", count=n)
+    finally:
+        rig.close()
+    return {"to_registered_ms": {k: round(v, 1) if k != "n" else v for k, v in percentiles(registered).items()},
+            "to_first_list_ms": {k: round(v, 1) if k != "n" else v for k, v in percentiles(listed).items()}}
+
+
+def print_restart(result):
+    r, l = result["to_registered_ms"], result["to_first_list_ms"]
+    print("Kubelet restart (target: noticed within 1-2 s): re-registered p50 %.1f ms, p99 %.1f ms; "
+          "first list p50 %.1f ms, p99 %.1f ms (%d restarts)" % (r["p50"], r["p99"], l["p50"], l["p99"], r["n"]))
+
+
+SECTIONS = collections.OrderedDict([
+    ("start", (bench_start, print_start)), ("rpc", (bench_rpc, print_rpc)),
+    ("restart", (bench_restart, print_restart)), ("idle", (bench_idle, print_idle)),
+    ("hotplug", (bench_hotplug, print_hotplug)), ("policy", (bench_policy, print_policy))])
 
 
 def machine():
@@ -234,13 +364,16 @@ def machine():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sections", nargs="*", choices=sorted(SECTIONS) + [[]], default=[])
+    parser.add_argument("sections", nargs="*", choices=list(SECTIONS) + [[]], default=[])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--requests", type=int, default=300, help="requests per policy scenario")
     parser.add_argument("--idle-seconds", type=float, default=60, help="idle measuring window")
     parser.add_argument("--flips", type=int, default=20, help="offline/online flips for hotplug")
+    parser.add_argument("--starts", type=int, default=5, help="plugin starts timed")
+    parser.add_argument("--calls", type=int, default=2000, help="Allocate and GetDevicePluginOptions calls each")
+    parser.add_argument("--restarts", type=int, default=50, help="kubelet restarts timed")
     args = parser.parse_args()
-    chosen = args.sections or sorted(SECTIONS)
+    chosen = args.sections or list(SECTIONS)
     report = {"machine": machine()}
     for name in chosen:
         measure, show = SECTIONS[name]
