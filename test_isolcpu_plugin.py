@@ -1422,7 +1422,7 @@ class FuzzTests(TempDirTest):
         alphabet = ["0", "3", "7", "8", "-1", "", " 1", "01", "x" * 500, "\u0663", "\x00", "1" * 30]
         for _ in range(20000):
             ids = [rng.choice(alphabet) for _ in range(rng.randint(0, 6))]
-            for call in (lambda: plugin.cpus_for_device_ids(ids, devices),
+            for call in (lambda: plugin.devices_for_ids(ids, devices),
                          lambda: plugin.cpus_of_device_ids(ids, "available")):
                 try:
                     call()

@@ -267,7 +267,7 @@ def bench_rpc(args):
     import grpc
     from test_isolcpu_plugin import pb_grpc
     result = {}
-    rig = Rig("--log-level", "warning")
+    rig = Rig()                                   # the default log level: a line per Allocate
     try:
         rig.kubelet.wait_list(lambda devices: devices, timeout=30)
         stub = rig.kubelet.stub
