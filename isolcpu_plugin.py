@@ -297,8 +297,6 @@ class Host(object):
     lives here, so that everything else can be tested without a host."""
 
     def __init__(self, sysfs="/sys", procfs="/proc"):
-        self.sysfs = sysfs
-        self.procfs = procfs
         self.cpu_dir = os.path.join(sysfs, "devices", "system", "cpu")
         self.node_dir = os.path.join(sysfs, "devices", "system", "node")
         self.cmdline_path = os.path.join(procfs, "cmdline")
@@ -1553,9 +1551,6 @@ class Plugin(object):
         self.session_wakeup.set()
         self.rescan_wakeup.set()
 
-    def stop_threadsafe(self):
-        self.loop.call_soon_threadsafe(self.stop)
-
     def _reload(self):
         log.info("SIGHUP: re-reading the host")
         try:
@@ -1581,10 +1576,11 @@ class Plugin(object):
             except Exception as e:
                 log.error("internal error in %s: %s: %s", loop_body.__name__, type(e).__name__, one_line(e))
                 log.debug("details", exc_info=True)
-                await self._sleep_unless_stopping(1.0)
+                await self._sleep(1.0)
 
-    async def _sleep_unless_stopping(self, seconds, wakeup=None):
-        """Sleep up to `seconds` (None: no limit); an event cuts it short."""
+    async def _sleep(self, seconds, wakeup=None):
+        """Sleep up to `seconds` (None: no limit) unless `wakeup` (default:
+        stopping, which stop() also sets) cuts it short; clears `wakeup`."""
         event = wakeup or self.stopping
         try:
             await asyncio.wait_for(event.wait(), seconds)
@@ -1600,7 +1596,7 @@ class Plugin(object):
             period = self.config.rescan_interval
             if self.uevents:
                 period = max(period, self.UEVENT_RESCAN)
-            await self._sleep_unless_stopping(period, self.rescan_wakeup)
+            await self._sleep(period, self.rescan_wakeup)
             before = self.inventory.devices
             change = self.inventory.rescan()
             if change:
@@ -1663,7 +1659,7 @@ class Plugin(object):
             watched = self.watch.arm()
             delay = None if watched else self.POLL_INTERVAL
             if not await self.ensure_serving():
-                await self._sleep_unless_stopping(self.POLL_INTERVAL, self.session_wakeup)
+                await self._sleep(self.POLL_INTERVAL, self.session_wakeup)
                 continue
             kubelet = file_identity(self.kubelet_socket)
             if kubelet is None:
@@ -1693,7 +1689,7 @@ class Plugin(object):
                     self.settle("kubelet")
                     continue
                 delay = backoff.next()
-            await self._sleep_unless_stopping(delay, self.session_wakeup)
+            await self._sleep(delay, self.session_wakeup)
 
     def render_metrics(self):
         return render_metrics(self.config.resource_name, self.board.devices, self.counters)
