@@ -1678,13 +1678,16 @@ class Plugin(object):
                     self.counters.kubelet_restarts += 1
                     self.last_kubelet = None
                 self.socket_wiped = False
+                began = time.monotonic()
                 registered = await self.register_unless_replaced(kubelet)
                 if registered is None:
                     continue                           # a new kubelet.sock: try that one now
                 if registered:
                     self.counters.registrations += 1
                     self.registered_with = self.last_kubelet = kubelet
-                    self.registered_at = time.monotonic()
+                    # when registering began: the kubelet opens ListAndWatch (and may
+                    # drop it) before it answers Register
+                    self.registered_at = began
                     backoff.reset()
                     self.settle("kubelet")
                     continue

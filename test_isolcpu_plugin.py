@@ -803,7 +803,7 @@ class FakeKubelet(object):
         self.channel = None
         self.stub = None
         self.stream = None
-        self.answer_register = True
+        self.drop_stream_before_answering = False
 
     @property
     def socket(self):
@@ -848,8 +848,6 @@ class FakeKubelet(object):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "unsupported version")
         if "/" not in request.resource_name or "kubernetes.io/" in request.resource_name:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid resource name")
-        if not self.answer_register:
-            time.sleep(30)
         channel = grpc.insecure_channel("unix:" + os.path.join(self.dir, request.endpoint))
         stub = pb_grpc.DevicePluginStub(channel)
         try:
@@ -865,6 +863,10 @@ class FakeKubelet(object):
             self.options.append(options)
             self.cond.notify_all()
         threading.Thread(target=self._consume, args=(self.stream,), daemon=True).start()
+        if self.drop_stream_before_answering:
+            self.drop_stream_before_answering = False
+            self.wait(lambda: self.lists, 5, "the first list")
+            self.stream.cancel()
         return pb.Empty()
 
     def _consume(self, stream):
@@ -1548,6 +1550,16 @@ class FaultTests(PluginRig):
         process.wait_log("kubelet closed ListAndWatch; registering again")
         time.sleep(2.5)                                    # and it settles: no re-register loop
         self.assertEqual(len(self.kubelet.registrations), 2)
+
+    def test_kubelet_drops_list_and_watch_before_answering_register(self):
+        self.kubelet.drop_stream_before_answering = True
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_registered(2, timeout=5)
+        process.wait_log("kubelet closed ListAndWatch; registering again")
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        time.sleep(1.5)
+        self.assertEqual((len(self.kubelet.registrations), self.kubelet.stream_ends), (2, 1))
 
     def test_kubelet_socket_present_but_not_answering(self):
         mute = socket.socket(socket.AF_UNIX)
