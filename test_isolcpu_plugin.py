@@ -120,6 +120,14 @@ def fake_host(root, sockets=1, cores=4, threads=2, isolated="2-3,6-7", offline=(
     return os.path.join(root, "sys"), os.path.join(root, "proc")
 
 
+def plugin_env(extra=None):
+    """This environment without ISOLCPU_* (each would set one of the plugin's
+    flags), plus `extra`: what a plugin process under test gets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ISOLCPU_")}
+    env.update(extra or {})
+    return env
+
+
 class TempDirTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="isolcpu-test-")
@@ -706,9 +714,7 @@ class CliTests(TempDirTest):
         self.base = ["--sysfs", self.sysfs, "--procfs", self.procfs]
 
     def run_cli(self, *args, env=None):
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ISOLCPU_")}
-        full_env.update(env or {})
-        return subprocess.run([sys.executable, PLUGIN] + list(args), env=full_env, timeout=60,
+        return subprocess.run([sys.executable, PLUGIN] + list(args), env=plugin_env(env), timeout=60,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
 
     def test_list_json_contract(self):
@@ -931,10 +937,8 @@ class PluginProcess(object):
     def __init__(self, tmp, args, env=None):
         self.log_path = tempfile.mktemp(prefix="plugin-log-", dir=tmp)
         self.log_file = open(self.log_path, "w")
-        full_env = {k: v for k, v in os.environ.items() if not k.startswith("ISOLCPU_")}
-        full_env.update(env or {})
         self.proc = subprocess.Popen([sys.executable, PLUGIN] + list(args), stdout=subprocess.DEVNULL,
-                                     stderr=self.log_file, env=full_env)
+                                     stderr=self.log_file, env=plugin_env(env))
 
     def log(self):
         with open(self.log_path) as f:
@@ -1243,7 +1247,7 @@ class LifecycleTests(PluginRig):
         self.assertNotIn("Traceback", process.log())
 
     def probe(self):
-        return subprocess.run([sys.executable, PLUGIN, "--probe", "--device-plugin-path", self.dir],
+        return subprocess.run([sys.executable, PLUGIN, "--probe", "--device-plugin-path", self.dir], env=plugin_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
 
     def test_probe(self):
@@ -1659,7 +1663,7 @@ class FaultTests(PluginRig):
         self.kubelet.start()
         args = [sys.executable, PLUGIN, "--sysfs", self.sysfs, "--procfs", self.procfs, "--device-plugin-path",
                 self.dir, "--rescan-interval", "0.2", "--metrics-address", "127.0.0.1:0"]
-        env = dict(os.environ, HOME=home, TMPDIR=home)
+        env = plugin_env({"HOME": home, "TMPDIR": home})
         proc = subprocess.Popen(["strace", "-f", "-qq", "-o", trace, "-e",
                                  "trace=open,openat,creat,mkdir,mkdirat,rename,renameat,renameat2,"
                                  "unlink,unlinkat,link,linkat,symlink,symlinkat,truncate,bind,chmod,fchmodat"]
