@@ -1134,7 +1134,8 @@ class DeviceBoard(object):
 
 class Counters(object):
     """What the plugin counts, for --metrics-address. Plain ints, bumped in
-    the event loop and read by the metrics thread (one reference each)."""
+    the event loop and read by the metrics thread (one reference each, as
+    are the Plugin attributes it reads)."""
 
     def __init__(self):
         self.allocations = 0             # container requests answered by Allocate
@@ -1142,11 +1143,9 @@ class Counters(object):
         self.preferred_allocations = 0   # container requests answered by GetPreferredAllocation
         self.registrations = 0
         self.kubelet_restarts = 0
-        self.registered = False
-        self.serving = False
 
 
-def render_metrics(resource_name, devices, counters):
+def render_metrics(resource_name, devices, counters, registered):
     """Prometheus text exposition (format 0.0.4) of the plugin's state. The
     resource name needs no escaping: check_resource_name() allows no quotes."""
     healthy = sum(1 for d in devices if d.healthy)
@@ -1169,7 +1168,7 @@ def render_metrics(resource_name, devices, counters):
     metric("registrations_total", "counter", "Successful registrations with the kubelet.",
            [([], counters.registrations)])
     metric("kubelet_restarts_total", "counter", "Kubelet restarts seen.", [([], counters.kubelet_restarts)])
-    metric("registered", "gauge", "1 while registered with a running kubelet.", [([], int(counters.registered))])
+    metric("registered", "gauge", "1 while registered with a running kubelet.", [([], int(registered))])
     metric("build_info", "gauge", "Version of the plugin.", [(['version="%s"' % __version__], 1)])
     return "\n".join(lines) + "\n"
 
@@ -1283,8 +1282,7 @@ class DevicePluginServicer(object):
             response.container_responses.add(
                 envs=envs,
                 devices=[pb.DeviceSpec(container_path=c, host_path=h, permissions=p) for c, h, p in specs])
-            log.info("allocated CPUs %s (%s=%s)", format_cpu_list(cpus), self.config.env_name,
-                     envs[self.config.env_name])
+            log.info("allocated CPUs %s as %s", envs[self.config.env_name], self.config.env_name)
         return response
 
     async def PreStartContainer(self, request, context):
@@ -1654,8 +1652,6 @@ class Plugin(object):
     async def run_session(self):
         backoff = Backoff()
         while not self.stopping.is_set():
-            self.counters.registered = self.registered_with is not None
-            self.counters.serving = self.server is not None
             watched = self.watch.arm()
             delay = None if watched else self.POLL_INTERVAL
             if not await self.ensure_serving():
@@ -1695,7 +1691,8 @@ class Plugin(object):
             await self._sleep(delay, self.session_wakeup)
 
     def render_metrics(self):
-        return render_metrics(self.config.resource_name, self.board.devices, self.counters)
+        return render_metrics(self.config.resource_name, self.board.devices, self.counters,
+                              self.registered_with is not None)
 
     def _stream_lost(self):
         servicer = self.servicer
@@ -1881,7 +1878,7 @@ def serve(config, inventory):
         try:
             plugin.metrics_server = MetricsServer(
                 config.metrics_address, plugin.render_metrics,
-                lambda: (plugin.counters.serving, "serving" if plugin.counters.serving else "not serving"))
+                lambda: (plugin.server is not None, "serving" if plugin.server is not None else "not serving"))
         except OSError as e:
             raise InputError("%s %s: cannot listen: %s" % (config.origin["metrics_address"],
                              format_listen_address(config.metrics_address), e.strerror or e))
@@ -1936,6 +1933,20 @@ def env_twin(flag):
     return "ISOLCPU_" + flag[2:].upper().replace("-", "_")
 
 
+class _VersionAction(argparse.Action):
+    """--version, with the runtime a bug report needs (grpc imported only here)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        found = []
+        for name, module in (("grpcio", "grpc"), ("protobuf", "google.protobuf")):
+            try:
+                found.append("%s %s" % (name, __import__(module, fromlist=["__version__"]).__version__))
+            except ImportError:
+                found.append("%s missing" % name)
+        sys.stdout.write("%s %s (python %s, %s)\n" % (PROGRAM, __version__, sys.version.split()[0], ", ".join(found)))
+        parser.exit(0)
+
+
 class _OneLineParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, "%s: error: %s\n" % (PROGRAM, " ".join(message.split())))
@@ -1952,8 +1963,8 @@ def build_parser():
     for flag, text in SWITCH_OPTIONS:
         parser.add_argument(flag, action="store_true", default=None,
                             help="%s (env %s)" % (text, env_twin(flag)))
-    parser.add_argument("--version", action="version",
-                        version="%s %s (python %s)" % (PROGRAM, __version__, sys.version.split()[0]))
+    parser.add_argument("--version", action=_VersionAction, nargs=0,
+                        help="print the version, with python's, grpcio's and protobuf's, and exit")
     return parser
 
 

@@ -779,7 +779,9 @@ class CliTests(TempDirTest):
     def test_version(self):
         result = self.run_cli("--version")
         self.assertEqual(result.returncode, 0)
-        self.assertIn(plugin.__version__, result.stdout)
+        self.assertIn("isolcpu-plugin %s (python %s, grpcio " % (plugin.__version__, sys.version.split()[0]),
+                      result.stdout)
+        self.assertIn(", protobuf ", result.stdout)
 
 
 # ---------------------------------------------------------------------------

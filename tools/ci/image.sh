@@ -62,8 +62,7 @@ PY
 
 echo "the test suite inside the image (the test file copied into a working container)"
 "${B[@]}" copy "$ctr" "$ROOT/test_isolcpu_plugin.py" /app/ >/dev/null
-"${run[@]}" --workingdir /app "$ctr" -- /usr/bin/python3 -c \
-    'import sys, grpc, google.protobuf as p; print("  python", sys.version.split()[0], "grpcio", grpc.__version__, "protobuf", p.__version__)'
+"${run[@]}" "$ctr" -- /usr/bin/python3 /app/isolcpu_plugin.py --version
 CORPUS=${ISOLCPU_TEST_CORPUS:-$ROOT/../shared/fixtures/sysfs}
 corpus=()
 [ -d "$CORPUS" ] && corpus=(-v "$(cd "$CORPUS" && pwd):/corpus:ro" --env ISOLCPU_TEST_CORPUS=/corpus)

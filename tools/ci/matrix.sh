@@ -27,7 +27,7 @@ run_suite() {                    # run_suite LABEL COMMAND...: the suite in the 
     local label=$1 log
     shift
     log=$WORK/$(printf '%s' "$label" | tr -c 'A-Za-z0-9' '_').log
-    if (cd "$ROOT" && "$@" -c 'import grpc, google.protobuf as p, sys; print(sys.version.split()[0], "grpcio", grpc.__version__, "protobuf", p.__version__)' >"$log" 2>&1 \
+    if (cd "$ROOT" && "$@" isolcpu_plugin.py --version >"$log" 2>&1 \
         && ISOLCPU_TEST_CORPUS=$CORPUS "$@" -m unittest >>"$log" 2>&1); then
         report "$label ($(head -n 1 "$log"))" "$log" ok
     else
@@ -70,7 +70,7 @@ in_chroot() {                    # in_chroot DIR LABEL: the suite inside a Debia
     fi
     local status=ok
     chroot "$dir" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root GRPC_VERBOSITY=ERROR \
-        ISOLCPU_TEST_CORPUS=/corpus sh -c 'cd /src && python3 -c "import grpc, google.protobuf as p, sys; print(sys.version.split()[0], \"grpcio\", grpc.__version__, \"protobuf\", p.__version__)" && python3 -m unittest' \
+        ISOLCPU_TEST_CORPUS=/corpus sh -c 'cd /src && python3 isolcpu_plugin.py --version && python3 -m unittest' \
         >"$log" 2>&1 || status=FAILED
     for m in "${mounts[@]}"; do umount -l "$m"; done       # -l: with everything below it
     report "$label ($(head -n 1 "$log"))" "$log" "$status"
