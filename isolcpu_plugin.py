@@ -1690,6 +1690,11 @@ class Plugin(object):
                 delay = backoff.next()
             await self._sleep(delay, self.session_wakeup)
 
+    def health(self):
+        """(healthy, text) for /healthz: the socket is served."""
+        serving = self.server is not None
+        return serving, "serving" if serving else "not serving"
+
     def render_metrics(self):
         return render_metrics(self.config.resource_name, self.board.devices, self.counters,
                               self.registered_with is not None)
@@ -1876,9 +1881,7 @@ def serve(config, inventory):
     plugin = Plugin(config, inventory, api)
     if config.metrics_address:
         try:
-            plugin.metrics_server = MetricsServer(
-                config.metrics_address, plugin.render_metrics,
-                lambda: (plugin.server is not None, "serving" if plugin.server is not None else "not serving"))
+            plugin.metrics_server = MetricsServer(config.metrics_address, plugin.render_metrics, plugin.health)
         except OSError as e:
             raise InputError("%s %s: cannot listen: %s" % (config.origin["metrics_address"],
                              format_listen_address(config.metrics_address), e.strerror or e))
@@ -2007,14 +2010,14 @@ def parse_config(argv, environ):
         setattr(config, name, os.path.abspath(getattr(config, name)))
     if len(os.fsencode(os.path.join(config.device_plugin_path, config.socket_name))) > UNIX_PATH_MAX:
         raise bad("device_plugin_path", "socket path longer than %d bytes" % UNIX_PATH_MAX)
-    if config.source not in SOURCES:
-        raise bad("source", "expected one of " + ", ".join(SOURCES))
     if not _ENV_NAME.match(config.env_name):
         raise bad("env_name", "not a valid environment variable name")
-    for name, choices in (("cpuid_devices", ("auto", "always", "never")), ("uevents", ("auto", "off")),
-                          ("self_affinity", ("on", "off"))):
+    config.log_level = config.log_level.lower()
+    for name, choices in (("source", SOURCES), ("cpuid_devices", ("auto", "always", "never")),
+                          ("uevents", ("auto", "off")), ("self_affinity", ("on", "off")),
+                          ("log_level", LOG_LEVELS)):
         if getattr(config, name) not in choices:
-            raise bad(name, "expected " + " or ".join(choices))
+            raise bad(name, "expected one of " + ", ".join(choices))
     try:
         interval = float(config.rescan_interval)
     except ValueError:
@@ -2022,9 +2025,6 @@ def parse_config(argv, environ):
     if not (0.05 <= interval <= 3600):
         raise bad("rescan_interval", "expected seconds between 0.05 and 3600")
     config.rescan_interval = interval
-    config.log_level = config.log_level.lower()
-    if config.log_level not in LOG_LEVELS:
-        raise bad("log_level", "expected one of " + ", ".join(LOG_LEVELS))
     if config.json and not config.list:
         raise InputError("--json needs --list")
     if config.probe and config.list:

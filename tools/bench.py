@@ -38,12 +38,14 @@ from test_isolcpu_plugin import (FakeKubelet, PluginProcess, fake_host, pb, synt
                                  write_files)
 
 
-def percentiles(samples):
+def percentiles(samples, digits=None):
+    """p50, p99, max (rounded to `digits` when given) and n of the samples."""
     ordered = sorted(samples)
 
     def at(q):
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-    return {"p50": at(0.50), "p99": at(0.99), "max": ordered[-1], "n": len(ordered)}
+        value = ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return value if digits is None else round(value, digits)
+    return {"p50": at(0.50), "p99": at(0.99), "max": at(1.0), "n": len(ordered)}
 
 
 # shape name -> (sockets, NUMA nodes per socket, cores per socket, threads, request size)
@@ -221,8 +223,8 @@ def bench_hotplug(args):
                 samples[key].append((snap.at - changed) * 1000)
     finally:
         rig.close()
-    return [dict(event=key, **{k + "_ms" if k != "n" else k: (round(v, 1) if k != "n" else v)
-                              for k, v in percentiles(values).items()}) for key, values in samples.items()]
+    return [dict(event=key, **{k if k == "n" else k + "_ms": v for k, v in percentiles(values, 1).items()})
+            for key, values in samples.items()]
 
 
 def print_hotplug(rows):
@@ -242,7 +244,7 @@ def bench_start(args):
             samples.append((time.monotonic() - rig.started) * 1000)
         finally:
             rig.close()
-    return {"start_to_registered_ms": {k: round(v, 1) if k != "n" else v for k, v in percentiles(samples).items()}}
+    return {"start_to_registered_ms": percentiles(samples, 1)}
 
 
 def print_start(result):
@@ -341,8 +343,7 @@ def bench_restart(args):
             rig.process.wait_log("registered windriver.com/isolcpus", count=n)
     finally:
         rig.close()
-    return {"to_registered_ms": {k: round(v, 1) if k != "n" else v for k, v in percentiles(registered).items()},
-            "to_first_list_ms": {k: round(v, 1) if k != "n" else v for k, v in percentiles(listed).items()}}
+    return {"to_registered_ms": percentiles(registered, 1), "to_first_list_ms": percentiles(listed, 1)}
 
 
 def print_restart(result):
