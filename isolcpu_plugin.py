@@ -1350,6 +1350,7 @@ def clear_stale_socket(path):
 
 
 _IN_EVENTS = 0x4 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # attrib, moves, create, delete, self
+_IN_MOVE_SELF = 0x800
 _IN_IGNORED = 0x8000
 _IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
 
@@ -1363,6 +1364,7 @@ class DirectoryWatch(object):
         self.path = path
         self.on_change = on_change
         self.fd = None
+        self.wd = -1
         self.active = False
         self._libc = None
         try:
@@ -1378,8 +1380,8 @@ class DirectoryWatch(object):
     def arm(self):
         """Watch the directory if not yet watching; cheap when already active."""
         if self.fd is not None and not self.active:
-            self.active = self._libc.inotify_add_watch(
-                self.fd, os.fsencode(self.path), _IN_EVENTS) >= 0
+            self.wd = self._libc.inotify_add_watch(self.fd, os.fsencode(self.path), _IN_EVENTS)
+            self.active = self.wd >= 0
         return self.active
 
     def _readable(self):
@@ -1389,8 +1391,13 @@ class DirectoryWatch(object):
             return
         offset = 0
         while offset + 16 <= len(data):
-            _wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
-            if mask & _IN_IGNORED:
+            wd, mask, _cookie, length = struct.unpack_from("iIII", data, offset)
+            if mask & _IN_MOVE_SELF and wd == self.wd:
+                # the watch follows the inode; a directory made at the path
+                # later is another one: drop it, re-arm on the path
+                self._libc.inotify_rm_watch(self.fd, wd)
+                self.active = False
+            elif mask & _IN_IGNORED and wd == self.wd:
                 self.active = False          # directory gone: re-armed when it returns
             offset += 16 + length
         self.on_change()

@@ -1640,11 +1640,28 @@ class FaultTests(PluginRig):
         process = self.start_plugin()
         self.kubelet.wait_registered()
         self.kubelet.stop()
-        shutil.rmtree(self.dir)
+        # renamed first: the plugin may serve its socket again while rmtree lists the dir
+        gone = self.dir + ".gone"
+        os.rename(self.dir, gone)
+        shutil.rmtree(gone)
         process.wait_log("does not exist")
         self.kubelet.start()
         self.kubelet.wait_registered(2, timeout=5)
         self.kubelet.wait_list(lambda devices: len(devices) == 4)
+
+    def test_device_plugin_dir_moved_away_and_made_anew(self):
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_registered()
+        self.kubelet.stop()
+        os.rename(self.dir, self.dir + ".old")
+        process.wait_log("does not exist")
+        os.mkdir(self.dir)
+        process.wait_log("serving %s" % self.plugin_socket, count=2)
+        started = time.monotonic()
+        self.kubelet.start(wipe=False)          # after the plugin: only a watch on the new dir sees it
+        self.kubelet.wait_registered(2, timeout=5)
+        self.assertLess(time.monotonic() - started, 2.5)
 
     def test_sigkill_then_restart_reclaims_the_socket(self):
         self.kubelet.start()
