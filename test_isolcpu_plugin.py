@@ -1494,23 +1494,21 @@ def thread_names(pid):
     return names
 
 
-def threads_grown(pid, baseline, settle=5.0):
-    """The kinds of thread the process has more of than in baseline.
+def threads_grown(early, late):
+    """The kinds of thread whose fewest count over the `late` samples (Counters
+    of thread names) exceeds their fewest over the `early` ones.
 
-    grpc's pools are elastic: the event engine adds a worker while callbacks
-    queue up and retires it once idle (seen as 2 -> 5 -> 2 on Debian 13 under
-    load), and the global timer manager keeps one or two threads. So a surplus
-    counts only if it is still there after `settle` seconds; a leak stays.
+    A leaked thread never goes away, so it raises the floor. grpc's pools are
+    elastic and move above it for a while: the event engine adds a worker while
+    callbacks queue up (seen 2 -> 5 on Debian 13 under load) and retires it
+    later; the global timer manager keeps one or two threads.
     """
-    deadline = time.monotonic() + settle
-    while True:
-        threads = thread_names(pid)
-        if threads.get("grpc_global_tim", 0) <= 2:
-            threads.pop("grpc_global_tim", None)
-        grown = {name: count for name, count in threads.items() if count > baseline[name]}
-        if not grown or time.monotonic() > deadline:
-            return grown
-        time.sleep(0.1)
+    def floor(samples):
+        return {name: min(sample[name] for sample in samples) for name in set().union(*samples)}
+    before, after = floor(early), floor(late)
+    if after.get("grpc_global_tim", 0) <= 2:
+        after.pop("grpc_global_tim", None)
+    return {name: count for name, count in after.items() if count > before.get(name, 0)}
 
 
 @needs_grpc
@@ -1525,7 +1523,7 @@ class FaultTests(PluginRig):
         # a failed registration to the plugin, not a kubelet restart
         process.wait_log("registered windriver.com/isolcpus")
         pid = process.proc.pid
-        baseline = None
+        threads = []
         for restart in range(1, 101):
             started = time.monotonic()
             self.kubelet.restart()
@@ -1533,13 +1531,14 @@ class FaultTests(PluginRig):
             self.kubelet.wait_list(lambda devices: len(devices) == 4, since=started, timeout=10)
             # and the plugin has the kubelet's answer: else two restarts are one to it
             process.wait_log("registered windriver.com/isolcpus", count=restart + 1)
+            threads.append(thread_names(pid))
             if restart == 10:                      # grpc's pools have settled by now
-                baseline = (open_fds(pid), thread_names(pid))
+                fds_before = open_fds(pid)
         self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
         fds = open_fds(pid)
-        self.assertLessEqual(fds, baseline[0] + 2, "open fds grew over 90 restarts: %s -> %d" % (baseline[0], fds))
-        grown = threads_grown(pid, baseline[1])
-        self.assertEqual(grown, {}, "threads grew over 90 restarts, from %s" % dict(baseline[1]))
+        self.assertLessEqual(fds, fds_before + 2, "open fds grew over 90 restarts: %d -> %d" % (fds_before, fds))
+        grown = threads_grown(threads[5:10], threads[-45:])
+        self.assertEqual(grown, {}, "threads grew over the restarts: %s" % [dict(t) for t in threads[5::10]])
         self.assertEqual(process.log().count("kubelet restarted"), 100)
         self.assertNotIn("Traceback", process.log())
 
