@@ -7,6 +7,7 @@ real process, over real unix sockets, against FakeKubelet: an in-process
 kubelet that does what the kubelet's device manager does.
 """
 
+import asyncio
 import collections
 import contextlib
 import io
@@ -789,6 +790,55 @@ class CliTests(TempDirTest):
 # ---------------------------------------------------------------------------
 
 Snapshot = collections.namedtuple("Snapshot", "devices at")   # devices: {id: (health, nodes or None)}
+
+
+class BatchedLogHandlerTests(unittest.TestCase):
+    """The plugin's log handler on a real event loop, writing to a StringIO."""
+
+    def setUp(self):
+        self.loop = asyncio.new_event_loop()
+        self.addCleanup(self.loop.close)
+        self.out = io.StringIO()
+        self.handler = plugin.BatchedLogHandler(self.out)
+        self.handler.setFormatter(logging.Formatter("%(created).3f %(levelname)s %(message)s"))
+        self.logger = logging.Logger("batched-test")
+        self.logger.addHandler(self.handler)
+        self.handler.attach(self.loop)
+
+    def lines(self):
+        return self.out.getvalue().splitlines()
+
+    def run_loop(self, seconds):
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+
+    def test_info_lines_wait_for_the_batch_and_keep_their_time(self):
+        items = [1, 2]
+        self.logger.info("first %s", items)
+        logged_at = time.time()
+        items.append(3)                            # the message is what it was when logged
+        self.logger.debug("second")
+        self.assertEqual(self.lines(), [])
+        self.run_loop(self.handler.FLUSH_DELAY + 0.05)
+        lines = self.lines()
+        self.assertEqual([line.split(" ", 1)[1] for line in lines], ["INFO first [1, 2]", "DEBUG second"])
+        self.assertLess(abs(float(lines[0].split()[0]) - logged_at), 0.02)
+
+    def test_a_warning_writes_what_is_pending_first(self):
+        self.logger.info("before")
+        self.logger.warning("now")
+        self.assertEqual([line.split(" ", 1)[1] for line in self.lines()], ["INFO before", "WARNING now"])
+
+    def test_other_threads_and_detach_write_at_once(self):
+        self.logger.info("pending")
+        thread = threading.Thread(target=self.logger.info, args=("from a thread",))
+        thread.start()
+        thread.join()
+        self.assertEqual([line.split(" ", 1)[1] for line in self.lines()], ["INFO pending", "INFO from a thread"])
+        self.logger.info("last")
+        self.handler.detach()
+        self.assertEqual(self.lines()[-1].split(" ", 1)[1], "INFO last")
+        self.logger.info("detached")                   # no loop: written at once
+        self.assertEqual(self.lines()[-1].split(" ", 1)[1], "INFO detached")
 
 
 class FakeKubelet(object):
