@@ -1302,9 +1302,12 @@ class DevicePluginServicer(object):
                 cpus, self.config.env_name, self.cpuid_paths(cpus))
             self.allocated.update(cpus)
             self.counters.allocations += 1
-            response.container_responses.add(
-                envs=envs,
-                devices=[pb.DeviceSpec(container_path=c, host_path=h, permissions=p) for c, h, p in specs])
+            allocation = response.container_responses.add()
+            for name, value in envs.items():
+                allocation.envs[name] = value        # not add(envs=): a Python-level map update
+            for container_path, host_path, permissions in specs:
+                allocation.devices.add(container_path=container_path, host_path=host_path,
+                                       permissions=permissions)
             log.info("allocated CPUs %s as %s", envs[self.config.env_name], self.config.env_name)
         return response
 
