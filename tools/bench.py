@@ -332,6 +332,9 @@ def bench_restart(args):
     registered, listed = [], []
     try:
         rig.kubelet.wait_list(lambda devices: devices, timeout=30)
+        # the kubelet lists before it answers Register: restarting in between
+        # would be a failed registration to the plugin, not a restart
+        rig.process.wait_log("registered windriver.com/isolcpus", timeout=30)
         for n in range(2, args.restarts + 2):
             rig.kubelet.stop()
             rig.kubelet.start()
