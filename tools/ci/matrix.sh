@@ -18,6 +18,10 @@ export GRPC_VERBOSITY=ERROR PIP_DISABLE_PIP_VERSION_CHECK=1
 mkdir -p "$WORK"
 failed=0
 
+log_of() {                       # log_of LABEL: where that stack's output goes
+    printf '%s/%s.log' "$WORK" "$(printf '%s' "$1" | tr -c 'A-Za-z0-9' '_')"
+}
+
 report() {                       # report LABEL LOG STATUS
     printf '%-64s %-6s %s\n' "$1" "$3" "$(grep -E '^(Ran|OK|FAILED)' "$2" | tr '\n' ' ')"
     if [ "$3" != ok ]; then tail -n 60 "$2"; failed=1; fi
@@ -26,7 +30,7 @@ report() {                       # report LABEL LOG STATUS
 run_suite() {                    # run_suite LABEL COMMAND...: the suite in the project dir
     local label=$1 log
     shift
-    log=$WORK/$(printf '%s' "$label" | tr -c 'A-Za-z0-9' '_').log
+    log=$(log_of "$label")
     if (cd "$ROOT" && "$@" isolcpu_plugin.py --version >"$log" 2>&1 \
         && ISOLCPU_TEST_CORPUS=$CORPUS "$@" -m unittest >>"$log" 2>&1); then
         report "$label ($(head -n 1 "$log"))" "$log" ok
@@ -52,7 +56,7 @@ venv() {                         # venv NAME PYTHON PIP PACKAGE...: a cached ven
 
 in_chroot() {                    # in_chroot DIR LABEL: the suite inside a Debian root
     local dir=$1 label=$2 log mounts=()
-    log=$WORK/$(printf '%s' "$label" | tr -c 'A-Za-z0-9' '_').log
+    log=$(log_of "$label")
     mkdir -p "$dir/src" "$dir/corpus"
     (cd "$ROOT" && cp $FILES "$dir/src/")
     # /dev and /sys as recursive binds made slaves: nothing mounted or
