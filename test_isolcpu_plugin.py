@@ -129,6 +129,19 @@ def plugin_env(extra=None):
     return env
 
 
+def task_files(pid, name):
+    """{thread id: text of /proc/PID/task/TID/NAME} over the process's
+    threads; a thread that ends meanwhile is left out (grpc retires some)."""
+    texts = {}
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/%s" % (pid, tid, name)) as f:
+                texts[int(tid)] = f.read()
+        except OSError:
+            pass
+    return texts
+
+
 class TempDirTest(unittest.TestCase):
     def setUp(self):
         self.tmp = tempfile.mkdtemp(prefix="isolcpu-test-")
@@ -1223,11 +1236,8 @@ class LifecycleTests(PluginRig):
         process.wait_log("CPUs 7 are offline or no longer isolated but allocated ('a container')")
 
     def thread_affinities(self, pid):
-        lists = set()
-        for tid in os.listdir("/proc/%d/task" % pid):
-            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
-                lists.update(line.split()[1] for line in f if line.startswith("Cpus_allowed_list"))
-        return lists
+        return {line.split()[1] for status in task_files(pid, "status").values()
+                for line in status.splitlines() if line.startswith("Cpus_allowed_list")}
 
     def test_self_affinity_keeps_every_thread_off_served_cpus(self):
         if not {0, 1} <= os.sched_getaffinity(0):
@@ -1535,14 +1545,7 @@ def open_fds(pid):
 
 def thread_names(pid):
     """Counter of the process's thread names (/proc/PID/task/*/comm)."""
-    names = collections.Counter()
-    for tid in os.listdir("/proc/%d/task" % pid):
-        try:
-            with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
-                names[f.read().strip()] += 1
-        except OSError:
-            pass                                        # ended meanwhile
-    return names
+    return collections.Counter(name.strip() for name in task_files(pid, "comm").values())
 
 
 def threads_grown(early, late, python_name):

@@ -35,7 +35,7 @@ sys.path.insert(0, ROOT)
 
 import isolcpu_plugin as plugin                      # noqa: E402
 from test_isolcpu_plugin import (FakeKubelet, PluginProcess, fake_host, pb, synthetic_infos,  # noqa: E402
-                                 write_files)
+                                 task_files, write_files)
 
 
 def percentiles(samples, digits=None):
@@ -122,17 +122,10 @@ class Rig(object):
 
 def thread_switches(pid):
     """{thread id: (name, voluntary + involuntary context switches)}."""
-    threads = {}
-    for tid in os.listdir("/proc/%d/task" % pid):
-        try:
-            with open("/proc/%d/task/%s/comm" % (pid, tid)) as f:
-                name = f.read().strip()
-            with open("/proc/%d/task/%s/status" % (pid, tid)) as f:
-                switches = sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
-        except OSError:
-            continue                                   # the thread ended
-        threads[int(tid)] = (name, switches)
-    return threads
+    names = task_files(pid, "comm")
+    return {tid: (names[tid].strip(), sum(int(line.split()[1]) for line in status.splitlines()
+                                          if "ctxt_switches" in line))
+            for tid, status in task_files(pid, "status").items() if tid in names}
 
 
 def cpu_seconds(pid):
