@@ -13,12 +13,33 @@ Needs only the standard library, grpcio and protobuf; grpc is imported only
 when the plugin serves, so --list runs with the standard library alone.
 """
 
+import signal
 import sys
 
+# The signals the plugin documents are handled from its first instruction:
+# Python's default for SIGHUP kills, and systemd counts death by SIGHUP as a
+# clean exit, so `systemctl reload` right after a start would leave the node
+# without a plugin. Until the event loop takes them over, SIGHUP is
+# remembered and replayed, SIGTERM and SIGINT end the process with 0.
+PENDING_SIGNALS = []
+
+
+def _remember_signal(signum, frame):
+    PENDING_SIGNALS.append(signum)
+
+
+def _exit_now(signum, frame):
+    raise SystemExit(0)
+
+
+def hold_signals():
+    signal.signal(signal.SIGHUP, _remember_signal)
+    signal.signal(signal.SIGTERM, _exit_now)
+    signal.signal(signal.SIGINT, _exit_now)
+
+
 if __name__ == "__main__":
-    # Run as the plugin: asyncio imports ssl only for TLS transports, which
-    # the plugin never uses; not loading libssl/libcrypto saves ~6 MiB RSS.
-    sys.modules.setdefault("ssl", None)
+    hold_signals()
 
 import argparse
 import asyncio
@@ -29,7 +50,6 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import stat
 import struct
@@ -50,6 +70,7 @@ UNHEALTHY = "Unhealthy"
 FALLBACK_MAX_CPU = 8191
 UNIX_PATH_MAX = 107            # sun_path is 108 bytes with its NUL
 HOST_FILE_LIMIT = 1 << 20      # sysfs attributes are one page; /proc/cmdline is small
+CHECKPOINT_LIMIT = 4 << 20     # a busy node's device checkpoint is ~1 MB; 4 MiB parse in ~12 ms
 
 log = logging.getLogger(PROGRAM)
 
@@ -70,10 +91,10 @@ def quote(text, limit=40):
     return repr(text)
 
 
-def quote_list(items, limit=5):
+def quote_list(items, limit=5, width=20):
     """A bounded, quoted rendering of untrusted items: 'a', 'b' (+3 more)."""
     items = list(items)
-    shown = ", ".join(quote(item, 20) for item in items[:limit])
+    shown = ", ".join(quote(item, width) for item in items[:limit])
     if len(items) > limit:
         shown += " (+%d more)" % (len(items) - limit)
     return shown
@@ -292,6 +313,38 @@ def unknown_cpu_info(cpu):
     return CpuInfo(cpu, (), None, None, None, None, ())
 
 
+def read_host_file(path, limit=HOST_FILE_LIMIT):
+    """The bytes of a host file, None when it is absent. Opened so that it
+    cannot block the event loop: only a regular file is opened at all (a FIFO
+    or a device where a sysfs file or a checkpoint should be is an error),
+    with O_NONBLOCK in case it was swapped meanwhile, and read up to `limit`."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise InputError("%s: not a regular file" % path)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as e:
+        raise InputError("%s: %s" % (path, e.strerror or e))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError("%s: not a regular file" % path)
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise InputError("%s: %s" % (path, e.strerror or e))
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise InputError("%s: larger than %d bytes" % (path, limit))
+    return b"".join(chunks)
+
+
 class Host(object):
     """A host's CPU files under a sysfs and a procfs root: all file reading
     lives here, so that everything else can be tested without a host."""
@@ -310,15 +363,9 @@ class Host(object):
     def read(self, path):
         """A host file's text the way the kernel's readers take it (up to the
         first NUL, whitespace stripped), or None when the file is absent."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read(HOST_FILE_LIMIT + 1)
-        except (FileNotFoundError, NotADirectoryError):
+        data = read_host_file(path)
+        if data is None:
             return None
-        except OSError as e:
-            raise InputError("%s: %s" % (path, e.strerror or e))
-        if len(data) > HOST_FILE_LIMIT:
-            raise InputError("%s: larger than %d bytes" % (path, HOST_FILE_LIMIT))
         return data.split(b"\0", 1)[0].decode("latin-1").strip()
 
     def optional_text(self, path, problems=None):
@@ -535,12 +582,9 @@ CHECKPOINT_NAME = "kubelet_internal_checkpoint"
 
 
 def read_checkpoint(directory):
-    """The kubelet's device-manager checkpoint text, None when unreadable."""
-    try:
-        with open(os.path.join(directory, CHECKPOINT_NAME), "rb") as f:
-            return f.read(16 << 20).decode("utf-8", "replace")
-    except OSError:
-        return None
+    """The kubelet's device-manager checkpoint (bytes), None when absent;
+    InputError when it cannot be read cheaply (see read_host_file)."""
+    return read_host_file(os.path.join(directory, CHECKPOINT_NAME), CHECKPOINT_LIMIT)
 
 
 SOURCES = ("auto", "isolated", "cmdline", "nohz_full")
@@ -556,6 +600,7 @@ class CpuInventory(object):
     def __init__(self, host, source="auto", cpus_text=None, cpus_origin="--cpus"):
         self.host = host
         self.explicit = None
+        self.explicit_origin = cpus_origin
         if cpus_text is not None:
             try:
                 self.explicit = parse_cpu_list(cpus_text, host.last_cpu, host.max_cpu)
@@ -599,7 +644,7 @@ class CpuInventory(object):
         """(CPUs to serve, where they came from); InputError when unreadable."""
         host = self.host
         if self.explicit is not None:
-            return self.explicit, "--cpus"
+            return self.explicit, self.explicit_origin
         if self.cmdline_cpus is not None:
             return self.cmdline_cpus
         if self.source == "isolated":
@@ -621,7 +666,8 @@ class CpuInventory(object):
 
     def scan(self):
         """Read the host; return a log line when the devices changed, else
-        None. Raises InputError when a file that decides the devices is bad."""
+        None. Raises InputError when a file that decides the devices is bad,
+        having changed nothing: the last good state stays."""
         served, origin = self.served_cpus()
         online = self.host.online_cpus(self.present)
         if (served, online, origin) == (self.served, self.online, self.origin):
@@ -644,14 +690,6 @@ class CpuInventory(object):
         change = describe_device_changes(self.devices, devices)
         self.devices = devices
         return change
-
-    def rescan(self):
-        """scan(), keeping the last good state when the host's files are bad."""
-        try:
-            return self.scan()
-        except InputError as e:
-            log.warning("rescan failed, keeping the last device list: %s", e)
-            return None
 
 
 # ---------------------------------------------------------------------------
@@ -697,6 +735,26 @@ class RequestError(Exception):
     """A request the plugin refuses (INVALID_ARGUMENT); str() names what is wrong."""
 
 
+# What one Allocate or GetPreferredAllocation call may carry. The kubelet
+# sends one container request per call, with at most the devices advertised
+# (<= 8192 CPUs); beyond these a call is refused before any work is done, so
+# that neither the time a call holds the event loop nor its log lines grow
+# with what a client sends.
+MAX_CONTAINER_REQUESTS = 16
+MAX_REQUEST_IDS = 65536
+
+
+def check_request_bounds(containers, ids_in=len):
+    """RequestError when a call carries more container requests or device
+    IDs (ids_in(container) of each) than the bounds above."""
+    if len(containers) > MAX_CONTAINER_REQUESTS:
+        raise RequestError("%d container requests in one call; at most %d are served (the kubelet sends one)"
+                           % (len(containers), MAX_CONTAINER_REQUESTS))
+    count = sum(ids_in(container) for container in containers)
+    if count > MAX_REQUEST_IDS:
+        raise RequestError("%d device IDs in one call; at most %d are served" % (count, MAX_REQUEST_IDS))
+
+
 def devices_for_ids(ids, devices_by_id):
     """The devices behind one container's device IDs, in one pass (this is
     Allocate's hot path); RequestError names the bad IDs."""
@@ -713,6 +771,12 @@ def devices_for_ids(ids, devices_by_id):
     return devices
 
 
+def format_holders(holders, limit=10):
+    """Who holds CPUs, each named whole (pod UIDs and container names are
+    the point), quoted so that control characters cannot break the line."""
+    return quote_list(sorted(set(holders)), limit=limit, width=400)
+
+
 def housekeeping_cpus(online, isolated, allowed):
     """Where the plugin itself should run: online, not isolated, allowed to it."""
     return (frozenset(online) - frozenset(isolated)) & frozenset(allowed)
@@ -723,8 +787,9 @@ _DEVICE_ID = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z")     # a CPU number as this p
 
 def checkpoint_allocations(text, resource_name):
     """{cpu: "pod-uid/container"} of `resource_name` in the kubelet's
-    device-manager checkpoint (DeviceIDs a list, or per NUMA node since
-    Kubernetes 1.20). ValueError when the text is not such a checkpoint."""
+    device-manager checkpoint (text or bytes; DeviceIDs a list, or per NUMA
+    node since Kubernetes 1.20). ValueError when it is not such a checkpoint,
+    nesting too deep for the parser included."""
     try:
         entries = json.loads(text)["Data"]["PodDeviceEntries"] or []
         holders = {}
@@ -738,8 +803,8 @@ def checkpoint_allocations(text, resource_name):
                 if isinstance(i, str) and _DEVICE_ID.match(i):
                     holders[int(i)] = "%s/%s" % (entry.get("PodUID"), entry.get("ContainerName"))
         return holders
-    except (KeyError, TypeError, AttributeError, ValueError) as e:
-        raise ValueError("not a device-manager checkpoint (%s)" % one_line(e))
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
+        raise ValueError("not a device-manager checkpoint (%s: %s)" % (type(e).__name__, quote(one_line(e), 80)))
 
 
 def cpus_of_device_ids(ids, what):
@@ -1183,14 +1248,14 @@ CPUID_RECHECK = 30.0           # seconds: a cpuid module loaded or unloaded late
 class DevicePluginServicer(object):
     """v1beta1.DevicePlugin. Thin: requests become policy calls and back."""
 
-    def __init__(self, api, board, config, on_stream_closed, counters):
+    def __init__(self, api, board, config, on_stream, counters):
         self.api = api
         self.board = board
         self.config = config
-        self.on_stream_closed = on_stream_closed
+        self.on_stream = on_stream              # on_stream(stream id, opened): who watches is the session's business
         self.counters = counters
-        self.active_streams = 0
-        self.last_stream_closed = 0.0
+        self.open_streams = 0
+        self._stream_ids = itertools.count(1)
         self._message = (None, None)            # (generation, ListAndWatchResponse)
         self._placements = (None, None)         # (generation, {cpu: Placement})
         self._cpuid = (None, 0.0, {})           # (generation, good until, {cpu: has a cpuid device})
@@ -1247,21 +1312,27 @@ class DevicePluginServicer(object):
         return message
 
     async def ListAndWatch(self, request, context):
-        self.active_streams += 1
-        log.debug("ListAndWatch opened (%d open)", self.active_streams)
+        stream = next(self._stream_ids)
+        self.open_streams += 1
+        log.debug("ListAndWatch %d opened (%d open)", stream, self.open_streams)
+        self.on_stream(stream, True)
         try:
             generation = self.board.generation
             while generation is not None:
                 yield self._list_message()
                 generation = await self.board.wait_newer_than(generation)
         finally:
-            self.active_streams -= 1
-            self.last_stream_closed = time.monotonic()
-            log.debug("ListAndWatch closed (%d open)", self.active_streams)
-            self.on_stream_closed()
+            self.open_streams -= 1
+            log.debug("ListAndWatch %d closed (%d open)", stream, self.open_streams)
+            self.on_stream(stream, False)
 
     async def GetPreferredAllocation(self, request, context):
         pb = self.api.pb
+        try:
+            check_request_bounds(request.container_requests,
+                                 lambda c: len(c.available_deviceIDs) + len(c.must_include_deviceIDs))
+        except RequestError as e:
+            return self.refuse(context, "GetPreferredAllocation refused: %s" % e, pb.PreferredAllocationResponse())
         placements = self.placements()
         response = pb.PreferredAllocationResponse()
         for container in request.container_requests:
@@ -1288,6 +1359,10 @@ class DevicePluginServicer(object):
 
     async def Allocate(self, request, context):
         pb = self.api.pb
+        try:
+            check_request_bounds(request.container_requests, lambda c: len(c.devices_ids))
+        except RequestError as e:
+            return self.refuse(context, "Allocate refused: %s" % e, pb.AllocateResponse())
         response = pb.AllocateResponse()
         for container in request.container_requests:
             try:
@@ -1320,29 +1395,32 @@ class DevicePluginServicer(object):
 # ---------------------------------------------------------------------------
 
 def file_identity(path):
-    """Tells a recreated file apart (None when absent). The inode alone does
-    not: a socket deleted and created again often gets the same number back."""
+    """A file's identity, (device, inode), None when absent. Not its ctime:
+    chmod or chown (restorecon, `chown -R` of the directory) changes that,
+    and the file is the same. A socket made anew may get its inode number
+    back; a kubelet restart is still seen, as the kubelet wipes ours too."""
     try:
         st = os.lstat(path)
     except OSError:
         return None
-    return (st.st_dev, st.st_ino, st.st_ctime_ns)
+    return (st.st_dev, st.st_ino)
 
 
-def socket_answers(path, timeout=1.0):
-    """True when something accepts connections on the unix socket `path`."""
+def unix_socket_state(path):
+    """'listening', 'refused' (a socket file nobody serves) or 'missing',
+    found without blocking: a non-blocking connect to a full backlog fails
+    with EAGAIN, which means that someone listens. OSError otherwise (EACCES)."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(timeout)
+    probe.setblocking(False)
     try:
         probe.connect(path)
-        return True
-    except socket.timeout:
-        return True                         # listening but slow: still alive
-    except OSError as e:
-        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
-            return False
-        raise InputError("%s: cannot tell whether another instance serves it: %s"
-                         % (path, e.strerror or e))
+        return "listening"
+    except BlockingIOError:
+        return "listening"
+    except ConnectionRefusedError:
+        return "refused"
+    except FileNotFoundError:
+        return "missing"
     finally:
         probe.close()
 
@@ -1362,20 +1440,26 @@ def unbindable(path):
 
 
 def clear_stale_socket(path):
-    """Remove a socket a dead instance left; refuse when one still answers."""
+    """Remove a socket a dead instance left; InputError when one still
+    answers there or the file is no socket; OSError when it cannot be removed."""
     try:
         st = os.lstat(path)
     except OSError:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise InputError("%s exists and is not a socket; refusing to replace it" % path)
-    if socket_answers(path):
+    try:
+        state = unix_socket_state(path)
+    except OSError as e:
+        raise InputError("%s: cannot tell whether another instance serves it: %s" % (path, e.strerror or e))
+    if state == "listening":
         raise InputError("%s is served by another running instance; stop it first" % path)
-    os.unlink(path)
-    log.info("removed stale socket %s", path)
+    if state == "refused":
+        os.unlink(path)
+        log.info("removed stale socket %s", path)
 
 
-_IN_EVENTS = 0x4 | 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # attrib, moves, create, delete, self
+_IN_EVENTS = 0x40 | 0x80 | 0x100 | 0x200 | 0x400 | 0x800  # moves, create, delete, self (not attrib: chmod is no news)
 _IN_MOVE_SELF = 0x800
 _IN_IGNORED = 0x8000
 _IN_NONBLOCK, _IN_CLOEXEC = 0o4000, 0o2000000
@@ -1495,6 +1579,58 @@ class Backoff(object):
         self.delay = self.first
 
 
+class Conditions(object):
+    """Conditions that persist (a kubelet that does not answer, a host file
+    that does not parse, no devices to serve): logged when they start, when
+    their text changes and when they end, with how often they were seen; at
+    debug in between. A condition costs a few lines, not one per retry."""
+
+    def __init__(self):
+        self.active = {}                  # key -> [text, level, times seen, since (monotonic)]
+
+    def report(self, key, text, level=logging.WARNING):
+        entry = self.active.get(key)
+        if entry is None:
+            self.active[key] = [text, level, 1, time.monotonic()]
+        else:
+            entry[2] += 1
+            if entry[0] == text:
+                log.debug("%s", text)
+                return
+            entry[:2] = [text, level]
+        log.log(level, "%s", text)
+
+    def clear(self, key):
+        """The condition ended: a warning gets its closing line; an info
+        (waiting for the kubelet) is closed by what comes next."""
+        entry = self.active.pop(key, None)
+        if entry is not None:
+            text, level, times, since = entry
+            log.log(logging.INFO if level >= logging.WARNING else logging.DEBUG,
+                    "resolved after %d time%s over %.1f s: %s", times, "" if times == 1 else "s",
+                    time.monotonic() - since, text)
+
+
+def health_status(serving, heartbeat_age, max_age):
+    """(healthy, text) for /healthz: the socket is served, and the event
+    loop's host watch ran within `max_age` seconds (a stuck loop or task is
+    not healthy, whatever else still answers)."""
+    if not serving:
+        return False, "not serving"
+    if heartbeat_age > max_age:
+        return False, "the host watch last ran %.1f s ago" % heartbeat_age
+    return True, "serving"
+
+
+def log_loop_exception(loop, context):
+    """asyncio's report of an error no task awaited: one line, not a traceback."""
+    error = context.get("exception")
+    detail = "; %s: %s" % (type(error).__name__, one_line(error)) if error is not None else ""
+    log.error("internal error in the event loop: %s%s", one_line(context.get("message") or "?"), detail)
+    if error is not None:
+        log.debug("details", exc_info=error)
+
+
 class Plugin(object):
     """One running plugin: keeps its socket served, registered with whichever
     kubelet runs, and the device list current, until stopped."""
@@ -1502,12 +1638,13 @@ class Plugin(object):
     REGISTER_TIMEOUT = 10.0      # the kubelet dials back before it answers
     POLL_INTERVAL = 1.0          # directory checks where inotify cannot watch
     UEVENT_RESCAN = 5.0          # safety rescan period while uevents report hotplug
-    STREAM_GRACE = 1.0           # a lost ListAndWatch not replaced by then: register again
+    STREAM_GRACE = 1.0           # the kubelet's ListAndWatch gone that long: register again
 
-    def __init__(self, config, inventory, api):
+    def __init__(self, config, inventory, api, metrics_server=None):
         self.config = config
         self.inventory = inventory
         self.api = api
+        self.metrics_server = metrics_server
         self.socket_path = os.path.join(config.device_plugin_path, config.socket_name)
         self.kubelet_socket = os.path.join(config.device_plugin_path, KUBELET_SOCKET_NAME)
         self.server = None
@@ -1515,45 +1652,37 @@ class Plugin(object):
         self.registered_with = None      # kubelet.sock identity we are registered with
         self.last_kubelet = None         # ... or were, before it went away
         self.socket_wiped = False        # our socket vanished since we registered
-        self.registered_at = 0.0
+        self.awaiting_stream = False     # registering began; the kubelet's ListAndWatch not yet seen
+        self.kubelet_stream = None       # the id of the kubelet's ListAndWatch
+        self.kubelet_stream_closed = None   # when it ended (monotonic)
         self.exit_code = 0
-        self._complaints = {}
+        self.conditions = Conditions()
         self.allowed_cpus = frozenset(os.sched_getaffinity(0))   # what we may run on, before pinning
         self.pinned_to = None
         self.counters = Counters()
-        self.metrics_server = None
-
-    # Logging: a condition that persists is logged once, then at debug ----------
-
-    def complain(self, key, message, *args, **kwargs):
-        text = message % args
-        if self._complaints.get(key) != text:
-            log.log(kwargs.get("level", logging.WARNING), text)
-        else:
-            log.debug(text)
-        self._complaints[key] = text
-
-    def settle(self, key):
-        self._complaints.pop(key, None)
+        self.heartbeat = time.monotonic()   # stamped by each pass of the host watch
 
     # Entry -------------------------------------------------------------------
 
     async def run(self):
         loop = asyncio.get_event_loop()
         self.loop = loop
+        loop.set_exception_handler(log_loop_exception)
         self.stopping = asyncio.Event()
         self.session_wakeup = asyncio.Event()
         self.rescan_wakeup = asyncio.Event()
         self.board = DeviceBoard(self.inventory.devices)
-        self.servicer = DevicePluginServicer(self.api, self.board, self.config,
-                                             on_stream_closed=self._stream_closed, counters=self.counters)
+        self.servicer = DevicePluginServicer(self.api, self.board, self.config, self._stream_event, self.counters)
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stop)
             loop.add_signal_handler(signal.SIGHUP, self._reload)
+            if PENDING_SIGNALS:                      # a SIGHUP while starting: honoured now
+                del PENDING_SIGNALS[:]
+                self._reload()
         self.place_self()
         if self.metrics_server:
-            self.metrics_server.start()          # after place_self: its thread inherits the affinity
+            self.metrics_server.start(self.http_answer)
         self.watch = DirectoryWatch(self.config.device_plugin_path, self.session_wakeup.set)
         self.uevents = (CpuUevents.open(self.rescan_wakeup.set)
                         if self.config.uevents == "auto" and os.path.realpath(self.config.sysfs) == "/sys"
@@ -1563,10 +1692,13 @@ class Plugin(object):
         log.info("advertising %s: %d devices (%s) from %s", self.config.resource_name,
                  len(self.inventory.devices), format_cpu_list(d.cpu for d in self.inventory.devices) or "none",
                  self.inventory.origin)
+        self.note_device_count()
         await self.stopping.wait()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.metrics_server:
+            await self.metrics_server.close()
         await self.board.close()
         await self.stop_serving(grace=0.3)
         self.watch.close()
@@ -1590,8 +1722,16 @@ class Plugin(object):
             log.warning("reload failed, keeping the last configuration: %s", e)
         self.rescan_wakeup.set()
 
-    def _stream_closed(self):
-        self.loop.call_later(self.STREAM_GRACE + 0.05, self.session_wakeup.set)
+    def _stream_event(self, stream, opened):
+        """Follow the kubelet's own ListAndWatch: the first one opened once
+        registering began (the kubelet opens it, and may drop it, before it
+        answers Register). Streams other clients hold do not count."""
+        if opened:
+            if self.awaiting_stream:
+                self.kubelet_stream, self.awaiting_stream = stream, False
+        elif stream == self.kubelet_stream:
+            self.kubelet_stream_closed = time.monotonic()
+            self.loop.call_later(self.STREAM_GRACE + 0.05, self.session_wakeup.set)
 
     async def _guarded(self, loop_body):
         """Run a forever-loop; a bug in it is logged and the loop restarted,
@@ -1622,19 +1762,41 @@ class Plugin(object):
 
     # Host ----------------------------------------------------------------------
 
+    def rescan_period(self):
+        return max(self.config.rescan_interval, self.UEVENT_RESCAN) if self.uevents else self.config.rescan_interval
+
     async def watch_host(self):
         while not self.stopping.is_set():
-            period = self.config.rescan_interval
-            if self.uevents:
-                period = max(period, self.UEVENT_RESCAN)
-            await self._sleep(period, self.rescan_wakeup)
+            await self._sleep(self.rescan_period(), self.rescan_wakeup)
+            self.heartbeat = time.monotonic()
             before = self.inventory.devices
-            change = self.inventory.rescan()
+            try:
+                change = self.inventory.scan()
+            except InputError as e:
+                self.conditions.report("rescan", "rescan failed, keeping the last device list: %s" % e)
+                continue
+            self.conditions.clear("rescan")
             if change:
-                log.info("%s", change)
-                self.warn_if_yanked(before, self.inventory.devices)
+                # publish first, explain second: nothing said about a change
+                # may keep the kubelet from learning of it
                 await self.board.publish(self.inventory.devices)
+                log.info("%s", change)
+                self.note_device_count()
                 self.place_self()
+                try:
+                    self.warn_if_yanked(before, self.inventory.devices)
+                except Exception as e:
+                    log.warning("could not tell who holds the CPUs that went away: %s: %s",
+                                type(e).__name__, one_line(e))
+
+    def note_device_count(self):
+        """Serving nothing (a node booted without isolcpus=, an empty source)
+        is a warning, once per change."""
+        if self.inventory.devices:
+            self.conditions.clear("no devices")
+        else:
+            self.conditions.report("no devices", "serving 0 devices: %s names no CPU this host has; boot with "
+                                   "isolcpus=<cpu-list> or set --cpus" % self.inventory.origin)
 
     def place_self(self):
         """Keep every thread of the plugin off the CPUs it hands out."""
@@ -1643,18 +1805,18 @@ class Plugin(object):
         inventory = self.inventory
         target = housekeeping_cpus(inventory.online, inventory.served, self.allowed_cpus)
         if not target:
-            self.complain("affinity", "self-affinity: no housekeeping CPU is allowed to the plugin "
-                          "(allowed %s, served %s); staying where it is",
-                          format_cpu_list(self.allowed_cpus), format_cpu_list(inventory.served))
+            self.conditions.report("affinity", "self-affinity: no housekeeping CPU is allowed to the plugin "
+                                   "(allowed %s, served %s); staying where it is"
+                                   % (format_cpu_list(self.allowed_cpus), format_cpu_list(inventory.served)))
             return
         if target == self.pinned_to:
             return
         failures = pin_threads(target)
         if failures:
-            self.complain("affinity", "self-affinity: could not move %d threads to CPUs %s (%s)",
-                          len(failures), format_cpu_list(target), one_line(failures[0][1]))
+            self.conditions.report("affinity", "self-affinity: could not move %d threads to CPUs %s (%s)"
+                                   % (len(failures), format_cpu_list(target), one_line(failures[0][1])))
         else:
-            self.settle("affinity")
+            self.conditions.clear("affinity")
             log.info("self-affinity: plugin threads on housekeeping CPUs %s", format_cpu_list(target))
         self.pinned_to = target
 
@@ -1666,19 +1828,24 @@ class Plugin(object):
         lost = {d.cpu for d in before if d.healthy} - healthy_now
         if not lost:
             return
-        text = read_checkpoint(self.config.device_plugin_path)
+        holders = None
+        path = os.path.join(self.config.device_plugin_path, CHECKPOINT_NAME)
         try:
-            holders = checkpoint_allocations(text, self.config.resource_name) if text else None
+            text = read_checkpoint(self.config.device_plugin_path)
+            if text is not None:
+                holders = checkpoint_allocations(text, self.config.resource_name)
+            self.conditions.clear("checkpoint")
+        except InputError as e:
+            self.conditions.report("checkpoint", "cannot name holders from the checkpoint: %s" % e)
         except ValueError as e:
-            log.debug("%s: %s", CHECKPOINT_NAME, e)
-            holders = None
+            self.conditions.report("checkpoint", "cannot name holders from the checkpoint: %s: %s" % (path, e))
         if holders is None:                        # no checkpoint: what this process allocated
             holders = {cpu: "a container" for cpu in self.servicer.allocated}
         yanked = sorted(cpu for cpu in lost if cpu in holders)
         if yanked:
             log.warning("CPUs %s are offline or no longer isolated but allocated (%s); those pods keep "
                         "them, new pods will not get them", format_cpu_list(yanked),
-                        quote_list(sorted({holders[cpu] for cpu in yanked})))
+                        format_holders(holders[cpu] for cpu in yanked))
 
     # Socket and registration ---------------------------------------------------
 
@@ -1693,50 +1860,54 @@ class Plugin(object):
             kubelet = file_identity(self.kubelet_socket)
             if kubelet is None:
                 self.registered_with = None
-                self.complain("kubelet", "waiting for the kubelet to serve %s", self.kubelet_socket,
-                              level=logging.INFO)
+                self.conditions.report("kubelet", "waiting for the kubelet to serve %s" % self.kubelet_socket,
+                                       logging.INFO)
             elif self._stream_lost():
                 log.warning("kubelet closed ListAndWatch; registering again")
                 self.registered_with = None
                 continue
             elif kubelet != self.registered_with:
-                # a restarted kubelet has a new kubelet.sock and wiped our socket; within
-                # one clock tick the new socket can look like the old one, the wipe cannot
+                # a restarted kubelet has a new kubelet.sock and wiped our socket;
+                # the new kubelet.sock may have the old one's inode, the wipe is sure
                 if self.last_kubelet is not None and (kubelet != self.last_kubelet or self.socket_wiped):
                     log.info("kubelet restarted (new %s); registering again", KUBELET_SOCKET_NAME)
                     self.counters.kubelet_restarts += 1
                     self.last_kubelet = None
                 self.socket_wiped = False
-                began = time.monotonic()
+                self.awaiting_stream, self.kubelet_stream, self.kubelet_stream_closed = True, None, None
                 registered = await self.register_unless_replaced(kubelet)
                 if registered is None:
                     continue                           # a new kubelet.sock: try that one now
                 if registered:
                     self.counters.registrations += 1
                     self.registered_with = self.last_kubelet = kubelet
-                    # when registering began: the kubelet opens ListAndWatch (and may
-                    # drop it) before it answers Register
-                    self.registered_at = began
                     backoff.reset()
-                    self.settle("kubelet")
+                    self.conditions.clear("kubelet")
                     continue
                 delay = backoff.next()
             await self._sleep(delay, self.session_wakeup)
 
+    def _stream_lost(self):
+        closed = self.kubelet_stream_closed
+        return (self.registered_with is not None and closed is not None
+                and time.monotonic() - closed >= self.STREAM_GRACE)
+
     def health(self):
-        """(healthy, text) for /healthz: the socket is served."""
-        serving = self.server is not None
-        return serving, "serving" if serving else "not serving"
+        max_age = 3 * self.rescan_period() + 2.0
+        return health_status(self.server is not None, time.monotonic() - self.heartbeat, max_age)
 
     def render_metrics(self):
         return render_metrics(self.config.resource_name, self.board.devices, self.counters,
                               self.registered_with is not None)
 
-    def _stream_lost(self):
-        servicer = self.servicer
-        return (self.registered_with is not None and servicer.active_streams == 0
-                and servicer.last_stream_closed > self.registered_at
-                and time.monotonic() - servicer.last_stream_closed >= self.STREAM_GRACE)
+    async def http_answer(self, path):
+        """(status, content type, body) for a GET of `path` on --metrics-address."""
+        if path == "/metrics":
+            return 200, "text/plain; version=0.0.4; charset=utf-8", self.render_metrics()
+        if path == "/healthz":
+            ok, text = self.health()
+            return (200 if ok else 503), "text/plain; charset=utf-8", text + "\n"
+        return 404, "text/plain; charset=utf-8", "not found: try /metrics or /healthz\n"
 
     async def ensure_serving(self):
         """Serve our socket; (re)create it when missing or replaced, e.g. after
@@ -1749,12 +1920,15 @@ class Plugin(object):
             await self.stop_serving()
         directory = self.config.device_plugin_path
         if not os.path.isdir(directory):
-            self.complain("serve", "device-plugin directory %s does not exist; waiting for it", directory)
+            self.conditions.report("serve", "device-plugin directory %s does not exist; waiting for it" % directory)
             return False
-        clear_stale_socket(self.socket_path)
-        problem = unbindable(self.socket_path)
+        try:
+            clear_stale_socket(self.socket_path)
+            problem = unbindable(self.socket_path)
+        except OSError as e:
+            problem = e.strerror or str(e)
         if problem:
-            self.complain("serve", "cannot serve %s (%s); retrying", self.socket_path, problem)
+            self.conditions.report("serve", "cannot serve %s (%s); retrying" % (self.socket_path, problem))
             return False
         server = self.api.aio.server()
         self.api.pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
@@ -1768,10 +1942,10 @@ class Plugin(object):
                 await server.stop(None)
             except Exception:
                 pass
-            self.complain("serve", "cannot serve %s (%s); retrying", self.socket_path, one_line(e))
+            self.conditions.report("serve", "cannot serve %s (%s); retrying" % (self.socket_path, one_line(e)))
             return False
         self.server, self.served_identity, self.registered_with = server, file_identity(self.socket_path), None
-        self.settle("serve")
+        self.conditions.clear("serve")
         log.info("serving %s", self.socket_path)
         return True
 
@@ -1813,8 +1987,9 @@ class Plugin(object):
             await self.api.pb_grpc.RegistrationStub(channel).Register(request, timeout=self.REGISTER_TIMEOUT)
         except self.api.grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else None
-            self.complain("kubelet", "registering with the kubelet failed (%s: %s); retrying",
-                          getattr(code, "name", code), quote(e.details() if hasattr(e, "details") else e, 200))
+            self.conditions.report("kubelet", "registering with the kubelet failed (%s: %s); retrying"
+                                   % (getattr(code, "name", code),
+                                      quote(e.details() if hasattr(e, "details") else e, 200)))
             return False
         finally:
             await channel.close()
@@ -1823,57 +1998,123 @@ class Plugin(object):
 
 
 class MetricsServer(object):
-    """--metrics-address: GET /metrics (Prometheus text) and /healthz, on the
-    stdlib http.server in a daemon thread that sleeps in select() between
-    requests (no polling: poll_interval only matters for shutdown, never
-    asked for)."""
+    """--metrics-address: GET /metrics (Prometheus text) and /healthz, served
+    on the event loop, so that a stuck loop answers nothing rather than a
+    cheerful 200. At most MAX_CONNECTIONS are served at once, each within
+    REQUEST_TIMEOUT for its whole exchange however slowly it trickles in;
+    the rest wait in the listen backlog, holding none of the plugin's file
+    descriptors, which it needs for its own sockets and sysfs files."""
 
-    def __init__(self, address, render, healthy):
-        import http.server
-        import socketserver
+    MAX_CONNECTIONS = 16
+    REQUEST_TIMEOUT = 5.0
+    BACKLOG = 128
+    MAX_REQUEST = 8192
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = 5                          # a stalled client cannot hold a thread long
+    def __init__(self, address):
+        self.sock = open_listener(address, self.BACKLOG)
+        self.address = self.sock.getsockname()[:2]
+        self.accepting = None
 
-            def do_GET(self):
-                if self.path == "/metrics":
-                    self.reply(200, "text/plain; version=0.0.4; charset=utf-8", render())
-                elif self.path == "/healthz":
-                    ok, text = healthy()
-                    self.reply(200 if ok else 503, "text/plain; charset=utf-8", text + "\n")
-                else:
-                    self.reply(404, "text/plain; charset=utf-8", "not found: try /metrics or /healthz\n")
-
-            def reply(self, code, content_type, text):
-                body = text.encode("utf-8")
-                self.send_response(code)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt, *args):
-                log.debug("metrics: %s %s", quote(self.address_string(), 60), quote(fmt % args, 120))
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-
-        self.httpd = Server(address, Handler)
-        self.address = self.httpd.server_address[:2]
-
-    def start(self):
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 3600},
-                         name="metrics", daemon=True).start()
+    def start(self, answer):
+        """Serve, `answer(path)` giving (status, content type, body) when awaited."""
+        self.answer = answer
+        self.slots = asyncio.Semaphore(self.MAX_CONNECTIONS)
+        self.accepting = asyncio.get_event_loop().create_task(self._accept())
         log.info("metrics on http://%s/metrics", format_listen_address(self.address))
+
+    async def close(self):
+        if self.accepting is not None:
+            self.accepting.cancel()
+            await asyncio.gather(self.accepting, return_exceptions=True)
+        self.sock.close()
+
+    async def _accept(self):
+        loop = asyncio.get_event_loop()
+        while True:
+            await self.slots.acquire()
+            try:
+                conn, _ = await loop.sock_accept(self.sock)
+            except OSError as e:                   # EMFILE and the like: the backlog keeps them
+                self.slots.release()
+                log.debug("metrics: accept failed: %s", one_line(e))
+                await asyncio.sleep(0.5)
+                continue
+            conn.setblocking(False)
+            loop.create_task(self._serve(conn))
+
+    async def _serve(self, conn):
+        loop = asyncio.get_event_loop()
+        try:
+            await asyncio.wait_for(self._exchange(loop, conn), self.REQUEST_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.debug("metrics: a client took over %.0f s; closed", self.REQUEST_TIMEOUT)
+        except (OSError, ValueError) as e:
+            log.debug("metrics: %s", one_line(e))
+        finally:
+            loop.remove_reader(conn.fileno())      # a cancelled sock_recv may leave one (Python 3.6)
+            loop.remove_writer(conn.fileno())
+            conn.close()
+            self.slots.release()
+
+    async def _exchange(self, loop, conn):
+        request = b""
+        while b"\r\n\r\n" not in request and b"\n\n" not in request:
+            chunk = await loop.sock_recv(conn, 4096)
+            if not chunk:
+                return
+            request += chunk
+            if len(request) > self.MAX_REQUEST:
+                raise ValueError("request head over %d bytes" % self.MAX_REQUEST)
+        parts = request.split(b"\n", 1)[0].decode("latin-1").split()
+        method, target = (parts + ["", ""])[:2]
+        if method not in ("GET", "HEAD"):
+            status, content_type, body = 405, "text/plain; charset=utf-8", "only GET\n"
+        else:
+            status, content_type, body = await self.answer(target.split("?", 1)[0])
+        data = body.encode("utf-8")
+        head = ("HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                % (status, HTTP_REASONS.get(status, "?"), content_type, len(data)))
+        await loop.sock_sendall(conn, head.encode("latin-1") + (b"" if method == "HEAD" else data))
+
+
+HTTP_REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
+
+
+def open_listener(address, backlog):
+    """A listening TCP socket for (host, port); host None is every
+    interface, IPv6 and IPv4 on one socket where the host has IPv6."""
+    host, port = address
+    if host is None:
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(("::", port))
+            except OSError:
+                sock.close()
+                raise
+        except OSError:                           # no IPv6 here
+            return open_listener(("0.0.0.0", port), backlog)
+    else:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
 
 
 def parse_listen_address(text):
-    """(host, port) of "HOST:PORT", "[v6]:PORT" or ":PORT" (all interfaces)."""
+    """(host, port) of "HOST:PORT", "[v6]:PORT" or ":PORT" (host None: all interfaces)."""
     match = re.match(r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[-A-Za-z0-9.]*)):(?P<port>[0-9]{1,5})\Z", text)
     if not match or int(match.group("port")) > 65535:
         raise InputError("expected HOST:PORT, [IPv6]:PORT or :PORT")
-    return (match.group("v6") or match.group("host") or "0.0.0.0", int(match.group("port")))
+    return (match.group("v6") or match.group("host") or None, int(match.group("port")))
 
 
 def format_listen_address(address):
@@ -1885,101 +2126,62 @@ def probe(config):
     """--probe: 0 when the running plugin answers GetDevicePluginOptions on
     its socket within 2 s, else 1 with one line saying why."""
     path = os.path.join(config.device_plugin_path, config.socket_name)
-    if not os.path.exists(path):
-        sys.stderr.write("%s: probe: %s does not exist\n" % (PROGRAM, path))
+
+    def fail(why):
+        sys.stderr.write("%s: probe: %s\n" % (PROGRAM, why))
         return 1
+    try:
+        state = unix_socket_state(path)
+    except PermissionError:
+        return fail("permission denied connecting to %s: the socket is the plugin's (mode 0600); "
+                    "run the probe as the plugin's user (root)" % path)
+    except OSError as e:
+        return fail("cannot connect to %s: %s" % (path, e.strerror or e))
+    if state == "missing":
+        return fail("%s does not exist" % path)
+    if state == "refused":
+        return fail("nothing serves %s (a stale socket: the plugin is not running)" % path)
     api = load_grpc()
     channel = api.grpc.insecure_channel("unix:" + path)
     try:
         api.pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api.pb.Empty(), timeout=2)
     except api.grpc.RpcError as e:
-        sys.stderr.write("%s: probe: %s did not answer GetDevicePluginOptions within 2 s (%s)\n"
-                         % (PROGRAM, path, getattr(e.code(), "name", e.code())))
-        return 1
+        return fail("%s did not answer GetDevicePluginOptions within 2 s (%s)"
+                    % (path, getattr(e.code(), "name", e.code())))
     finally:
         channel.close()
     return 0
 
 
-class BatchedLogHandler(logging.StreamHandler):
-    """A StreamHandler that, attached to the event loop, gathers the info and
-    debug lines logged on the loop's thread and formats and writes them
-    together FLUSH_DELAY later. A line per Allocate formatted and written on
-    its own took 18 us of the call (grpcio 1.51, measured in the plugin);
-    batched, 10 us. Times are taken when a line is logged; warnings, errors
-    and lines from other threads are written at once, after what is pending."""
-
-    FLUSH_DELAY = 0.05
-
-    def __init__(self, stream):
-        super().__init__(stream)
-        self.loop = self.loop_thread = None
-        self.pending = []
-
-    def attach(self, loop):
-        self.loop, self.loop_thread = loop, threading.get_ident()
-
-    def detach(self):
-        self.loop = None
-        self.flush()
-
-    def emit(self, record):
-        try:
-            if (self.loop is None or record.levelno >= logging.WARNING
-                    or threading.get_ident() != self.loop_thread):
-                self.pending.append(record)
-                self._write_pending()
-                return
-            record.msg, record.args = record.getMessage(), None     # fixed now, formatted later
-            self.pending.append(record)
-            if len(self.pending) == 1:
-                self.loop.call_later(self.FLUSH_DELAY, self.flush)
-        except Exception:
-            self.handleError(record)
-
-    def flush(self):
-        self.acquire()
-        try:
-            self._write_pending()
-        except (OSError, ValueError):
-            pass                                # stderr closed: nowhere left to tell
-        finally:
-            self.release()
-
-    def _write_pending(self):
-        if self.pending:
-            records, self.pending = self.pending, []
-            text = "".join(self.format(record) + self.terminator for record in records)
-            self.stream.write(text)
-            self.stream.flush()
-
-
 def serve(config, inventory):
     """Run the plugin until SIGTERM/SIGINT; returns the exit code."""
-    # SIGTERM before the event loop takes over (grpc imports take a while) still ends with 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     # another instance serving our socket: refuse before doing anything
-    clear_stale_socket(os.path.join(config.device_plugin_path, config.socket_name))
+    socket_path = os.path.join(config.device_plugin_path, config.socket_name)
+    try:
+        clear_stale_socket(socket_path)
+    except OSError as e:
+        raise InputError("%s: %s" % (socket_path, e.strerror or e))
+    if config.from_environment:
+        log.info("settings from the environment: %s", ", ".join(
+            "%s=%s" % (name, quote(value, 100)) for name, value in config.from_environment))
     api = load_grpc()
     os.umask(0o077)                       # the socket is created private
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    plugin = Plugin(config, inventory, api)
+    metrics_server = None
     if config.metrics_address:
         try:
-            plugin.metrics_server = MetricsServer(config.metrics_address, plugin.render_metrics, plugin.health)
+            metrics_server = MetricsServer(config.metrics_address)
         except OSError as e:
-            raise InputError("%s %s: cannot listen: %s" % (config.origin["metrics_address"],
-                             format_listen_address(config.metrics_address), e.strerror or e))
-    batched = [h for h in log.handlers if isinstance(h, BatchedLogHandler)]
-    for handler in batched:
-        handler.attach(loop)
+            raise InputError("%s %s: cannot listen: %s" % (
+                config.origin["metrics_address"],
+                format_listen_address((config.metrics_address[0] or "", config.metrics_address[1])),
+                e.strerror or e))
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    plugin = Plugin(config, inventory, api, metrics_server)
     try:
         return loop.run_until_complete(plugin.run())
     finally:
         finish_pending_tasks(loop)
-        for handler in batched:
-            handler.detach()
         loop.close()
 
 
@@ -2000,7 +2202,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*\Z")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 
-# (flag, default, help); every flag also reads ISOLCPU_<FLAG> from the environment.
+# (flag, default, help); every flag also reads ISOLCPU_<FLAG> from the
+# environment. An empty or blank variable is taken as unset (a blank line in
+# a systemd environment file); an empty value on the command line is an
+# error, except where "" is documented to mean off (EMPTY_MEANS_OFF).
 VALUE_OPTIONS = (
     ("--resource-name", DEFAULT_RESOURCE_NAME, "extended resource to advertise"),
     ("--device-plugin-path", DEFAULT_DEVICE_PLUGIN_PATH, "the kubelet's device-plugin directory"),
@@ -2016,6 +2221,7 @@ VALUE_OPTIONS = (
     ("--log-level", "info", "|".join(LOG_LEVELS)),
     ("--metrics-address", None, "serve Prometheus /metrics and /healthz on HOST:PORT (off by default)"),
 )
+EMPTY_MEANS_OFF = ("metrics_address",)
 SWITCH_OPTIONS = (
     ("--list", "print the devices that would be advertised, then exit"),
     ("--json", "with --list: print them as one JSON object"),
@@ -2063,25 +2269,37 @@ def build_parser():
 
 
 class Config(object):
-    """Validated settings; `origin[name]` is the flag or variable a value came from."""
+    """Validated settings; `origin[name]` is the flag or variable a value came
+    from; `from_environment` the (variable, text) pairs that were used."""
 
 
 def parse_config(argv, environ):
     args = build_parser().parse_args(argv)
     config = Config()
     config.origin = {}
+    config.from_environment = []
+
+    def from_environment(flag):
+        text = environ.get(env_twin(flag), "")
+        if not text.strip():
+            return None                            # unset, or blank: the same
+        config.from_environment.append((env_twin(flag), text))
+        return text
+
     for flag, default, _ in VALUE_OPTIONS:
         name = flag[2:].replace("-", "_")
         value, origin = getattr(args, name), flag
-        if value is None and env_twin(flag) in environ:
-            value, origin = environ[env_twin(flag)], env_twin(flag)
+        if value is None:
+            value, origin = from_environment(flag), env_twin(flag)
+        elif not value.strip() and name not in EMPTY_MEANS_OFF:
+            raise InputError("%s %s: empty; leave the flag out for its default" % (flag, quote(value)))
         setattr(config, name, default if value is None else value)
         config.origin[name] = origin
     for flag, _ in SWITCH_OPTIONS:
         name = flag[2:]
         value = getattr(args, name)
         if value is None:
-            text = environ.get(env_twin(flag), "").strip().lower()
+            text = (from_environment(flag) or "").strip().lower()
             if text not in _TRUE + _FALSE:
                 raise InputError("%s=%s: expected 1/0, true/false, yes/no" % (env_twin(flag), quote(text)))
             value = text in _TRUE
@@ -2096,8 +2314,6 @@ def parse_config(argv, environ):
         raise bad("resource_name", e)
     config.socket_name = socket_name_for(config.resource_name)
     for name in ("device_plugin_path", "sysfs", "procfs"):
-        if not getattr(config, name):
-            raise bad(name, "must not be empty")
         setattr(config, name, os.path.abspath(getattr(config, name)))
     if len(os.fsencode(os.path.join(config.device_plugin_path, config.socket_name))) > UNIX_PATH_MAX:
         raise bad("device_plugin_path", "socket path longer than %d bytes" % UNIX_PATH_MAX)
@@ -2162,11 +2378,13 @@ def write_listing(config, inventory, out):
 
 
 def configure_logging(level):
+    """One line per event on stderr, written and flushed when it happens:
+    a daemon's log holds everything up to the moment it died."""
     # The logging HOWTO's "Optimization": the format uses no caller, thread or
     # process fields, and not looking them up halves the cost of a line.
     logging._srcfile = None
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    handler = BatchedLogHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level.upper())

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -339,6 +340,26 @@ class HostTests(TempDirTest):
         inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
         self.assertEqual([(d.cpu, d.healthy) for d in inv.devices], [(1, True), (2, False), (3, True)])
 
+    def test_a_cpu_without_its_own_online_file_is_online(self):
+        # no global list: cpu0 (never hotpluggable on x86) and cpu5 have no
+        # online file of their own, so they cannot be offline
+        sysfs, procfs = fake_host(self.tmp, isolated="0-5", offline=[2])
+        os.unlink(os.path.join(sysfs, "devices/system/cpu/online"))
+        os.unlink(os.path.join(sysfs, "devices/system/cpu/cpu5/online"))
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        self.assertEqual([(d.cpu, d.healthy) for d in inv.devices],
+                         [(0, True), (1, True), (2, False), (3, True), (4, True), (5, True)])
+
+    def test_change_lines_print_canonical_ranges(self):
+        sysfs, procfs = fake_host(self.tmp, sockets=2, cores=4, isolated="1-7,9-15")
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        write_files(self.tmp, {"sys/devices/system/cpu/online": "0-3,7-12\n",
+                               "sys/devices/system/cpu/isolated": "1-7,9-14\n"})
+        change = inv.scan()
+        self.assertIn("removed 15", change)
+        self.assertIn("now unhealthy (offline) 4-6,13-14", change)
+        self.assertIn("healthy 1-3,7,9-12", change)
+
     def test_cpus_the_host_lacks_are_dropped(self):
         inv = self.inventory(cpus="6-9,40")
         self.assertEqual([d.cpu for d in inv.devices], [6, 7])
@@ -375,26 +396,48 @@ class HostTests(TempDirTest):
         self.assertIn("isolated", str(caught.exception))
         self.assertIn("'2-x'", str(caught.exception))
 
-    def test_rescan_keeps_last_good_state(self):
+    def test_a_failed_scan_keeps_the_last_good_state(self):
         sysfs, procfs = fake_host(self.tmp, isolated="2-3")
         inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
-        before = inv.devices
-        write_files(self.tmp, {"sys/devices/system/cpu/isolated": "\xff\xfe garbage"})
-        with self.assertLogs(plugin.log, "WARNING") as logs:
-            self.assertIsNone(inv.rescan())
-        self.assertEqual(inv.devices, before)
-        self.assertIn("keeping the last device list", logs.output[0])
+        before = (inv.devices, inv.served, inv.online, inv.origin)
+        for name, text in (("isolated", "\xff\xfe garbage"), ("online", "0-x")):
+            write_files(self.tmp, {"sys/devices/system/cpu/" + name: text})
+            with self.assertRaises(InputError) as caught:
+                inv.scan()
+            self.assertIn(name, str(caught.exception))
+            self.assertEqual((inv.devices, inv.served, inv.online, inv.origin), before)
+            write_files(self.tmp, {"sys/devices/system/cpu/isolated": "2-3\n", "sys/devices/system/cpu/online": "0-7\n"})
         write_files(self.tmp, {"sys/devices/system/cpu/isolated": "2-4\n"})
-        self.assertIn("added 4", inv.rescan())
+        self.assertIn("added 4", inv.scan())
 
     def test_rescan_sees_offline_and_back(self):
         sysfs, procfs = fake_host(self.tmp, isolated="2-3")
         inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
-        self.assertIsNone(inv.rescan())
+        self.assertIsNone(inv.scan())
         write_files(self.tmp, {"sys/devices/system/cpu/online": "0-2,4-7\n"})
-        self.assertIn("now unhealthy (offline) 3", inv.rescan())
+        self.assertIn("now unhealthy (offline) 3", inv.scan())
         write_files(self.tmp, {"sys/devices/system/cpu/online": "0-7\n"})
-        self.assertIn("healthy again 3", inv.rescan())
+        self.assertIn("healthy again 3", inv.scan())
+
+    def test_host_files_are_opened_so_they_cannot_block(self):
+        path = os.path.join(self.tmp, "fifo")
+        os.mkfifo(path)
+        started = time.monotonic()
+        with self.assertRaises(InputError) as caught:
+            plugin.read_host_file(path)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertIn("not a regular file", str(caught.exception))
+        with self.assertRaises(InputError) as caught:
+            plugin.read_host_file(self.tmp)
+        self.assertIn("not a regular file", str(caught.exception))
+        self.assertIsNone(plugin.read_host_file(os.path.join(self.tmp, "missing")))
+        big = os.path.join(self.tmp, "big")
+        with open(big, "wb") as f:
+            f.write(b"7" * 5000)
+        self.assertEqual(plugin.read_host_file(big, limit=5000), b"7" * 5000)
+        with self.assertRaises(InputError) as caught:
+            plugin.read_host_file(big, limit=4999)
+        self.assertIn("larger than 4999 bytes", str(caught.exception))
 
 
 # ---------------------------------------------------------------------------
@@ -757,6 +800,61 @@ class CliTests(TempDirTest):
         data = json.loads(self.run_cli("--cpus", "0", env=env).stdout)
         self.assertEqual([d["cpu"] for d in data["devices"]], [0])
 
+    def test_empty_environment_twins_are_unset(self):
+        # a blank ISOLCPU_X= line in a systemd environment file means "not set", for every flag
+        base = {"ISOLCPU_SYSFS": self.sysfs, "ISOLCPU_PROCFS": self.procfs}
+        twins = [plugin.env_twin(flag) for flag, _, _ in plugin.VALUE_OPTIONS]
+        twins += [plugin.env_twin(flag) for flag, _ in plugin.SWITCH_OPTIONS]
+        self.assertIn("ISOLCPU_CPUS", twins)
+        for twin in twins:
+            with self.subTest(twin=twin):
+                unset = {k: v for k, v in base.items() if k != twin}
+                expected = self.run_cli("--list", "--json", env=unset)
+                for blank in ("", "  "):
+                    result = self.run_cli("--list", "--json", env=dict(unset, **{twin: blank}))
+                    self.assertEqual((result.returncode, result.stdout), (expected.returncode, expected.stdout),
+                                     result.stderr)
+        data = json.loads(self.run_cli("--list", "--json", env=dict(base, ISOLCPU_CPUS="")).stdout)
+        self.assertEqual([d["cpu"] for d in data["devices"]], [2, 3, 6, 7])
+
+    def test_an_empty_flag_is_an_error(self):
+        for flag in ("--cpus", "--resource-name", "--source", "--env-name", "--log-level"):
+            with self.subTest(flag=flag):
+                result = self.run_cli(*self.base + [flag, "", "--list"])
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+                self.assertIn(flag, result.stderr)
+
+    def test_where_a_value_came_from_is_named(self):
+        result = self.run_cli("--list", env={"ISOLCPU_SYSFS": self.sysfs, "ISOLCPU_PROCFS": self.procfs,
+                                             "ISOLCPU_CPUS": "2-3"})
+        self.assertIn("2 devices from ISOLCPU_CPUS", result.stdout.splitlines()[0])
+        result = self.run_cli(*self.base + ["--list", "--cpus", "2-3"])
+        self.assertIn("2 devices from --cpus", result.stdout.splitlines()[0])
+        result = self.run_cli("--list", env={"ISOLCPU_SYSFS": self.sysfs, "ISOLCPU_PROCFS": self.procfs,
+                                             "ISOLCPU_CPUS": "x"})
+        self.assertIn("ISOLCPU_CPUS 'x'", result.stderr)
+
+    def test_a_fifo_for_a_host_file_is_an_error_not_a_hang(self):
+        path = os.path.join(self.sysfs, "devices/system/cpu/isolated")
+        os.unlink(path)
+        os.mkfifo(path)
+        result = self.run_cli(*self.base + ["--list"])
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn("not a regular file", result.stderr)
+
+    def test_list_table_prints_ranges(self):
+        sysfs, procfs = fake_host(os.path.join(self.tmp, "smt4"), sockets=1, cores=2, threads=4, isolated="0-7")
+        result = self.run_cli("--sysfs", sysfs, "--procfs", procfs, "--list")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        rows = [line.split() for line in result.stdout.splitlines()[2:]]
+        # SMT-4: core 0 is CPUs 0,2,4,6 (no run), a run only in the cpu-list form
+        self.assertEqual(rows[0], ["0", "0", "Healthy", "0", "0", "0", "0,2,4,6"])
+        sysfs, procfs = fake_host(os.path.join(self.tmp, "smt4b"), sockets=1, cores=1, threads=4, isolated="0-3")
+        result = self.run_cli("--sysfs", sysfs, "--procfs", procfs, "--list")
+        self.assertEqual([line.split()[-1] for line in result.stdout.splitlines()[2:]], ["0-3"] * 4)
+
     def test_bad_input_is_one_line_and_exit_2(self):
         cases = [
             (["--cpus", "1-x"], "--cpus"), (["--resource-name", "kubernetes.io/x"], "--resource-name"),
@@ -803,56 +901,6 @@ class CliTests(TempDirTest):
 # ---------------------------------------------------------------------------
 
 Snapshot = collections.namedtuple("Snapshot", "devices at")   # devices: {id: (health, nodes or None)}
-
-
-class BatchedLogHandlerTests(unittest.TestCase):
-    """The plugin's log handler on a real event loop, writing to a StringIO."""
-
-    def setUp(self):
-        self.loop = asyncio.new_event_loop()
-        self.addCleanup(self.loop.close)
-        self.out = io.StringIO()
-        self.handler = plugin.BatchedLogHandler(self.out)
-        self.handler.setFormatter(logging.Formatter("%(created)f %(levelname)s %(message)s"))
-        self.logger = logging.Logger("batched-test")
-        self.logger.addHandler(self.handler)
-        self.handler.attach(self.loop)
-
-    def lines(self):
-        return self.out.getvalue().splitlines()
-
-    def run_loop(self, seconds):
-        self.loop.run_until_complete(asyncio.sleep(seconds))
-
-    def test_info_lines_wait_for_the_batch_and_keep_their_time(self):
-        items = [1, 2]
-        before = time.time()
-        self.logger.info("first %s", items)
-        after = time.time()
-        items.append(3)                            # the message is what it was when logged
-        self.logger.debug("second")
-        self.assertEqual(self.lines(), [])
-        self.run_loop(self.handler.FLUSH_DELAY + 0.05)
-        lines = self.lines()
-        self.assertEqual([line.split(" ", 1)[1] for line in lines], ["INFO first [1, 2]", "DEBUG second"])
-        self.assertTrue(before - 1e-5 <= float(lines[0].split()[0]) <= after + 1e-5, (before, lines[0], after))
-
-    def test_a_warning_writes_what_is_pending_first(self):
-        self.logger.info("before")
-        self.logger.warning("now")
-        self.assertEqual([line.split(" ", 1)[1] for line in self.lines()], ["INFO before", "WARNING now"])
-
-    def test_other_threads_and_detach_write_at_once(self):
-        self.logger.info("pending")
-        thread = threading.Thread(target=self.logger.info, args=("from a thread",))
-        thread.start()
-        thread.join()
-        self.assertEqual([line.split(" ", 1)[1] for line in self.lines()], ["INFO pending", "INFO from a thread"])
-        self.logger.info("last")
-        self.handler.detach()
-        self.assertEqual(self.lines()[-1].split(" ", 1)[1], "INFO last")
-        self.logger.info("detached")                   # no loop: written at once
-        self.assertEqual(self.lines()[-1].split(" ", 1)[1], "INFO detached")
 
 
 class FakeKubelet(object):
@@ -1077,6 +1125,9 @@ class LifecycleTests(PluginRig):
         self.assertEqual(stat.S_IMODE(os.stat(self.plugin_socket).st_mode), 0o600)
         self.assertEqual(os.stat(self.plugin_socket).st_uid, os.getuid())
 
+        for ids, expected in ((["6", "2", "3"], "2-3,6"), (["7", "6", "3", "2"], "2-3,6-7"), (["6", "7"], "6-7")):
+            container = self.kubelet.allocate(*ids).container_responses[0]
+            self.assertEqual(dict(container.envs), {"ISOLCPUS": expected})
         response = self.kubelet.allocate("7", "3")
         container = response.container_responses[0]
         self.assertEqual(dict(container.envs), {"ISOLCPUS": "3,7"})
@@ -1530,6 +1581,79 @@ class FuzzTests(TempDirTest):
                         self.assertEqual(json.loads(out)["resource_name"], "windriver.com/isolcpus")
 
 
+class RobustnessUnitTests(unittest.TestCase):
+    """The pure pieces behind the hardening: bounds, conditions, health."""
+
+    def test_a_deeply_nested_checkpoint_is_not_a_checkpoint(self):
+        deep = '{"Data": {"PodDeviceEntries": ' + "[" * 100000 + "]" * 100000 + "}}"
+        with self.assertRaises(ValueError) as caught:
+            plugin.checkpoint_allocations(deep, "windriver.com/isolcpus")
+        self.assertLess(len(str(caught.exception)), 200)
+        deep_dict = '{"Data": {"PodDeviceEntries": [{"ResourceName": "windriver.com/isolcpus", "DeviceIDs": ' \
+                    + '{"a": ' * 50000 + "1" + "}" * 50000 + "}]}}"
+        with self.assertRaises(ValueError):
+            plugin.checkpoint_allocations(deep_dict, "windriver.com/isolcpus")
+
+    def test_holders_are_named_whole(self):
+        holder = "3f1c2a9e-7b4d-4e8f-9a6b-1c2d3e4f5a6b/packet-processor-main-container"
+        text = plugin.format_holders([holder, "pod-2/app"])
+        self.assertIn(holder, text)
+        self.assertIn("pod-2/app", text)
+        many = plugin.format_holders(["pod-%d/app" % i for i in range(100)])
+        self.assertIn("(+", many)
+        self.assertLess(len(many), 1200)
+        self.assertNotIn("\n", plugin.format_holders(["evil\npod/app"]))
+
+    def test_request_bounds(self):
+        bounds = plugin.check_request_bounds
+        bounds([["2"]] * plugin.MAX_CONTAINER_REQUESTS)
+        bounds([["1"] * plugin.MAX_REQUEST_IDS])
+        with self.assertRaises(plugin.RequestError) as caught:
+            bounds([["2"]] * (plugin.MAX_CONTAINER_REQUESTS + 1))
+        self.assertIn("%d container requests" % (plugin.MAX_CONTAINER_REQUESTS + 1), str(caught.exception))
+        with self.assertRaises(plugin.RequestError) as caught:
+            bounds([["1"] * plugin.MAX_REQUEST_IDS, ["2"]])
+        self.assertIn("device IDs", str(caught.exception))
+
+    def test_conditions_are_logged_when_they_start_change_and_end(self):
+        conditions = plugin.Conditions()
+        with self.assertLogs(plugin.log, "DEBUG") as logs:
+            for _ in range(5):
+                conditions.report("rescan", "rescan failed: a")
+            conditions.report("rescan", "rescan failed: b")
+            conditions.report("rescan", "rescan failed: b")
+            conditions.clear("rescan")
+            conditions.clear("rescan")                    # not active: nothing
+            conditions.report("kubelet", "waiting for the kubelet", level=logging.INFO)
+            conditions.clear("kubelet")                   # an info ends at debug
+        above_debug = [line for line in logs.output if not line.startswith("DEBUG")]
+        self.assertEqual(above_debug[:2], ["WARNING:isolcpu-plugin:rescan failed: a",
+                                           "WARNING:isolcpu-plugin:rescan failed: b"])
+        self.assertRegex(above_debug[2], r"^INFO:isolcpu-plugin:resolved after 7 times over [0-9.]+ s: rescan failed: b$")
+        self.assertEqual(above_debug[3], "INFO:isolcpu-plugin:waiting for the kubelet")
+        self.assertEqual(len(above_debug), 4)
+
+    def test_health_follows_the_event_loop_heartbeat(self):
+        health = plugin.health_status
+        self.assertEqual(health(serving=True, heartbeat_age=0.1, max_age=5), (True, "serving"))
+        ok, text = health(serving=True, heartbeat_age=12.5, max_age=5)
+        self.assertFalse(ok)
+        self.assertIn("12.5 s", text)
+        self.assertEqual(health(serving=False, heartbeat_age=0.1, max_age=5), (False, "not serving"))
+
+
+def canonical_cpu_list(cpus):
+    """The kernel's canonical cpu-list ("4-6,13"), written here independently
+    of the plugin, to check what the plugin prints."""
+    runs = []
+    for cpu in sorted(set(cpus)):
+        if runs and runs[-1][-1] == cpu - 1:
+            runs[-1].append(cpu)
+        else:
+            runs.append([cpu])
+    return ",".join(str(run[0]) if len(run) == 1 else "%d-%d" % (run[0], run[-1]) for run in runs)
+
+
 def expand_cpu_list(text):
     """The CPUs of a canonical cpu-list, read independently of the plugin."""
     cpus = []
@@ -1616,7 +1740,7 @@ class FaultTests(PluginRig):
                     request = pb.AllocateRequest(container_requests=[
                         pb.ContainerAllocateRequest(devices_ids=[str(c) for c in cpus])])
                     envs = stub.Allocate(request, timeout=10).container_responses[0].envs
-                    if expand_cpu_list(envs["ISOLCPUS"]) != sorted(cpus):
+                    if envs["ISOLCPUS"] != canonical_cpu_list(cpus):
                         errors.append((cpus, dict(envs)))
                     answered.append(1)
             except grpc.RpcError as e:
@@ -1806,6 +1930,384 @@ class FaultTests(PluginRig):
         self.assertEqual(outside, [], "written outside %s" % self.dir)
         self.assertTrue(any("windriver.com-isolcpus.sock" in w for w in writes), writes)
         self.assertEqual(os.listdir(home) + os.listdir(cwd), [])
+
+
+def signal_mask(pid, field):
+    """A signal set of /proc/PID/status (SigCgt, SigIgn...) as an int, bit N-1 = signal N."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def has_mapped(pid, name):
+    try:
+        with open("/proc/%d/maps" % pid) as f:
+            return name in f.read()
+    except OSError:
+        return False
+
+
+def peak_rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        return int([line for line in f if line.startswith("VmHWM:")][0].split()[1])
+
+
+def metrics_port(process):
+    process.wait_log("metrics on http://")
+    return int(re.search(r"metrics on http://\S*:([0-9]+)/metrics", process.log()).group(1))
+
+
+def http_get(port, path, host="127.0.0.1", timeout=5):
+    """(status, body) of GET http://host:port/path."""
+    url = "http://%s:%d%s" % ("[%s]" % host if ":" in host else host, port, path)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def big_checkpoint(megabytes, holder_cpu):
+    """A valid device-manager checkpoint of about `megabytes` MB whose first
+    entry holds `holder_cpu` of windriver.com/isolcpus."""
+    entries = [{"PodUID": "big-pod", "ContainerName": "app", "ResourceName": "windriver.com/isolcpus",
+                "DeviceIDs": {"0": [str(holder_cpu)]}, "AllocResp": ""}]
+    filler = "A" * 400
+    while len(entries) * 520 < megabytes * 1e6:
+        entries.append({"PodUID": "pod-%d" % len(entries), "ContainerName": "c",
+                        "ResourceName": "example.com/other", "DeviceIDs": {"0": ["1"]}, "AllocResp": filler})
+    return json.dumps({"Data": {"PodDeviceEntries": entries, "RegisteredDevices": {}}, "Checksum": 1})
+
+
+@needs_grpc
+class HardeningTests(PluginRig):
+    """What a hostile client, a careless operator or a bad host file did to
+    the plugin, each once an outage: now withstood."""
+
+    def registered_plugin(self, *extra):
+        self.kubelet.start()
+        process = self.start_plugin(*extra)
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        process.wait_log("registered windriver.com/isolcpus")
+        return process
+
+    def assert_still_serving(self, process):
+        """Answers RPCs, and SIGTERM ends it at once with 0."""
+        self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
+        started = time.monotonic()
+        self.assertEqual(process.stop(signal.SIGTERM), 0)
+        self.assertLess(time.monotonic() - started, 2.0)
+        self.assertNotIn("Traceback", process.log())
+        self.assertNotIn("internal error", process.log())
+
+    # Outages --------------------------------------------------------------------
+
+    def test_a_deeply_nested_checkpoint_does_not_stop_the_list(self):
+        process = self.registered_plugin()
+        self.kubelet.allocate("6")
+        write_files(self.dir, {"kubelet_internal_checkpoint":
+                               '{"Data": {"PodDeviceEntries": ' + "[" * 100000 + "]" * 100000 + "}}"})
+        self.set_host("online", "0-5,7\n")
+        self.kubelet.wait_list(lambda devices: devices["6"][0] == "Unhealthy", timeout=3)
+        process.wait_log("CPUs 6 are offline or no longer isolated but allocated")
+        self.assert_still_serving(process)
+
+    def test_a_big_checkpoint_is_not_read(self):
+        process = self.registered_plugin()
+        write_files(self.dir, {"kubelet_internal_checkpoint": big_checkpoint(15, holder_cpu=6)})
+        peak_before = peak_rss_kib(process.proc.pid)
+        self.set_host("online", "0-5,7\n")
+        self.kubelet.wait_list(lambda devices: devices["6"][0] == "Unhealthy", timeout=3)
+        process.wait_log("kubelet_internal_checkpoint")
+        self.assertIn("larger than", process.log())
+        grown = peak_rss_kib(process.proc.pid) - peak_before
+        self.assertLess(grown, 8 * 1024, "peak RSS grew by %d KiB" % grown)
+        self.assert_still_serving(process)
+
+    def test_a_fifo_for_the_checkpoint_does_not_freeze_the_plugin(self):
+        process = self.registered_plugin()
+        self.kubelet.allocate("6")
+        os.mkfifo(os.path.join(self.dir, "kubelet_internal_checkpoint"))
+        self.set_host("online", "0-5,7\n")
+        self.kubelet.wait_list(lambda devices: devices["6"][0] == "Unhealthy", timeout=3)
+        process.wait_log("not a regular file")
+        self.assert_still_serving(process)
+
+    def test_a_fifo_for_a_sysfs_file_does_not_freeze_the_plugin(self):
+        process = self.registered_plugin()
+        online = os.path.join(self.sysfs, "devices/system/cpu/online")
+        os.unlink(online)
+        os.mkfifo(online)
+        process.wait_log("rescan failed, keeping the last device list")
+        self.assertIn("not a regular file", process.log())
+        self.assert_still_serving(process)
+
+    def test_slow_metrics_clients_cannot_starve_the_plugin(self):
+        import resource
+        process = self.registered_plugin("--metrics-address", "127.0.0.1:0", "--log-level", "info")
+        port = metrics_port(process)
+        pid = process.proc.pid
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (256, 256))      # systemd's default is 1024
+        clients, stop = [], threading.Event()
+        for _ in range(400):
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            clients.append(client)
+        self.addCleanup(lambda: [client.close() for client in clients])
+
+        def trickle():                                  # a byte every second on each
+            while not stop.wait(1.0):
+                for client in clients:
+                    try:
+                        client.send(b"G")
+                    except OSError:
+                        pass
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        self.addCleanup(stop.set)
+        started = time.monotonic()
+        fds = []
+        time.sleep(1.0)
+        fds.append(open_fds(pid))
+        self.kubelet.restart()                          # needs new sockets
+        self.kubelet.wait_registered(2, timeout=10)
+        self.set_host("online", "0-6\n")                # needs to open sysfs files
+        self.kubelet.wait_list(lambda devices: devices["7"][0] == "Unhealthy", timeout=5)
+        fds.append(open_fds(pid))
+        # whole requests time out, however often a byte arrives
+        time.sleep(max(0.0, started + plugin.MetricsServer.REQUEST_TIMEOUT + 2.0 - time.monotonic()))
+        fds.append(open_fds(pid))
+        cut = 0
+        for client in clients:
+            try:
+                cut += client.recv(1) == b""
+            except (BlockingIOError, OSError):
+                pass
+        self.assertGreater(cut, 0, "no slow client was cut off")
+        self.assertLess(max(fds), 100, fds)
+        stop.set()
+        thread.join()
+        for client in clients:
+            client.close()
+        status, body = http_get(port, "/metrics", timeout=10)
+        self.assertEqual(status, 200)
+        self.assertIn("isolcpu_devices", body)
+        self.assert_still_serving(process)
+
+    def test_requests_with_too_many_containers_are_refused_at_once(self):
+        process = self.registered_plugin("--log-level", "info")
+        stub = self.kubelet.stub
+        bound = plugin.MAX_CONTAINER_REQUESTS
+        one = pb.ContainerPreferredAllocationRequest(available_deviceIDs=["2", "3", "6", "7"], allocation_size=1)
+        answer = stub.GetPreferredAllocation(pb.PreferredAllocationRequest(container_requests=[one] * bound), timeout=5)
+        self.assertEqual(len(answer.container_responses), bound)
+        log_size = len(process.log())
+        for call, request in (
+                (stub.GetPreferredAllocation, pb.PreferredAllocationRequest(container_requests=[one] * 100000)),
+                (stub.Allocate, pb.AllocateRequest(
+                    container_requests=[pb.ContainerAllocateRequest(devices_ids=["2"])] * 100000)),
+                (stub.GetPreferredAllocation, pb.PreferredAllocationRequest(container_requests=[
+                    pb.ContainerPreferredAllocationRequest(available_deviceIDs=[str(i) for i in range(70000)],
+                                                           allocation_size=1)]))):
+            started = time.monotonic()
+            with self.assertRaises(grpc.RpcError) as caught:
+                call(request, timeout=10)
+            self.assertEqual(caught.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+            self.assertLess(time.monotonic() - started, 2.0)
+            self.assertLess(len(caught.exception.details()), 300)
+        self.assertLess(len(process.log()) - log_size, 2000)
+        self.assert_still_serving(process)
+
+    def test_signals_are_handled_before_anything_heavy_loads(self):
+        self.kubelet.start()
+        process = self.start_plugin()
+        pid = process.proc.pid
+        wanted = sum(1 << (signum - 1) for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT))
+        deadline = time.monotonic() + 20
+        while signal_mask(pid, "SigCgt") & wanted != wanted:
+            grpc_loaded = has_mapped(pid, "cygrpc")
+            self.assertLess(time.monotonic(), deadline, "the plugin never caught SIGHUP, SIGTERM and SIGINT")
+            self.assertIsNone(process.proc.poll(), process.log())
+            time.sleep(0.0005)
+        self.assertFalse(grpc_loaded, "grpc was loaded before the signals were handled")
+        # systemctl reload right after start: a storm of SIGHUPs while it starts up
+        storm_until = time.monotonic() + 0.5
+        while time.monotonic() < storm_until:
+            process.proc.send_signal(signal.SIGHUP)
+            time.sleep(0.003)
+        self.kubelet.wait_registered(timeout=10)
+        self.assertIsNone(process.proc.poll(), process.log())
+        process.wait_log("SIGHUP: re-reading the host")
+        self.assert_still_serving(process)
+
+    def test_sigterm_while_starting_exits_zero(self):
+        self.kubelet.start()
+        process = self.start_plugin()
+        deadline = time.monotonic() + 20
+        while not signal_mask(process.proc.pid, "SigCgt") & (1 << (signal.SIGTERM - 1)):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.0005)
+        self.assertEqual(process.stop(signal.SIGTERM), 0)
+        self.assertNotIn("Traceback", process.log())
+
+    # Wrong behaviour ------------------------------------------------------------
+
+    def test_chmod_and_chown_of_the_sockets_are_not_restarts(self):
+        process = self.registered_plugin()
+        errors, stop = [], threading.Event()
+
+        def allocate_all_along():
+            while not stop.is_set():
+                try:
+                    self.kubelet.allocate("2")
+                except grpc.RpcError as e:
+                    errors.append(e.code())
+        thread = threading.Thread(target=allocate_all_along)
+        thread.start()
+        try:
+            for mode in (0o660, 0o600, 0o640, 0o600):
+                for path in (self.plugin_socket, self.kubelet.socket):     # restorecon, chown -R
+                    os.chmod(path, mode)
+                    os.chown(path, os.getuid(), os.getgid())
+                # the kubelet rewrites its checkpoint in the same directory on every allocation
+                write_files(self.dir, {"kubelet_internal_checkpoint.tmp": "{}"})
+                os.rename(os.path.join(self.dir, "kubelet_internal_checkpoint.tmp"),
+                          os.path.join(self.dir, "kubelet_internal_checkpoint"))
+                time.sleep(0.4)
+        finally:
+            stop.set()
+            thread.join()
+        self.assertEqual(len(errors), 0, collections.Counter(errors))
+        self.assertEqual(len(self.kubelet.registrations), 1)
+        self.assertNotIn("serving it again", process.log())
+        self.assertNotIn("kubelet restarted", process.log())
+
+    def test_another_list_and_watch_client_does_not_hide_the_kubelets_stream(self):
+        process = self.registered_plugin()
+        channel = grpc.insecure_channel("unix:" + self.plugin_socket)
+        self.addCleanup(channel.close)
+        other = pb_grpc.DevicePluginStub(channel).ListAndWatch(pb.Empty())
+        self.assertEqual(len(next(other).devices), 4)
+        self.kubelet.close_stream()
+        self.kubelet.wait_registered(2, timeout=5)
+        process.wait_log("kubelet closed ListAndWatch; registering again")
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        other.cancel()                                     # not the kubelet's: no new registration
+        time.sleep(1.5)
+        self.assertEqual(len(self.kubelet.registrations), 2)
+
+    def test_holders_are_logged_whole(self):
+        uid = "3f1c2a9e-7b4d-4e8f-9a6b-1c2d3e4f5a6b"
+        checkpoint = {"Data": {"PodDeviceEntries": [
+            {"PodUID": uid, "ContainerName": "packet-processor-main", "ResourceName": "windriver.com/isolcpus",
+             "DeviceIDs": {"2": ["6", "7"]}, "AllocResp": ""},
+            {"PodUID": uid, "ContainerName": "sidecar", "ResourceName": "windriver.com/isolcpus",
+             "DeviceIDs": {"2": ["3"]}, "AllocResp": ""}]}, "Checksum": 1}
+        write_files(self.dir, {"kubelet_internal_checkpoint": json.dumps(checkpoint)})
+        process = self.registered_plugin()
+        self.set_host("online", "0-2,4-5\n")
+        process.wait_log("CPUs 3,6-7 are offline or no longer isolated but allocated")
+        self.assertIn("%s/packet-processor-main" % uid, process.log())
+        self.assertIn("%s/sidecar" % uid, process.log())
+
+    def test_serving_no_devices_is_a_warning_once_per_change(self):
+        self.set_host("isolated", "\n")
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_registered()
+        process.wait_log("registered windriver.com/isolcpus")
+        time.sleep(1.0)                                 # five rescans
+        self.set_host("isolated", "2\n")
+        self.kubelet.wait_list(lambda devices: list(devices) == ["2"], timeout=3)
+        self.set_host("isolated", "\n")
+        self.kubelet.wait_list(lambda devices: devices == {}, timeout=3, since=time.monotonic() - 0.1)
+        time.sleep(1.0)
+        warnings = [line for line in process.log().splitlines() if " WARNING " in line and "0 devices" in line]
+        self.assertEqual(len(warnings), 2, process.log())
+
+    def test_a_persistent_rescan_failure_is_logged_when_it_starts_changes_and_ends(self):
+        process = self.registered_plugin()
+        self.set_host("isolated", "2-x\n")
+        time.sleep(1.2)                                 # six rescans at 0.2 s
+        self.set_host("isolated", "2-y\n")
+        time.sleep(1.2)
+        self.set_host("isolated", "2-3\n")
+        self.kubelet.wait_list(lambda devices: sorted(devices) == ["2", "3"], timeout=3)
+        process.wait_log("resolved after")
+        lines = process.log().splitlines()
+        failed = [line for line in lines if " WARNING " in line and "rescan failed" in line]
+        self.assertEqual(len(failed), 2, failed)
+        self.assertIn("'2-x'", failed[0])
+        self.assertIn("'2-y'", failed[1])
+        resolved = [line for line in lines if " INFO resolved after" in line]
+        self.assertEqual(len(resolved), 1, resolved)
+        self.assertRegex(resolved[0], r"resolved after ([5-9]|[1-9][0-9]+) times over")
+
+    def test_metrics_on_all_interfaces_with_a_query_and_a_real_backlog(self):
+        process = self.registered_plugin("--metrics-address", ":0")
+        port = metrics_port(process)
+        self.assertEqual(http_get(port, "/metrics?x=1")[0], 200)
+        self.assertEqual(http_get(port, "/healthz?verbose")[0], 200)
+        self.assertEqual(http_get(port, "/nothing?x=1")[0], 404)
+        if socket.has_ipv6 and os.path.exists("/proc/net/if_inet6"):
+            self.assertEqual(http_get(port, "/metrics", host="::1")[0], 200)
+        if shutil.which("ss"):
+            listing = subprocess.run(["ss", "-ltnH", "sport = :%d" % port], stdout=subprocess.PIPE,
+                                     universal_newlines=True).stdout
+            backlogs = [int(line.split()[2]) for line in listing.splitlines()]
+            self.assertTrue(backlogs and min(backlogs) >= 128, listing)
+
+    def test_probe_says_permission_denied(self):
+        if os.getuid() != 0:
+            self.skipTest("needs root, to run the probe as nobody")
+        python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+        self.registered_plugin()
+        for path in (self.tmp, self.dir):
+            os.chmod(path, 0o755)                          # the kubelet's dir; the socket stays 0600
+
+        def as_nobody():
+            os.setgid(65534)
+            os.setuid(65534)
+        if subprocess.run([python, "-c", "import os; os.stat(%r)" % PLUGIN], preexec_fn=as_nobody,
+                          stderr=subprocess.DEVNULL).returncode != 0:
+            self.skipTest("nobody cannot run %s on %s here" % (python, PLUGIN))
+        result = subprocess.run([python, PLUGIN, "--probe", "--device-plugin-path", self.dir],
+                                preexec_fn=as_nobody, env=plugin_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+        self.assertEqual((result.returncode, len(result.stderr.splitlines())), (1, 1), result.stderr)
+        self.assertIn("permission denied", result.stderr.lower())
+        self.assertNotIn("did not answer", result.stderr)
+
+    # Logs ------------------------------------------------------------------------
+
+    def test_every_line_is_written_when_it_happens(self):
+        self.kubelet.start()
+        process = self.start_plugin("--log-level", "info")
+        self.kubelet.wait_registered()
+        process.proc.kill()                                # a few ms after registering
+        process.proc.wait()
+        log = process.log()
+        self.assertIn("advertising windriver.com/isolcpus", log)
+        self.assertIn("serving " + self.plugin_socket, log)
+
+    def test_log_lines_print_canonical_cpu_lists(self):
+        self.set_host("isolated", "1-7\n")
+        self.kubelet.start()
+        process = self.start_plugin()
+        self.kubelet.wait_list(lambda devices: len(devices) == 7)
+        self.assertEqual(self.kubelet.prefer(["7", "6", "3", "2", "1"], [], 4), ["2", "3", "6", "7"])
+        process.wait_log("preferred CPUs 2-3,6-7 for 4 of 5 available")
+        self.kubelet.allocate("5", "4", "1")
+        process.wait_log("allocated CPUs 1,4-5 as ISOLCPUS")
+        self.set_host("online", "0-3,7\n")
+        process.wait_log("now unhealthy (offline) 4-6")
+        process.wait_log("CPUs 4-5 are offline or no longer isolated but allocated")
 
 
 if __name__ == "__main__":
