@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x65viceplugin.proto\x12\x07v1beta1\"]\n\x13\x44\x65vicePluginOptions\x12\x1a\n\x12pre_start_required\x18\x01 \x01(\x08\x12*\n\"get_preferred_allocation_available\x18\x02 \x01(\x08\"z\n\x0fRegisterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rresource_name\x18\x03 \x01(\t\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.v1beta1.DevicePluginOptions\"\x07\n\x05\x45mpty\"8\n\x14ListAndWatchResponse\x12 \n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x0f.v1beta1.Device\"0\n\x0cTopologyInfo\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.v1beta1.NUMANode\"\x16\n\x08NUMANode\x12\n\n\x02ID\x18\x01 \x01(\x03\"M\n\x06\x44\x65vice\x12\n\n\x02ID\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"/\n\x18PreStartContainerRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x1b\n\x19PreStartContainerResponse\"f\n\x1aPreferredAllocationRequest\x12H\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerPreferredAllocationRequest\"{\n#ContainerPreferredAllocationRequest\x12\x1b\n\x13\x61vailable_deviceIDs\x18\x01 \x03(\t\x12\x1e\n\x16must_include_deviceIDs\x18\x02 \x03(\t\x12\x17\n\x0f\x61llocation_size\x18\x03 \x01(\x05\"i\n\x1bPreferredAllocationResponse\x12J\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32-.v1beta1.ContainerPreferredAllocationResponse\"9\n$ContainerPreferredAllocationResponse\x12\x11\n\tdeviceIDs\x18\x01 \x03(\t\"P\n\x0f\x41llocateRequest\x12=\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32!.v1beta1.ContainerAllocateRequest\"/\n\x18\x43ontainerAllocateRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x19\n\tCDIDevice\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x10\x41llocateResponse\x12?\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32\".v1beta1.ContainerAllocateResponse\"\xf1\x02\n\x19\x43ontainerAllocateResponse\x12:\n\x04\x65nvs\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerAllocateResponse.EnvsEntry\x12\x1e\n\x06mounts\x18\x02 \x03(\x0b\x32\x0e.v1beta1.Mount\x12$\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x13.v1beta1.DeviceSpec\x12H\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32\x33.v1beta1.ContainerAllocateResponse.AnnotationsEntry\x12\'\n\x0b\x63\x64i_devices\x18\x05 \x03(\x0b\x32\x12.v1beta1.CDIDevice\x1a+\n\tEnvsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x05Mount\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\"L\n\nDeviceSpec\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x01(\t2F\n\x0cRegistration\x12\x36\n\x08Register\x12\x18.v1beta1.RegisterRequest\x1a\x0e.v1beta1.Empty\"\x00\x32\xa3\x03\n\x0c\x44\x65vicePlugin\x12H\n\x16GetDevicePluginOptions\x12\x0e.v1beta1.Empty\x1a\x1c.v1beta1.DevicePluginOptions\"\x00\x12\x41\n\x0cListAndWatch\x12\x0e.v1beta1.Empty\x1a\x1d.v1beta1.ListAndWatchResponse\"\x00\x30\x01\x12\x65\n\x16GetPreferredAllocation\x12#.v1beta1.PreferredAllocationRequest\x1a$.v1beta1.PreferredAllocationResponse\"\x00\x12\x41\n\x08\x41llocate\x12\x18.v1beta1.AllocateRequest\x1a\x19.v1beta1.AllocateResponse\"\x00\x12\\\n\x11PreStartContainer\x12!.v1beta1.PreStartContainerRequest\x1a\".v1beta1.PreStartContainerResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x65viceplugin.proto\x12\x07v1beta1\"]\n\x13\x44\x65vicePluginOptions\x12\x1a\n\x12pre_start_required\x18\x01 \x01(\x08\x12*\n\"get_preferred_allocation_available\x18\x02 \x01(\x08\"z\n\x0fRegisterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rresource_name\x18\x03 \x01(\t\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.v1beta1.DevicePluginOptions\"\x07\n\x05\x45mpty\"8\n\x14ListAndWatchResponse\x12 \n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x0f.v1beta1.Device\"0\n\x0cTopologyInfo\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.v1beta1.NUMANode\"\x16\n\x08NUMANode\x12\n\n\x02ID\x18\x01 \x01(\x03\"M\n\x06\x44\x65vice\x12\n\n\x02ID\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"/\n\x18PreStartContainerRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x1b\n\x19PreStartContainerResponse\"f\n\x1aPreferredAllocationRequest\x12H\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerPreferredAllocationRequest\"{\n#ContainerPreferredAllocationRequest\x12\x1b\n\x13\x61vailable_deviceIDs\x18\x01 \x03(\t\x12\x1e\n\x16must_include_deviceIDs\x18\x02 \x03(\t\x12\x17\n\x0f\x61llocation_size\x18\x03 \x01(\x05\"i\n\x1bPreferredAllocationResponse\x12J\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32-.v1beta1.ContainerPreferredAllocationResponse\"9\n$ContainerPreferredAllocationResponse\x12\x11\n\tdeviceIDs\x18\x01 \x03(\t\"P\n\x0f\x41llocateRequest\x12=\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32!.v1beta1.ContainerAllocateRequest\"/\n\x18\x43ontainerAllocateRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x19\n\tCDIDevice\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x10\x41llocateResponse\x12?\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32\".v1beta1.ContainerAllocateResponse\"\xf1\x02\n\x19\x43ontainerAllocateResponse\x12:\n\x04\x65nvs\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerAllocateResponse.EnvsEntry\x12\x1e\n\x06mounts\x18\x02 \x03(\x0b\x32\x0e.v1beta1.Mount\x12$\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x13.v1beta1.DeviceSpec\x12H\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32\x33.v1beta1.ContainerAllocateResponse.AnnotationsEntry\x12\'\n\x0b\x63\x64i_devices\x18\x05 \x03(\x0b\x32\x12.v1beta1.CDIDevice\x1a+\n\tEnvsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x05Mount\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\"L\n\nDeviceSpec\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x01(\t\"\x19\n\x17ListPodResourcesRequest\"H\n\x18ListPodResourcesResponse\x12,\n\rpod_resources\x18\x01 \x03(\x0b\x32\x15.v1beta1.PodResources\"`\n\x0cPodResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12/\n\ncontainers\x18\x03 \x03(\x0b\x32\x1b.v1beta1.ContainerResources\"_\n\x12\x43ontainerResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x19.v1beta1.ContainerDevices\x12\x0f\n\x07\x63pu_ids\x18\x03 \x03(\x03\"f\n\x10\x43ontainerDevices\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"\x1d\n\x1b\x41llocatableResourcesRequest\"[\n\x1c\x41llocatableResourcesResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.v1beta1.ContainerDevices\x12\x0f\n\x07\x63pu_ids\x18\x02 \x03(\x03\x32\x46\n\x0cRegistration\x12\x36\n\x08Register\x12\x18.v1beta1.RegisterRequest\x1a\x0e.v1beta1.Empty\"\x00\x32\xa3\x03\n\x0c\x44\x65vicePlugin\x12H\n\x16GetDevicePluginOptions\x12\x0e.v1beta1.Empty\x1a\x1c.v1beta1.DevicePluginOptions\"\x00\x12\x41\n\x0cListAndWatch\x12\x0e.v1beta1.Empty\x1a\x1d.v1beta1.ListAndWatchResponse\"\x00\x30\x01\x12\x65\n\x16GetPreferredAllocation\x12#.v1beta1.PreferredAllocationRequest\x1a$.v1beta1.PreferredAllocationResponse\"\x00\x12\x41\n\x08\x41llocate\x12\x18.v1beta1.AllocateRequest\x1a\x19.v1beta1.AllocateResponse\"\x00\x12\\\n\x11PreStartContainer\x12!.v1beta1.PreStartContainerRequest\x1a\".v1beta1.PreStartContainerResponse\"\x00\x62\x06proto3')
 if DESCRIPTOR is None:  # protobuf < 3.19, pure-python: AddSerializedFile returns None
   DESCRIPTOR = _descriptor_pool.Default().FindFileByName('deviceplugin.proto')
 
@@ -42,6 +42,13 @@ _CONTAINERALLOCATERESPONSE_ENVSENTRY = _CONTAINERALLOCATERESPONSE.nested_types_b
 _CONTAINERALLOCATERESPONSE_ANNOTATIONSENTRY = _CONTAINERALLOCATERESPONSE.nested_types_by_name['AnnotationsEntry']
 _MOUNT = DESCRIPTOR.message_types_by_name['Mount']
 _DEVICESPEC = DESCRIPTOR.message_types_by_name['DeviceSpec']
+_LISTPODRESOURCESREQUEST = DESCRIPTOR.message_types_by_name['ListPodResourcesRequest']
+_LISTPODRESOURCESRESPONSE = DESCRIPTOR.message_types_by_name['ListPodResourcesResponse']
+_PODRESOURCES = DESCRIPTOR.message_types_by_name['PodResources']
+_CONTAINERRESOURCES = DESCRIPTOR.message_types_by_name['ContainerResources']
+_CONTAINERDEVICES = DESCRIPTOR.message_types_by_name['ContainerDevices']
+_ALLOCATABLERESOURCESREQUEST = DESCRIPTOR.message_types_by_name['AllocatableResourcesRequest']
+_ALLOCATABLERESOURCESRESPONSE = DESCRIPTOR.message_types_by_name['AllocatableResourcesResponse']
 DevicePluginOptions = _reflection.GeneratedProtocolMessageType('DevicePluginOptions', (_message.Message,), {
   'DESCRIPTOR' : _DEVICEPLUGINOPTIONS,
   '__module__' : 'deviceplugin_pb2'
@@ -198,6 +205,55 @@ DeviceSpec = _reflection.GeneratedProtocolMessageType('DeviceSpec', (_message.Me
   })
 _sym_db.RegisterMessage(DeviceSpec)
 
+ListPodResourcesRequest = _reflection.GeneratedProtocolMessageType('ListPodResourcesRequest', (_message.Message,), {
+  'DESCRIPTOR' : _LISTPODRESOURCESREQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.ListPodResourcesRequest)
+  })
+_sym_db.RegisterMessage(ListPodResourcesRequest)
+
+ListPodResourcesResponse = _reflection.GeneratedProtocolMessageType('ListPodResourcesResponse', (_message.Message,), {
+  'DESCRIPTOR' : _LISTPODRESOURCESRESPONSE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.ListPodResourcesResponse)
+  })
+_sym_db.RegisterMessage(ListPodResourcesResponse)
+
+PodResources = _reflection.GeneratedProtocolMessageType('PodResources', (_message.Message,), {
+  'DESCRIPTOR' : _PODRESOURCES,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.PodResources)
+  })
+_sym_db.RegisterMessage(PodResources)
+
+ContainerResources = _reflection.GeneratedProtocolMessageType('ContainerResources', (_message.Message,), {
+  'DESCRIPTOR' : _CONTAINERRESOURCES,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.ContainerResources)
+  })
+_sym_db.RegisterMessage(ContainerResources)
+
+ContainerDevices = _reflection.GeneratedProtocolMessageType('ContainerDevices', (_message.Message,), {
+  'DESCRIPTOR' : _CONTAINERDEVICES,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.ContainerDevices)
+  })
+_sym_db.RegisterMessage(ContainerDevices)
+
+AllocatableResourcesRequest = _reflection.GeneratedProtocolMessageType('AllocatableResourcesRequest', (_message.Message,), {
+  'DESCRIPTOR' : _ALLOCATABLERESOURCESREQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.AllocatableResourcesRequest)
+  })
+_sym_db.RegisterMessage(AllocatableResourcesRequest)
+
+AllocatableResourcesResponse = _reflection.GeneratedProtocolMessageType('AllocatableResourcesResponse', (_message.Message,), {
+  'DESCRIPTOR' : _ALLOCATABLERESOURCESRESPONSE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.AllocatableResourcesResponse)
+  })
+_sym_db.RegisterMessage(AllocatableResourcesResponse)
+
 _REGISTRATION = DESCRIPTOR.services_by_name['Registration']
 _DEVICEPLUGIN = DESCRIPTOR.services_by_name['DevicePlugin']
 if _descriptor._USE_C_DESCRIPTORS == False:
@@ -251,8 +307,22 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _MOUNT._serialized_end=1627
   _DEVICESPEC._serialized_start=1629
   _DEVICESPEC._serialized_end=1705
-  _REGISTRATION._serialized_start=1707
-  _REGISTRATION._serialized_end=1777
-  _DEVICEPLUGIN._serialized_start=1780
-  _DEVICEPLUGIN._serialized_end=2199
+  _LISTPODRESOURCESREQUEST._serialized_start=1707
+  _LISTPODRESOURCESREQUEST._serialized_end=1732
+  _LISTPODRESOURCESRESPONSE._serialized_start=1734
+  _LISTPODRESOURCESRESPONSE._serialized_end=1806
+  _PODRESOURCES._serialized_start=1808
+  _PODRESOURCES._serialized_end=1904
+  _CONTAINERRESOURCES._serialized_start=1906
+  _CONTAINERRESOURCES._serialized_end=2001
+  _CONTAINERDEVICES._serialized_start=2003
+  _CONTAINERDEVICES._serialized_end=2105
+  _ALLOCATABLERESOURCESREQUEST._serialized_start=2107
+  _ALLOCATABLERESOURCESREQUEST._serialized_end=2136
+  _ALLOCATABLERESOURCESRESPONSE._serialized_start=2138
+  _ALLOCATABLERESOURCESRESPONSE._serialized_end=2229
+  _REGISTRATION._serialized_start=2231
+  _REGISTRATION._serialized_end=2301
+  _DEVICEPLUGIN._serialized_start=2304
+  _DEVICEPLUGIN._serialized_end=2723
 # @@protoc_insertion_point(module_scope)

@@ -91,10 +91,10 @@ def quote(text, limit=40):
     return repr(text)
 
 
-def quote_list(items, limit=5, width=20):
+def quote_list(items, limit=5):
     """A bounded, quoted rendering of untrusted items: 'a', 'b' (+3 more)."""
     items = list(items)
-    shown = ", ".join(quote(item, width) for item in items[:limit])
+    shown = ", ".join(quote(item, 20) for item in items[:limit])
     if len(items) > limit:
         shown += " (+%d more)" % (len(items) - limit)
     return shown
@@ -771,12 +771,6 @@ def devices_for_ids(ids, devices_by_id):
     return devices
 
 
-def format_holders(holders, limit=10):
-    """Who holds CPUs, each named whole (pod UIDs and container names are
-    the point), quoted so that control characters cannot break the line."""
-    return quote_list(sorted(set(holders)), limit=limit, width=400)
-
-
 def housekeeping_cpus(online, isolated, allowed):
     """Where the plugin itself should run: online, not isolated, allowed to it."""
     return (frozenset(online) - frozenset(isolated)) & frozenset(allowed)
@@ -785,11 +779,55 @@ def housekeeping_cpus(online, isolated, allowed):
 _DEVICE_ID = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z")     # a CPU number as this plugin writes it
 
 
-def checkpoint_allocations(text, resource_name):
-    """{cpu: "pod-uid/container"} of `resource_name` in the kubelet's
-    device-manager checkpoint (text or bytes; DeviceIDs a list, or per NUMA
-    node since Kubernetes 1.20). ValueError when it is not such a checkpoint,
-    nesting too deep for the parser included."""
+# Who holds an allocated CPU: a container, as PodResources names it
+# (namespace, pod, container) or as the kubelet's checkpoint does (pod UID,
+# container); the fields a source does not give are None. source is
+# "pod-resources" or "checkpoint".
+Holder = collections.namedtuple("Holder", "namespace pod container pod_uid source")
+HOLDER_SOURCES = {"pod-resources": "PodResources", "checkpoint": "the kubelet's checkpoint"}
+
+
+def holder_name(holder):
+    """namespace/pod/container, or pod-uid/container from the checkpoint."""
+    if holder.namespace is not None:
+        return "%s/%s/%s" % (holder.namespace, holder.pod, holder.container)
+    return "%s/%s" % (holder.pod_uid, holder.container)
+
+
+def holder_record(holder):
+    """A holder as `--list --json` prints it (a contract: keep these keys)."""
+    return collections.OrderedDict([("namespace", holder.namespace), ("pod", holder.pod),
+                                    ("container", holder.container), ("pod_uid", holder.pod_uid),
+                                    ("source", holder.source)])
+
+
+def _add_holder(holders, ids, holder):
+    for i in ids:
+        if isinstance(i, str) and _DEVICE_ID.match(i):
+            cpu = int(i)
+            if holder not in holders.get(cpu, ()):
+                holders[cpu] = holders.get(cpu, ()) + (holder,)
+
+
+def pod_resources_holders(answer, resource_name):
+    """{cpu: (Holder, ...)} from a PodResources ListPodResourcesResponse: the
+    containers whose devices of `resource_name` include the CPU's device ID.
+    A CPU may have several: List includes terminated pods (kubernetes#119423)."""
+    holders = {}
+    for pod in answer.pod_resources:
+        for container in pod.containers:
+            for devices in container.devices:
+                if devices.resource_name == resource_name:
+                    _add_holder(holders, devices.device_ids,
+                                Holder(pod.namespace, pod.name, container.name, None, "pod-resources"))
+    return holders
+
+
+def checkpoint_holders(text, resource_name):
+    """{cpu: (Holder, ...)} of `resource_name` in the kubelet's device-manager
+    checkpoint (text or bytes; DeviceIDs a list, or per NUMA node since
+    Kubernetes 1.20). ValueError when it is not such a checkpoint, nesting too
+    deep for the parser included."""
     try:
         entries = json.loads(text)["Data"]["PodDeviceEntries"] or []
         holders = {}
@@ -799,12 +837,28 @@ def checkpoint_allocations(text, resource_name):
             ids = entry.get("DeviceIDs") or []
             if isinstance(ids, dict):
                 ids = [i for per_node in ids.values() for i in per_node or []]
-            for i in ids:
-                if isinstance(i, str) and _DEVICE_ID.match(i):
-                    holders[int(i)] = "%s/%s" % (entry.get("PodUID"), entry.get("ContainerName"))
+            _add_holder(holders, ids, Holder(None, None, str(entry.get("ContainerName")),
+                                             str(entry.get("PodUID")), "checkpoint"))
         return holders
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
         raise ValueError("not a device-manager checkpoint (%s: %s)" % (type(e).__name__, quote(one_line(e), 80)))
+
+
+def holdings_text(by_cpu, limit=10):
+    """Who holds which of these CPUs, one entry per holder, each named whole
+    and quoted: "3 to 'shop/web-0/app', 6-7 to 'net/fwd-0/fwd'". A CPU
+    whose holders are () is held by an unknown container."""
+    cpus_of = collections.defaultdict(set)
+    for cpu, holders in by_cpu.items():
+        for name in [holder_name(h) for h in holders] or [None]:
+            cpus_of[name].add(cpu)
+    entries = sorted(cpus_of.items(), key=lambda item: (min(item[1]), item[0] or ""))
+    shown = ["%s to %s" % (format_cpu_list(cpus), quote(name, 400) if name is not None else "an unknown container")
+             for name, cpus in entries[:limit]]
+    text = ", ".join(shown)
+    if len(entries) > limit:
+        text += " (+%d more)" % (len(entries) - limit)
+    return text
 
 
 def cpus_of_device_ids(ids, what):
@@ -1140,7 +1194,7 @@ GrpcApi = collections.namedtuple("GrpcApi", "grpc aio pb pb_grpc")
 
 def load_grpc():
     """grpc, its asyncio API and the generated stubs, imported only when serving."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.realpath(__file__))
     if here not in sys.path:
         sys.path.append(here)
     # grpc core logs in its own format to stderr; the plugin reports what
@@ -1214,9 +1268,17 @@ class Counters(object):
         self.kubelet_restarts = 0
 
 
-def render_metrics(resource_name, devices, counters, registered):
-    """Prometheus text exposition (format 0.0.4) of the plugin's state. The
-    resource name needs no escaping: check_resource_name() allows no quotes."""
+def prometheus_label(name, value):
+    """name="value", escaped as the text format wants (pod and container
+    names come from the kubelet, so they are escaped all the same)."""
+    value = "" if value is None else str(value)
+    return '%s="%s"' % (name, value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
+
+
+def render_metrics(resource_name, devices, counters, registered, holders=None):
+    """Prometheus text exposition (format 0.0.4) of the plugin's state and,
+    with a HolderReport, who holds each allocated CPU (one sample per CPU
+    and holder: bounded by the CPU count)."""
     healthy = sum(1 for d in devices if d.healthy)
     lines = []
 
@@ -1224,7 +1286,8 @@ def render_metrics(resource_name, devices, counters, registered):
         lines.append("# HELP isolcpu_%s %s" % (name, text))
         lines.append("# TYPE isolcpu_%s %s" % (name, kind))
         for labels, value in samples:
-            lines.append("isolcpu_%s{%s} %d" % (name, ",".join(['resource="%s"' % resource_name] + labels), value))
+            lines.append("isolcpu_%s{%s} %d" % (name, ",".join([prometheus_label("resource", resource_name)]
+                                                                + labels), value))
 
     metric("devices", "gauge", "Devices advertised, by health.",
            [(['health="Healthy"'], healthy), (['health="Unhealthy"'], len(devices) - healthy)])
@@ -1239,6 +1302,13 @@ def render_metrics(resource_name, devices, counters, registered):
     metric("kubelet_restarts_total", "counter", "Kubelet restarts seen.", [([], counters.kubelet_restarts)])
     metric("registered", "gauge", "1 while registered with a running kubelet.", [([], int(registered))])
     metric("build_info", "gauge", "Version of the plugin.", [(['version="%s"' % __version__], 1)])
+    if holders is not None and holders.by_cpu is not None:
+        metric("device_allocated", "gauge", "Allocated CPUs and who holds them (from %s)."
+               % HOLDER_SOURCES[holders.source],
+               [([prometheus_label("cpu", cpu), prometheus_label("namespace", h.namespace),
+                  prometheus_label("pod", h.pod), prometheus_label("container", h.container),
+                  prometheus_label("pod_uid", h.pod_uid)], 1)
+                for cpu in sorted(holders.by_cpu) for h in holders.by_cpu[cpu]])
     return "\n".join(lines) + "\n"
 
 
@@ -1393,6 +1463,120 @@ class DevicePluginServicer(object):
 # ---------------------------------------------------------------------------
 # The kubelet session and lifecycle
 # ---------------------------------------------------------------------------
+
+DEFAULT_POD_RESOURCES_SOCKET = "/var/lib/kubelet/pod-resources/kubelet.sock"
+# The kubelet's PodResources API v1 as the plugin calls it: method path ->
+# (request, response) message names in deviceplugin_pb2 (see deviceplugin.proto).
+POD_RESOURCES_METHODS = collections.OrderedDict([
+    ("/v1.PodResourcesLister/List", ("ListPodResourcesRequest", "ListPodResourcesResponse")),
+    ("/v1.PodResourcesLister/GetAllocatableResources",
+     ("AllocatableResourcesRequest", "AllocatableResourcesResponse")),
+])
+POD_RESOURCES_LIST = "/v1.PodResourcesLister/List"
+
+
+class PodResourcesUnavailable(Exception):
+    """PodResources did not answer; str() is one line saying why."""
+
+
+class PodResourcesClient(object):
+    """A client of the kubelet's PodResources API on its unix socket.
+    Connected only for a call, with a 2 s deadline; never polled. Answers are
+    bounded by grpc's default 4 MiB receive limit (a busy node's List is
+    about 100 KB); a bigger one fails like any other answer."""
+
+    DEADLINE = 2.0
+
+    def __init__(self, path):
+        self.path = path
+
+    def check_reachable(self):
+        """Fail at once, with the standard library alone, where no call could
+        succeed: no socket, nobody serving it, no permission."""
+        try:
+            state = unix_socket_state(self.path)
+        except OSError as e:
+            raise PodResourcesUnavailable("PodResources socket %s: %s" % (self.path, e.strerror or e))
+        if state == "missing":
+            raise PodResourcesUnavailable("PodResources socket %s does not exist" % self.path)
+        if state == "refused":
+            raise PodResourcesUnavailable("nothing serves the PodResources socket %s" % self.path)
+
+    def _rpc(self, api, channel, method):
+        request, response = (getattr(api.pb, name) for name in POD_RESOURCES_METHODS[method])
+        return channel.unary_unary(method, request_serializer=request.SerializeToString,
+                                   response_deserializer=response.FromString), request()
+
+    def _failure(self, error):
+        code = error.code() if hasattr(error, "code") else None
+        details = error.details() if hasattr(error, "details") else error
+        return "PodResources at %s: %s (%s)" % (self.path, getattr(code, "name", code), quote(details, 120))
+
+    def call(self, api, method):
+        """The answer to `method` (a path of POD_RESOURCES_METHODS), blocking."""
+        self.check_reachable()
+        channel = api.grpc.insecure_channel("unix:" + self.path)
+        try:
+            rpc, request = self._rpc(api, channel, method)
+            return rpc(request, timeout=self.DEADLINE)
+        except api.grpc.RpcError as e:
+            raise PodResourcesUnavailable(self._failure(e))
+        finally:
+            channel.close()
+
+    async def call_async(self, api, method):
+        """call() on the event loop."""
+        self.check_reachable()
+        channel = api.aio.insecure_channel("unix:" + self.path)
+        try:
+            rpc, request = self._rpc(api, channel, method)
+            return await rpc(request, timeout=self.DEADLINE)
+        except api.grpc.RpcError as e:
+            raise PodResourcesUnavailable(self._failure(e))
+        finally:
+            await channel.close()
+
+
+# Who holds the plugin's CPUs, and how that was learnt. by_cpu: {cpu:
+# (Holder, ...)}, None when no source could tell; source: a HOLDER_SOURCES
+# key or None; failures: ((source, why, normal), ...) of the sources tried
+# in vain, `normal` when that is no fault (off, or no checkpoint written yet).
+HolderReport = collections.namedtuple("HolderReport", "by_cpu source failures")
+
+
+def find_holders(answer, failure, directory, resource_name):
+    """The holders from PodResources' List `answer` when there is one, else
+    (PodResources having failed: `failure` = (why, normal)) from the
+    kubelet's checkpoint in the device-plugin `directory`, read within its bounds."""
+    if answer is not None:
+        return HolderReport(pod_resources_holders(answer, resource_name), "pod-resources", ())
+    failures = (("pod-resources",) + failure,)
+    path = os.path.join(directory, CHECKPOINT_NAME)
+    try:
+        text = read_checkpoint(directory)
+        if text is not None:
+            return HolderReport(checkpoint_holders(text, resource_name), "checkpoint", failures)
+        why, normal = "no checkpoint at %s" % path, True
+    except InputError as e:
+        why, normal = str(e), False
+    except ValueError as e:
+        why, normal = "%s: %s" % (path, e), False
+    return HolderReport(None, None, failures + (("checkpoint", why, normal),))
+
+
+def holders_note(report):
+    """Why the better sources of a HolderReport were not used ("" when none failed)."""
+    return "; ".join(why for _, why, _ in report.failures)
+
+
+def holders_clause(report):
+    """Where the holders in a listing come from, for its header."""
+    if report.source == "pod-resources":
+        return "holders from PodResources"
+    if report.source == "checkpoint":
+        return "holders from the kubelet's checkpoint (%s)" % holders_note(report)
+    return "holders unknown (%s)" % holders_note(report)
+
 
 def file_identity(path):
     """A file's identity, (device, inode), None when absent. Not its ctime:
@@ -1661,6 +1845,11 @@ class Plugin(object):
         self.pinned_to = None
         self.counters = Counters()
         self.heartbeat = time.monotonic()   # stamped by each pass of the host watch
+        self.pod_resources = (PodResourcesClient(config.pod_resources_socket)
+                              if config.pod_resources_socket else None)
+        self.holders_task, self.holders_asked = None, 0.0   # recent_holders()' shared question
+        self.told_holdings = False
+        self.background = set()                              # tasks to cancel when stopping
 
     # Entry -------------------------------------------------------------------
 
@@ -1694,9 +1883,9 @@ class Plugin(object):
                  self.inventory.origin)
         self.note_device_count()
         await self.stopping.wait()
-        for task in tasks:
+        for task in tasks + list(self.background):
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks + list(self.background), return_exceptions=True)
         if self.metrics_server:
             await self.metrics_server.close()
         await self.board.close()
@@ -1721,6 +1910,13 @@ class Plugin(object):
         except InputError as e:
             log.warning("reload failed, keeping the last configuration: %s", e)
         self.rescan_wakeup.set()
+
+    def spawn(self, coroutine):
+        """Run `coroutine` beside the loops, cancelled when the plugin stops."""
+        task = self.loop.create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
 
     def _stream_event(self, stream, opened):
         """Follow the kubelet's own ListAndWatch: the first one opened once
@@ -1783,11 +1979,7 @@ class Plugin(object):
                 log.info("%s", change)
                 self.note_device_count()
                 self.place_self()
-                try:
-                    self.warn_if_yanked(before, self.inventory.devices)
-                except Exception as e:
-                    log.warning("could not tell who holds the CPUs that went away: %s: %s",
-                                type(e).__name__, one_line(e))
+                self.spawn(self.warn_if_yanked(before, self.inventory.devices))
 
     def note_device_count(self):
         """Serving nothing (a node booted without isolcpus=, an empty source)
@@ -1820,32 +2012,72 @@ class Plugin(object):
             log.info("self-affinity: plugin threads on housekeeping CPUs %s", format_cpu_list(target))
         self.pinned_to = target
 
-    def warn_if_yanked(self, before, after):
+    async def warn_if_yanked(self, before, after):
         """Log CPUs in use by containers that went offline or stopped being
-        served: running pods keep them (the kubelet does not take devices
-        back), but nothing should happen silently."""
-        healthy_now = {d.cpu for d in after if d.healthy}
-        lost = {d.cpu for d in before if d.healthy} - healthy_now
+        served, naming who holds them: running pods keep them (the kubelet
+        does not take devices back), but nothing should happen silently."""
+        lost = {d.cpu for d in before if d.healthy} - {d.cpu for d in after if d.healthy}
         if not lost:
             return
-        holders = None
-        path = os.path.join(self.config.device_plugin_path, CHECKPOINT_NAME)
         try:
-            text = read_checkpoint(self.config.device_plugin_path)
-            if text is not None:
-                holders = checkpoint_allocations(text, self.config.resource_name)
-            self.conditions.clear("checkpoint")
-        except InputError as e:
-            self.conditions.report("checkpoint", "cannot name holders from the checkpoint: %s" % e)
-        except ValueError as e:
-            self.conditions.report("checkpoint", "cannot name holders from the checkpoint: %s: %s" % (path, e))
-        if holders is None:                        # no checkpoint: what this process allocated
-            holders = {cpu: "a container" for cpu in self.servicer.allocated}
-        yanked = sorted(cpu for cpu in lost if cpu in holders)
-        if yanked:
-            log.warning("CPUs %s are offline or no longer isolated but allocated (%s); those pods keep "
-                        "them, new pods will not get them", format_cpu_list(yanked),
-                        format_holders(holders[cpu] for cpu in yanked))
+            report = await self.holders()
+            if report.by_cpu is not None:
+                yanked = {cpu: report.by_cpu[cpu] for cpu in lost if cpu in report.by_cpu}
+                how = "named by %s" % HOLDER_SOURCES[report.source]
+            else:                                  # what this process allocated, holders unknown
+                yanked = {cpu: () for cpu in lost if cpu in self.servicer.allocated}
+                how = holders_note(report)
+            if yanked:
+                log.warning("CPUs %s are offline or no longer isolated but allocated (%s; %s); those pods keep "
+                            "them, new pods will not get them", format_cpu_list(yanked), holdings_text(yanked), how)
+        except asyncio.CancelledError:                # an Exception before Python 3.8
+            raise
+        except Exception as e:
+            log.warning("could not tell who holds the CPUs that went away: %s: %s", type(e).__name__, one_line(e))
+
+    async def holders(self):
+        """Who holds the plugin's CPUs: PodResources' List, else the kubelet's
+        checkpoint. Each source that fails is a condition of its own, logged
+        once per way it fails (a missing socket: one warning, not one per use)."""
+        answer, failure = None, ("PodResources is off: --pod-resources-socket off", True)
+        if self.pod_resources is not None:
+            try:
+                answer = await self.pod_resources.call_async(self.api, POD_RESOURCES_LIST)
+            except PodResourcesUnavailable as e:
+                failure = (str(e), False)
+        report = find_holders(answer, failure, self.config.device_plugin_path, self.config.resource_name)
+        failed = {source: (why, normal) for source, why, normal in report.failures}
+        for source, text in HOLDER_SOURCES.items():
+            if source in failed:
+                why, normal = failed[source]
+                self.conditions.report(source, "holders of CPUs cannot be named by %s: %s" % (text, why),
+                                       logging.INFO if normal else logging.WARNING)
+            else:
+                self.conditions.clear(source)
+        return report
+
+    async def recent_holders(self, max_age=1.0):
+        """holders(), asked at most once per `max_age` seconds; callers at the
+        same time share one question (metrics scrapes)."""
+        task = self.holders_task
+        if task is None or (task.done() and time.monotonic() - self.holders_asked >= max_age):
+            self.holders_asked = time.monotonic()
+            task = self.holders_task = self.spawn(self.holders())
+        return await asyncio.shield(task)
+
+    async def tell_holdings(self):
+        """Once a plugin starts: what the kubelet has allocated of its CPUs, so
+        that a restarted plugin's log shows the node's state."""
+        report = await self.recent_holders()
+        served = {d.cpu for d in self.board.devices}
+        if report.by_cpu is None:
+            log.info("who holds the %d CPUs is unknown (%s)", len(served), holders_note(report))
+            return
+        held = {cpu: holders for cpu, holders in report.by_cpu.items() if cpu in served}
+        gone = sorted(set(report.by_cpu) - served)
+        log.info("the kubelet reports %d of %d CPUs allocated%s (from %s)%s", len(held), len(served),
+                 ": " + holdings_text(held) if held else "", HOLDER_SOURCES[report.source],
+                 "; allocated but no longer served: %s" % format_cpu_list(gone) if gone else "")
 
     # Socket and registration ---------------------------------------------------
 
@@ -1883,6 +2115,9 @@ class Plugin(object):
                     self.registered_with = self.last_kubelet = kubelet
                     backoff.reset()
                     self.conditions.clear("kubelet")
+                    if not self.told_holdings:
+                        self.told_holdings = True
+                        self.spawn(self.tell_holdings())
                     continue
                 delay = backoff.next()
             await self._sleep(delay, self.session_wakeup)
@@ -1896,14 +2131,13 @@ class Plugin(object):
         max_age = 3 * self.rescan_period() + 2.0
         return health_status(self.server is not None, time.monotonic() - self.heartbeat, max_age)
 
-    def render_metrics(self):
-        return render_metrics(self.config.resource_name, self.board.devices, self.counters,
-                              self.registered_with is not None)
-
     async def http_answer(self, path):
         """(status, content type, body) for a GET of `path` on --metrics-address."""
         if path == "/metrics":
-            return 200, "text/plain; version=0.0.4; charset=utf-8", self.render_metrics()
+            holders = await self.recent_holders()
+            return 200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(
+                self.config.resource_name, self.board.devices, self.counters, self.registered_with is not None,
+                holders)
         if path == "/healthz":
             ok, text = self.health()
             return (200 if ok else 503), "text/plain; charset=utf-8", text + "\n"
@@ -2014,6 +2248,7 @@ class MetricsServer(object):
         self.sock = open_listener(address, self.BACKLOG)
         self.address = self.sock.getsockname()[:2]
         self.accepting = None
+        self.connections = set()
 
     def start(self, answer):
         """Serve, `answer(path)` giving (status, content type, body) when awaited."""
@@ -2023,9 +2258,10 @@ class MetricsServer(object):
         log.info("metrics on http://%s/metrics", format_listen_address(self.address))
 
     async def close(self):
-        if self.accepting is not None:
-            self.accepting.cancel()
-            await asyncio.gather(self.accepting, return_exceptions=True)
+        tasks = list(self.connections) + ([self.accepting] if self.accepting else [])
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.sock.close()
 
     async def _accept(self):
@@ -2040,7 +2276,9 @@ class MetricsServer(object):
                 await asyncio.sleep(0.5)
                 continue
             conn.setblocking(False)
-            loop.create_task(self._serve(conn))
+            task = loop.create_task(self._serve(conn))
+            self.connections.add(task)
+            task.add_done_callback(self.connections.discard)
 
     async def _serve(self, conn):
         loop = asyncio.get_event_loop()
@@ -2050,6 +2288,10 @@ class MetricsServer(object):
             log.debug("metrics: a client took over %.0f s; closed", self.REQUEST_TIMEOUT)
         except (OSError, ValueError) as e:
             log.debug("metrics: %s", one_line(e))
+        except asyncio.CancelledError:                # an Exception before Python 3.8
+            raise
+        except Exception as e:
+            log.error("internal error answering a metrics request: %s: %s", type(e).__name__, one_line(e))
         finally:
             loop.remove_reader(conn.fileno())      # a cancelled sock_recv may leave one (Python 3.6)
             loop.remove_writer(conn.fileno())
@@ -2220,8 +2462,10 @@ VALUE_OPTIONS = (
     ("--self-affinity", "on", "keep the plugin's own threads off the CPUs it serves: on|off"),
     ("--log-level", "info", "|".join(LOG_LEVELS)),
     ("--metrics-address", None, "serve Prometheus /metrics and /healthz on HOST:PORT (off by default)"),
+    ("--pod-resources-socket", DEFAULT_POD_RESOURCES_SOCKET,
+     "the kubelet's PodResources socket, asked who holds each CPU; off (or \"\"): never asked"),
 )
-EMPTY_MEANS_OFF = ("metrics_address",)
+EMPTY_MEANS_OFF = ("metrics_address", "pod_resources_socket")
 SWITCH_OPTIONS = (
     ("--list", "print the devices that would be advertised, then exit"),
     ("--json", "with --list: print them as one JSON object"),
@@ -2317,6 +2561,12 @@ def parse_config(argv, environ):
         setattr(config, name, os.path.abspath(getattr(config, name)))
     if len(os.fsencode(os.path.join(config.device_plugin_path, config.socket_name))) > UNIX_PATH_MAX:
         raise bad("device_plugin_path", "socket path longer than %d bytes" % UNIX_PATH_MAX)
+    if config.pod_resources_socket.strip() in ("", "off"):
+        config.pod_resources_socket = None
+    else:
+        config.pod_resources_socket = os.path.abspath(config.pod_resources_socket)
+        if len(os.fsencode(config.pod_resources_socket)) > UNIX_PATH_MAX:
+            raise bad("pod_resources_socket", "longer than %d bytes" % UNIX_PATH_MAX)
     if not _ENV_NAME.match(config.env_name):
         raise bad("env_name", "not a valid environment variable name")
     config.log_level = config.log_level.lower()
@@ -2354,22 +2604,56 @@ def device_record(device):
         ("core_id", info.core_id), ("thread_siblings", list(info.thread_siblings))])
 
 
-def write_listing(config, inventory, out):
+def list_holders(config):
+    """Who holds the CPUs, for --list: PodResources (blocking gRPC) where its
+    socket answers, else the kubelet's checkpoint. grpc is imported only to
+    ask PodResources, so the rest of --list needs the standard library alone."""
+    answer, failure = None, ("PodResources is off: --pod-resources-socket off", True)
+    if config.pod_resources_socket is not None:
+        client = PodResourcesClient(config.pod_resources_socket)
+        try:
+            client.check_reachable()
+            answer = client.call(load_grpc(), POD_RESOURCES_LIST)
+        except PodResourcesUnavailable as e:
+            failure = (str(e), False)
+        except InputError as e:                    # grpcio missing
+            failure = ("PodResources not asked: %s" % e, False)
+    return find_holders(answer, failure, config.device_plugin_path, config.resource_name)
+
+
+def write_listing(config, inventory, holders, out):
+    """--list: the devices and who holds them (a HolderReport), as a table
+    or, with --json, one object."""
     devices = inventory.devices
+    by_cpu = holders.by_cpu
     if config.json:
-        json.dump(collections.OrderedDict([("resource_name", config.resource_name),
-                                           ("devices", [device_record(d) for d in devices])]), out)
+        records = []
+        for d in devices:
+            held = sorted(by_cpu.get(d.cpu, ()), key=holder_name) if by_cpu is not None else []
+            record = device_record(d)
+            record["holder"] = holder_record(held[0]) if held else None
+            record["holders"] = [holder_record(h) for h in held]
+            records.append(record)
+        json.dump(collections.OrderedDict([("resource_name", config.resource_name), ("devices", records),
+                                           ("holders_source", holders.source),
+                                           ("holders_note", holders_note(holders))]),
+                  out)
         out.write("\n")
         return
-    out.write("%s: %d devices from %s\n" % (config.resource_name, len(devices), inventory.origin))
-    rows = [("ID", "CPU", "HEALTH", "NUMA", "PACKAGE", "CORE", "THREAD SIBLINGS")]
+    out.write("%s: %d devices from %s; %s\n" % (config.resource_name, len(devices), inventory.origin,
+                                                 holders_clause(holders)))
+    rows = [("ID", "CPU", "HEALTH", "NUMA", "PACKAGE", "CORE", "THREAD SIBLINGS", "HOLDER")]
     for d in devices:
         info = d.info
+        if by_cpu is None:
+            holder = "?"
+        else:
+            holder = ", ".join(sorted(holder_name(h) for h in by_cpu.get(d.cpu, ()))) or "-"
         rows.append((device_id(d.cpu), str(d.cpu), HEALTHY if d.healthy else UNHEALTHY,
                      format_cpu_list(info.numa_nodes) or "-",
                      "-" if info.package is None else str(info.package),
                      "-" if info.core_id is None else str(info.core_id),
-                     format_cpu_list(info.thread_siblings) or "-"))
+                     format_cpu_list(info.thread_siblings) or "-", holder))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
@@ -2401,7 +2685,7 @@ def main(argv=None, environ=None):
         inventory = CpuInventory(Host(config.sysfs, config.procfs), config.source,
                                  config.cpus, config.origin["cpus"])
         if config.list:
-            write_listing(config, inventory, sys.stdout)
+            write_listing(config, inventory, list_holders(config), sys.stdout)
             sys.stdout.flush()
             return 0
         return serve(config, inventory)

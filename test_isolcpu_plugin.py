@@ -58,12 +58,14 @@ plugin.log.propagate = False
 # ---------------------------------------------------------------------------
 
 def write_files(root, files):
-    """Create files under root from {relative path: text}."""
+    """Create files under root from {relative path: text}, each replaced at
+    once, as sysfs changes (a reader never sees half a file)."""
     for rel, text in files.items():
         path = os.path.join(root, rel)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
+        with open(path + ".new", "w") as f:
             f.write(text)
+        os.rename(path + ".new", path)
 
 
 def cpu_mask(cpus, words=2):
@@ -768,7 +770,9 @@ class CliTests(TempDirTest):
     def setUp(self):
         super().setUp()
         self.sysfs, self.procfs = fake_host(self.tmp, sockets=2, cores=2, isolated="2-3,6-7")
-        self.base = ["--sysfs", self.sysfs, "--procfs", self.procfs]
+        # never the host's kubelet: its own device-plugin dir, PodResources off
+        self.base = ["--sysfs", self.sysfs, "--procfs", self.procfs, "--device-plugin-path",
+                     os.path.join(self.tmp, "device-plugins"), "--pod-resources-socket", "off"]
 
     def run_cli(self, *args, env=None):
         return subprocess.run([sys.executable, PLUGIN] + list(args), env=plugin_env(env), timeout=60,
@@ -778,10 +782,13 @@ class CliTests(TempDirTest):
         result = self.run_cli(*self.base + ["--list", "--json"])
         self.assertEqual(result.returncode, 0, result.stderr)
         data = json.loads(result.stdout)
-        self.assertEqual(list(data), ["resource_name", "devices"])
+        self.assertEqual(list(data), ["resource_name", "devices", "holders_source", "holders_note"])
         self.assertEqual(data["resource_name"], "windriver.com/isolcpus")
         self.assertEqual(data["devices"][0], {"id": "2", "cpu": 2, "health": "Healthy", "numa_nodes": [1],
-                                              "package": 1, "core_id": 0, "thread_siblings": [2, 6]})
+                                              "package": 1, "core_id": 0, "thread_siblings": [2, 6],
+                                              "holder": None, "holders": []})
+        self.assertIsNone(data["holders_source"])
+        self.assertIn("PodResources is off", data["holders_note"])
         self.assertEqual([d["id"] for d in data["devices"]], ["2", "3", "6", "7"])
 
     def test_list_table(self):
@@ -790,7 +797,7 @@ class CliTests(TempDirTest):
         lines = result.stdout.splitlines()
         self.assertIn("4 devices", lines[0])
         self.assertEqual(lines[1].split()[:4], ["ID", "CPU", "HEALTH", "NUMA"])
-        self.assertEqual(lines[2].split(), ["2", "2", "Healthy", "1", "1", "0", "2,6"])
+        self.assertEqual(lines[2].split(), ["2", "2", "Healthy", "1", "1", "0", "2,6", "?"])
 
     def test_environment_twins_and_flag_precedence(self):
         env = {"ISOLCPU_SYSFS": self.sysfs, "ISOLCPU_PROCFS": self.procfs, "ISOLCPU_CPUS": "1",
@@ -846,14 +853,14 @@ class CliTests(TempDirTest):
 
     def test_list_table_prints_ranges(self):
         sysfs, procfs = fake_host(os.path.join(self.tmp, "smt4"), sockets=1, cores=2, threads=4, isolated="0-7")
-        result = self.run_cli("--sysfs", sysfs, "--procfs", procfs, "--list")
+        result = self.run_cli("--sysfs", sysfs, "--procfs", procfs, "--list", *self.base[4:])
         self.assertEqual(result.returncode, 0, result.stderr)
         rows = [line.split() for line in result.stdout.splitlines()[2:]]
         # SMT-4: core 0 is CPUs 0,2,4,6 (no run), a run only in the cpu-list form
-        self.assertEqual(rows[0], ["0", "0", "Healthy", "0", "0", "0", "0,2,4,6"])
+        self.assertEqual(rows[0], ["0", "0", "Healthy", "0", "0", "0", "0,2,4,6", "?"])
         sysfs, procfs = fake_host(os.path.join(self.tmp, "smt4b"), sockets=1, cores=1, threads=4, isolated="0-3")
-        result = self.run_cli("--sysfs", sysfs, "--procfs", procfs, "--list")
-        self.assertEqual([line.split()[-1] for line in result.stdout.splitlines()[2:]], ["0-3"] * 4)
+        result = self.run_cli("--sysfs", sysfs, "--procfs", procfs, "--list", *self.base[4:])
+        self.assertEqual([line.split()[-2] for line in result.stdout.splitlines()[2:]], ["0-3"] * 4)
 
     def test_bad_input_is_one_line_and_exit_2(self):
         cases = [
@@ -901,6 +908,63 @@ class CliTests(TempDirTest):
 # ---------------------------------------------------------------------------
 
 Snapshot = collections.namedtuple("Snapshot", "devices at")   # devices: {id: (health, nodes or None)}
+REFERENCE = os.path.join(HERE, "..", "shared", "reference")
+
+
+# Protobuf's wire format, written here from the field numbers of the kubelet's
+# PodResources api.proto (../shared/reference/kubelet-podresources-v1.proto),
+# independently of the plugin's stubs: what the fake kubelet sends is what a
+# kubelet sends, including the fields the plugin does not read.
+
+def pb_varint(value):
+    value &= (1 << 64) - 1                          # int64: two's complement, as protobuf does
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def pb_field(number, value):
+    """One field: an int as a varint, str or bytes length-delimited."""
+    if isinstance(value, int):
+        return pb_varint(number << 3) + pb_varint(value)
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return pb_varint(number << 3 | 2) + pb_varint(len(data)) + data
+
+
+def pb_packed(number, values):
+    return pb_field(number, b"".join(pb_varint(v) for v in values)) if values else b""
+
+
+def encode_container_devices(resource, ids, numa_nodes=()):
+    """ContainerDevices: resource_name = 1, device_ids = 2, topology = 3 (TopologyInfo: nodes = 1, NUMANode: ID = 1)."""
+    topology = pb_field(3, b"".join(pb_field(1, pb_field(1, node)) for node in numa_nodes)) if numa_nodes else b""
+    return pb_field(1, resource) + b"".join(pb_field(2, i) for i in ids) + topology
+
+
+def encode_container(name, devices, cpu_ids=()):
+    """ContainerResources: name = 1, devices = 2, cpu_ids = 3, memory = 4,
+    dynamic_resources = 5 (whose ClaimResource has the proto3 optional share_id = 5)."""
+    memory = pb_field(4, pb_field(1, "memory") + pb_field(2, 1 << 30))
+    claim = pb_field(5, pb_field(2, "claim-1") + pb_field(3, "default")
+                     + pb_field(4, pb_field(1, pb_field(1, "vendor.com/dev=1")) + pb_field(2, "vendor.com")
+                                + pb_field(5, "share-1")))
+    return (pb_field(1, name) + b"".join(pb_field(2, encode_container_devices(*d)) for d in devices)
+            + pb_packed(3, cpu_ids) + memory + claim)
+
+
+def encode_pod(name, namespace, containers):
+    """PodResources: name = 1, namespace = 2, containers = 3, cpu_ids = 4, memory = 5."""
+    return (pb_field(1, name) + pb_field(2, namespace) + b"".join(pb_field(3, c) for c in containers)
+            + pb_packed(4, [0]) + pb_field(5, pb_field(1, "hugepages-2Mi") + pb_field(2, 0)))
+
+
+def pod_uid(namespace, pod):
+    """A real-looking, stable pod UID."""
+    import uuid
+    return str(uuid.uuid5(uuid.NAMESPACE_DNS, "%s.%s.pods" % (pod, namespace)))
 
 
 class FakeKubelet(object):
@@ -912,8 +976,15 @@ class FakeKubelet(object):
     consumes ListAndWatch in a thread, recording every list. A plugin that
     registers again replaces its previous connection."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, pod_resources_dir=None, writes_checkpoint=False):
         self.dir = directory
+        self.pod_resources_dir = pod_resources_dir     # serve PodResources there too
+        self.writes_checkpoint = writes_checkpoint     # write kubelet_internal_checkpoint on Allocate
+        self.pod_resources_server = None
+        self.pod_resources_mode = "serve"              # or "hang", "error"
+        self.pod_resources_calls = []                  # (method, monotonic time)
+        self.released = threading.Event()              # ends hanging PodResources calls
+        self.allocations = collections.OrderedDict()   # (namespace, pod, container) -> device IDs
         self.server = None
         self.cond = threading.Condition()
         self.registrations = []
@@ -940,15 +1011,85 @@ class FakeKubelet(object):
         pb_grpc.add_RegistrationServicer_to_server(self, self.server)
         self.server.add_insecure_port("unix:" + self.socket)
         self.server.start()
+        if self.pod_resources_dir:
+            self._serve_pod_resources()
         return self
 
     def stop(self):
+        self.released.set()
         if self.server is not None:
             self.server.stop(None).wait()
             self.server = None
+        if self.pod_resources_server is not None:
+            self.pod_resources_server.stop(None).wait()
+            self.pod_resources_server = None
+        self.released.clear()
         self._drop_plugin()
-        if os.path.exists(self.socket):
-            os.unlink(self.socket)
+        for path in (self.socket, self.pod_resources_socket):
+            if path and os.path.exists(path):
+                os.unlink(path)
+
+    # The PodResources service (v1.PodResourcesLister), as the kubelet serves it ---
+
+    @property
+    def pod_resources_socket(self):
+        return os.path.join(self.pod_resources_dir, "kubelet.sock") if self.pod_resources_dir else None
+
+    def _serve_pod_resources(self):
+        os.makedirs(self.pod_resources_dir, exist_ok=True)
+        if os.path.exists(self.pod_resources_socket):
+            os.unlink(self.pod_resources_socket)
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        handlers = {"List": self._pod_resources_list,                 # raw bytes in and out
+                    "GetAllocatableResources": self._pod_resources_allocatable}
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("v1.PodResourcesLister", {
+            name: grpc.unary_unary_rpc_method_handler(handler) for name, handler in handlers.items()}),))
+        server.add_insecure_port("unix:" + self.pod_resources_socket)
+        server.start()
+        self.pod_resources_server = server
+
+    def _pod_resources_call(self, method, context):
+        with self.cond:
+            self.pod_resources_calls.append((method, time.monotonic()))
+            self.cond.notify_all()
+        if self.pod_resources_mode == "hang":
+            self.released.wait(30)
+        elif self.pod_resources_mode == "error":
+            context.abort(grpc.StatusCode.INTERNAL, "podresources: internal error")
+
+    def _pod_resources_list(self, request, context):
+        """ListPodResourcesResponse (pod_resources = 1) from the allocations made,
+        with another resource beside ours and a pod that holds nothing of ours."""
+        self._pod_resources_call("List", context)
+        pods = collections.OrderedDict()
+        with self.cond:
+            for (namespace, pod, container), ids in self.allocations.items():
+                pods.setdefault((namespace, pod), []).append(encode_container(
+                    container, [("windriver.com/isolcpus", ids, [2]), ("example.com/nic", ["0000:3b:00.1"], [0])]))
+        pods[("kube-system", "coredns-5d78c9869d-x2x7q")] = [encode_container("coredns", [], cpu_ids=[1])]
+        return b"".join(pb_field(1, encode_pod(pod, namespace, containers))
+                        for (namespace, pod), containers in pods.items())
+
+    def _pod_resources_allocatable(self, request, context):
+        """AllocatableResourcesResponse: devices = 1 (the healthy devices of the
+        latest list, one ContainerDevices each, as the kubelet groups them), cpu_ids = 2."""
+        self._pod_resources_call("GetAllocatableResources", context)
+        with self.cond:
+            devices = self.lists[-1].devices if self.lists else {}
+        healthy = sorted((i for i, (health, _) in devices.items() if health == "Healthy"), key=int)
+        return (b"".join(pb_field(1, encode_container_devices("windriver.com/isolcpus", [i], devices[i][1] or ()))
+                         for i in healthy) + pb_packed(2, [0, 1, 4, 5]))
+
+    def write_checkpoint(self):
+        """kubelet_internal_checkpoint from the allocations made, written the
+        kubelet's way (a new file renamed into place)."""
+        entries = [{"PodUID": pod_uid(namespace, pod), "ContainerName": container,
+                    "ResourceName": "windriver.com/isolcpus", "DeviceIDs": {"2": ids}, "AllocResp": ""}
+                   for (namespace, pod, container), ids in self.allocations.items()]
+        path = os.path.join(self.dir, "kubelet_internal_checkpoint")
+        with open(path + ".new", "w") as f:
+            json.dump({"Data": {"PodDeviceEntries": entries, "RegisteredDevices": {}}, "Checksum": 0}, f)
+        os.rename(path + ".new", path)
 
     def restart(self):
         self.stop()
@@ -1028,9 +1169,17 @@ class FakeKubelet(object):
         self.wait(check, timeout, "a matching device list")
         return found[0]
 
-    def allocate(self, *ids):
+    def allocate(self, *ids, pod=None):
+        """Allocate for one container, `pod` = (namespace, pod, container), and
+        remember it (PodResources and the checkpoint report it) as the kubelet does."""
         request = pb.AllocateRequest(container_requests=[pb.ContainerAllocateRequest(devices_ids=list(ids))])
-        return self.stub.Allocate(request, timeout=5)
+        response = self.stub.Allocate(request, timeout=5)
+        with self.cond:
+            owner = pod or ("default", "pod-%d" % (len(self.allocations) + 1), "app")
+            self.allocations[owner] = list(ids)
+        if self.writes_checkpoint:
+            self.write_checkpoint()
+        return response
 
     def close_stream(self):
         """End the current ListAndWatch from the kubelet's side, without restarting."""
@@ -1093,7 +1242,9 @@ class PluginRig(TempDirTest):
         self.addCleanup(self.kubelet.stop)
 
     def start_plugin(self, *extra, env=None):
+        # never the host's own PodResources socket: the fake kubelet's, where it serves one
         args = ["--sysfs", self.sysfs, "--procfs", self.procfs, "--device-plugin-path", self.dir,
+                "--pod-resources-socket", os.path.join(self.tmp, "pod-resources", "kubelet.sock"),
                 "--rescan-interval", "0.2", "--log-level", "debug"] + list(extra)
         process = PluginProcess(self.tmp, args, env)
         self.addCleanup(process.stop, signal.SIGKILL)
@@ -1274,7 +1425,8 @@ class LifecycleTests(PluginRig):
         process = self.start_plugin()
         self.kubelet.wait_list(lambda devices: len(devices) == 4)
         self.set_host("online", "0-2,4-5,7\n")                    # 3 and 6 go offline
-        process.wait_log("CPUs 6 are offline or no longer isolated but allocated ('pod-1/app')")
+        process.wait_log("CPUs 6 are offline or no longer isolated but allocated (6 to 'pod-1/app'; "
+                         "named by the kubelet's checkpoint)")
         self.assertNotIn("CPUs 3 ", process.log())
 
     def test_yanked_allocations_without_checkpoint(self):
@@ -1284,7 +1436,7 @@ class LifecycleTests(PluginRig):
         self.kubelet.allocate("7")
         self.set_host("isolated", "2-3,6\n")                     # 7 leaves the set: removed
         self.kubelet.wait_list(lambda devices: sorted(devices) == ["2", "3", "6"], timeout=3)
-        process.wait_log("CPUs 7 are offline or no longer isolated but allocated ('a container')")
+        process.wait_log("CPUs 7 are offline or no longer isolated but allocated (7 to an unknown container; ")
 
     def thread_affinities(self, pid):
         return {line.split()[1] for status in task_files(pid, "status").values()
@@ -1534,7 +1686,7 @@ class FuzzTests(TempDirTest):
                 '{"Data": {"PodDeviceEntries": ["x"]}}', "\xff\xfe", '{"Data": {"PodDeviceEntries": [{}]}}']
         for doc in docs:
             try:
-                holders = plugin.checkpoint_allocations(doc, "windriver.com/isolcpus")
+                holders = plugin.checkpoint_holders(doc, "windriver.com/isolcpus")
                 self.assertTrue(all(isinstance(cpu, int) for cpu in holders), doc)
             except ValueError as e:
                 self.check_error(e, doc)
@@ -1587,22 +1739,26 @@ class RobustnessUnitTests(unittest.TestCase):
     def test_a_deeply_nested_checkpoint_is_not_a_checkpoint(self):
         deep = '{"Data": {"PodDeviceEntries": ' + "[" * 100000 + "]" * 100000 + "}}"
         with self.assertRaises(ValueError) as caught:
-            plugin.checkpoint_allocations(deep, "windriver.com/isolcpus")
+            plugin.checkpoint_holders(deep, "windriver.com/isolcpus")
         self.assertLess(len(str(caught.exception)), 200)
         deep_dict = '{"Data": {"PodDeviceEntries": [{"ResourceName": "windriver.com/isolcpus", "DeviceIDs": ' \
                     + '{"a": ' * 50000 + "1" + "}" * 50000 + "}]}}"
         with self.assertRaises(ValueError):
-            plugin.checkpoint_allocations(deep_dict, "windriver.com/isolcpus")
+            plugin.checkpoint_holders(deep_dict, "windriver.com/isolcpus")
 
     def test_holders_are_named_whole(self):
-        holder = "3f1c2a9e-7b4d-4e8f-9a6b-1c2d3e4f5a6b/packet-processor-main-container"
-        text = plugin.format_holders([holder, "pod-2/app"])
-        self.assertIn(holder, text)
-        self.assertIn("pod-2/app", text)
-        many = plugin.format_holders(["pod-%d/app" % i for i in range(100)])
-        self.assertIn("(+", many)
+        uid = "3f1c2a9e-7b4d-4e8f-9a6b-1c2d3e4f5a6b"
+        holders = {6: (plugin.Holder(None, None, "packet-processor-main-container", uid, "checkpoint"),),
+                   3: (plugin.Holder("default", "pod-2", "app", None, "pod-resources"),)}
+        text = plugin.holdings_text(holders)
+        self.assertEqual(text, "3 to 'default/pod-2/app', 6 to '%s/packet-processor-main-container'" % uid)
+        many = plugin.holdings_text({i: (plugin.Holder("n", "pod-%d" % i, "app", None, "pod-resources"),)
+                                     for i in range(100)})
+        self.assertIn("(+90 more)", many)
         self.assertLess(len(many), 1200)
-        self.assertNotIn("\n", plugin.format_holders(["evil\npod/app"]))
+        evil = plugin.holdings_text({1: (plugin.Holder("n", "evil\npod", "app", None, "pod-resources"),)})
+        self.assertNotIn("\n", evil)
+        self.assertEqual(plugin.holdings_text({4: (), 5: ()}), "4-5 to an unknown container")
 
     def test_request_bounds(self):
         bounds = plugin.check_request_bounds
@@ -2023,8 +2179,7 @@ class HardeningTests(PluginRig):
         peak_before = peak_rss_kib(process.proc.pid)
         self.set_host("online", "0-5,7\n")
         self.kubelet.wait_list(lambda devices: devices["6"][0] == "Unhealthy", timeout=3)
-        process.wait_log("kubelet_internal_checkpoint")
-        self.assertIn("larger than", process.log())
+        process.wait_log("kubelet_internal_checkpoint: larger than")
         grown = peak_rss_kib(process.proc.pid) - peak_before
         self.assertLess(grown, 8 * 1024, "peak RSS grew by %d KiB" % grown)
         self.assert_still_serving(process)
@@ -2245,7 +2400,7 @@ class HardeningTests(PluginRig):
         self.assertEqual(len(failed), 2, failed)
         self.assertIn("'2-x'", failed[0])
         self.assertIn("'2-y'", failed[1])
-        resolved = [line for line in lines if " INFO resolved after" in line]
+        resolved = [line for line in lines if " INFO resolved after" in line and "rescan failed" in line]
         self.assertEqual(len(resolved), 1, resolved)
         self.assertRegex(resolved[0], r"resolved after ([5-9]|[1-9][0-9]+) times over")
 
@@ -2264,22 +2419,21 @@ class HardeningTests(PluginRig):
             self.assertTrue(backlogs and min(backlogs) >= 128, listing)
 
     def test_probe_says_permission_denied(self):
-        if os.getuid() != 0:
-            self.skipTest("needs root, to run the probe as nobody")
+        # as nobody through setpriv: forking with a preexec_fn while grpc's threads
+        # run deadlocks grpc 1.51's fork handler (seen on Debian 13)
+        if os.getuid() != 0 or not shutil.which("setpriv"):
+            self.skipTest("needs root and setpriv, to run the probe as nobody")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
         python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
         self.registered_plugin()
         for path in (self.tmp, self.dir):
             os.chmod(path, 0o755)                          # the kubelet's dir; the socket stays 0600
-
-        def as_nobody():
-            os.setgid(65534)
-            os.setuid(65534)
-        if subprocess.run([python, "-c", "import os; os.stat(%r)" % PLUGIN], preexec_fn=as_nobody,
+        if subprocess.run(as_nobody + [python, "-c", "import os; os.stat(%r)" % PLUGIN],
                           stderr=subprocess.DEVNULL).returncode != 0:
             self.skipTest("nobody cannot run %s on %s here" % (python, PLUGIN))
-        result = subprocess.run([python, PLUGIN, "--probe", "--device-plugin-path", self.dir],
-                                preexec_fn=as_nobody, env=plugin_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, universal_newlines=True, timeout=30)
+        result = subprocess.run(as_nobody + [python, PLUGIN, "--probe", "--device-plugin-path", self.dir],
+                                env=plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                universal_newlines=True, timeout=30)
         self.assertEqual((result.returncode, len(result.stderr.splitlines())), (1, 1), result.stderr)
         self.assertIn("permission denied", result.stderr.lower())
         self.assertNotIn("did not answer", result.stderr)
@@ -2308,6 +2462,295 @@ class HardeningTests(PluginRig):
         self.set_host("online", "0-3,7\n")
         process.wait_log("now unhealthy (offline) 4-6")
         process.wait_log("CPUs 4-5 are offline or no longer isolated but allocated")
+
+
+def reference_proto(name):
+    """(package, {message: {field: (number, type, repeated)}}, {service: {rpc: (request, response)}})
+    of a proto3 file of ../shared/reference, read as text; None when absent."""
+    path = os.path.join(REFERENCE, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        text = re.sub(r"//[^\n]*", "", f.read())
+    package = re.search(r"^package\s+([\w.]+);", text, re.M).group(1)
+    messages = {}
+    for name_, body in re.findall(r"message\s+(\w+)\s*\{([^{}]*)\}", text):
+        messages[name_] = {field: (int(number), kind, label == "repeated") for label, kind, field, number
+                           in re.findall(r"(repeated\s+|optional\s+)?([\w.]+)\s+(\w+)\s*=\s*(\d+)\s*;", body)
+                           for label in [label.strip()]}
+    services = {}
+    for service, body in re.findall(r"service\s+(\w+)\s*\{(.*?)\n\}", text, re.S):
+        services[service] = {rpc: (request, response) for rpc, request, response
+                             in re.findall(r"rpc\s+(\w+)\s*\((\w+)\)\s*returns\s*\((\w+)\)", body)}
+    return package, messages, services
+
+
+@unittest.skipIf(grpc is None, "grpcio/protobuf not installed")
+class PodResourcesWireTests(unittest.TestCase):
+    """The PodResources messages in deviceplugin.proto against the kubelet's api.proto."""
+
+    SCALARS = {"string": 9, "int64": 3, "uint64": 4, "int32": 5, "bool": 8}    # FieldDescriptor.TYPE_*
+
+    def test_messages_are_wire_identical_to_the_kubelets(self):
+        reference = reference_proto("kubelet-podresources-v1.proto")
+        if reference is None:
+            self.skipTest("../shared/reference absent")
+        package, messages, services = reference
+        self.assertEqual(package, "v1")
+        ours = pb.DESCRIPTOR.message_types_by_name
+        used = {name for pair in plugin.POD_RESOURCES_METHODS.values() for name in pair}
+        pending, checked = sorted(used), set()
+        while pending:                                    # every message reachable from those the plugin calls with
+            name = pending.pop()
+            if name in checked:
+                continue
+            checked.add(name)
+            self.assertIn(name, messages, "%s is not a PodResources message" % name)
+            for field in ours[name].fields:
+                with self.subTest(message=name, field=field.name):
+                    self.assertIn(field.name, messages[name])
+                    number, kind, repeated = messages[name][field.name]
+                    self.assertEqual(field.number, number)
+                    self.assertEqual(field.is_repeated if hasattr(field, "is_repeated")      # protobuf 7 has no label
+                                     else field.label == field.LABEL_REPEATED, repeated)
+                    if kind in self.SCALARS:
+                        self.assertEqual(field.type, self.SCALARS[kind])
+                    else:
+                        self.assertEqual((field.type, field.message_type.name), (field.TYPE_MESSAGE, kind))
+                        pending.append(kind)
+        self.assertTrue({"PodResources", "ContainerResources", "ContainerDevices", "TopologyInfo"} <= checked)
+        for method, (request, response) in plugin.POD_RESOURCES_METHODS.items():
+            with self.subTest(method=method):
+                self.assertTrue(method.startswith("/%s.PodResourcesLister/" % package), method)
+                self.assertEqual(services["PodResourcesLister"][method.rsplit("/", 1)[1]], (request, response))
+
+    def test_a_kubelets_answer_decodes_and_unknown_fields_are_skipped(self):
+        data = pb_field(1, encode_pod("web-0", "shop", [encode_container(
+            "app", [("windriver.com/isolcpus", ["3", "11"], [1])], cpu_ids=[-1, 5])]))
+        answer = pb.ListPodResourcesResponse.FromString(data)
+        pod = answer.pod_resources[0]
+        self.assertEqual((pod.name, pod.namespace, pod.containers[0].name), ("web-0", "shop", "app"))
+        devices = pod.containers[0].devices[0]
+        self.assertEqual((devices.resource_name, list(devices.device_ids), [n.ID for n in devices.topology.nodes]),
+                         ("windriver.com/isolcpus", ["3", "11"], [1]))
+        self.assertEqual(list(pod.containers[0].cpu_ids), [-1, 5])
+
+    def test_holders_from_an_answer(self):
+        answer = pb.ListPodResourcesResponse.FromString(
+            pb_field(1, encode_pod("dpdk-0", "net", [
+                encode_container("fwd", [("windriver.com/isolcpus", ["6", "7"], [2]), ("example.com/nic", ["3"])]),
+                encode_container("idle", [])]))
+            + pb_field(1, encode_pod("old-1", "net", [encode_container("fwd", [("windriver.com/isolcpus", ["7"])])]))
+            + pb_field(1, encode_pod("odd", "x", [encode_container("c", [("windriver.com/isolcpus", ["x", "-1", "07"])])])))
+        holders = plugin.pod_resources_holders(answer, "windriver.com/isolcpus")
+        self.assertEqual(sorted(holders), [6, 7])                    # 3 is another resource's; bad IDs skipped
+        self.assertEqual([plugin.holder_name(h) for h in holders[6]], ["net/dpdk-0/fwd"])
+        self.assertEqual(sorted(plugin.holder_name(h) for h in holders[7]), ["net/dpdk-0/fwd", "net/old-1/fwd"])
+        self.assertEqual(plugin.holdings_text({6: holders[6], 7: holders[6]}), "6-7 to 'net/dpdk-0/fwd'")
+        many = {cpu: (plugin.Holder("ns", "pod-%d" % cpu, "c", None, "pod-resources"),) for cpu in range(100)}
+        text = plugin.holdings_text(many)
+        self.assertIn("(+90 more)", text)
+        self.assertLess(len(text), 600)
+
+
+class PodResourcesRig(PluginRig):
+    """PluginRig whose kubelet serves PodResources and writes its checkpoint."""
+
+    def setUp(self):
+        super().setUp()
+        self.pod_resources_dir = os.path.join(self.tmp, "pod-resources")
+        self.kubelet = FakeKubelet(self.dir, self.pod_resources_dir, writes_checkpoint=True)
+        self.addCleanup(self.kubelet.stop)
+
+    def registered_plugin(self, *extra):
+        self.kubelet.start()
+        process = self.start_plugin(*extra)
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        process.wait_log("registered windriver.com/isolcpus")
+        return process
+
+    def allocate_some(self):
+        self.kubelet.allocate("6", "7", pod=("net", "dpdk-fwd-0", "forwarder"))
+        self.kubelet.allocate("3", pod=("trading", "order-gateway-7f9c", "gateway"))
+
+    def calls(self, method="List"):
+        with self.kubelet.cond:
+            return [at for name, at in self.kubelet.pod_resources_calls if name == method]
+
+    def list_cli(self, *args):
+        return subprocess.run([sys.executable, PLUGIN, "--sysfs", self.sysfs, "--procfs", self.procfs,
+                               "--device-plugin-path", self.dir, "--list"] + list(args), env=plugin_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=60)
+
+
+@needs_grpc
+class PodResourcesTests(PodResourcesRig):
+    """Who holds each CPU, from the kubelet's PodResources API, else its checkpoint."""
+
+    def test_lost_cpus_are_named_by_pod_resources(self):
+        process = self.registered_plugin()
+        self.allocate_some()
+        self.set_host("online", "0-2,4-5,7\n")                       # 3 and 6 go offline
+        process.wait_log("CPUs 3,6 are offline or no longer isolated but allocated")
+        line = [l for l in process.log().splitlines() if "are offline or no longer isolated" in l][0]
+        self.assertIn("3 to 'trading/order-gateway-7f9c/gateway'", line)
+        self.assertIn("6 to 'net/dpdk-fwd-0/forwarder'", line)
+        self.assertIn("named by PodResources", line)
+
+    def test_list_names_holders_table_and_json(self):
+        process = self.registered_plugin()
+        self.allocate_some()
+        socket_flag = ["--pod-resources-socket", self.kubelet.pod_resources_socket]
+        result = self.list_cli(*socket_flag)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertIn("holders from PodResources", lines[0])
+        self.assertEqual(lines[1].split()[-1], "HOLDER")
+        rows = {line.split()[0]: line.split()[-1] for line in lines[2:]}
+        self.assertEqual(rows, {"2": "-", "3": "trading/order-gateway-7f9c/gateway",
+                                "6": "net/dpdk-fwd-0/forwarder", "7": "net/dpdk-fwd-0/forwarder"})
+        data = json.loads(self.list_cli("--json", *socket_flag).stdout)
+        self.assertEqual(list(data)[:2], ["resource_name", "devices"])
+        self.assertEqual(data["holders_source"], "pod-resources")
+        by_id = {d["id"]: d for d in data["devices"]}
+        self.assertEqual(set(by_id["3"]) - {"holder", "holders"},
+                         {"id", "cpu", "health", "numa_nodes", "package", "core_id", "thread_siblings"})
+        self.assertEqual(by_id["3"]["holder"], {"namespace": "trading", "pod": "order-gateway-7f9c",
+                                                "container": "gateway", "pod_uid": None, "source": "pod-resources"})
+        self.assertIsNone(by_id["2"]["holder"])
+        self.assertEqual(by_id["2"]["holders"], [])
+        self.assertEqual(by_id["6"]["holders"], [by_id["6"]["holder"]])
+        # without PodResources: the checkpoint, by pod UID, and it says so
+        result = self.list_cli("--pod-resources-socket", "off")
+        self.assertIn("holders from the kubelet's checkpoint", result.stdout.splitlines()[0])
+        rows = {line.split()[0]: line.split()[-1] for line in result.stdout.splitlines()[2:]}
+        self.assertEqual(rows["3"], "%s/gateway" % pod_uid("trading", "order-gateway-7f9c"))
+        data = json.loads(self.list_cli("--json", "--pod-resources-socket", "").stdout)
+        holder = {d["id"]: d for d in data["devices"]}["6"]["holder"]
+        self.assertEqual(holder, {"namespace": None, "pod": None, "container": "forwarder",
+                                  "pod_uid": pod_uid("net", "dpdk-fwd-0"), "source": "checkpoint"})
+        self.assertEqual(data["holders_source"], "checkpoint")
+        # neither: unknown, said once, still listed
+        os.unlink(os.path.join(self.dir, "kubelet_internal_checkpoint"))
+        result = self.list_cli("--json", "--pod-resources-socket", os.path.join(self.tmp, "none.sock"))
+        data = json.loads(result.stdout)
+        self.assertEqual((data["holders_source"], [d["holder"] for d in data["devices"]]), (None, [None] * 4))
+        self.assertIn("does not exist", data["holders_note"])
+        table = self.list_cli("--pod-resources-socket", os.path.join(self.tmp, "none.sock")).stdout.splitlines()
+        self.assertIn("holders unknown", table[0])
+        self.assertEqual({line.split()[-1] for line in table[2:]}, {"?"})
+        self.assertIsNone(process.proc.poll())
+
+    def test_checkpoint_fallback_and_one_warning_for_a_missing_socket(self):
+        process = self.registered_plugin("--pod-resources-socket", os.path.join(self.tmp, "gone", "kubelet.sock"))
+        self.allocate_some()
+        self.set_host("online", "0-2,4-5,7\n")
+        process.wait_log("CPUs 3,6 are offline or no longer isolated but allocated")
+        self.set_host("online", "0-7\n")
+        self.kubelet.wait_list(lambda devices: devices["6"][0] == "Healthy", timeout=3)
+        self.set_host("online", "0-6\n")
+        process.wait_log("CPUs 7 are offline or no longer isolated but allocated")
+        lines = process.log().splitlines()
+        line = [l for l in lines if "CPUs 7 are offline" in l][0]
+        self.assertIn("7 to '%s/forwarder'" % pod_uid("net", "dpdk-fwd-0"), line)
+        self.assertIn("named by the kubelet's checkpoint", line)
+        missing = [l for l in lines if " WARNING " in l and "gone/kubelet.sock" in l and "PodResources" in l]
+        self.assertEqual(len(missing), 1, missing)
+
+    def test_a_pod_resources_server_that_hangs_or_fails_costs_nothing_but_the_names(self):
+        self.kubelet.writes_checkpoint = False          # no checkpoint either: the holder is unknown
+        for mode, why in (("hang", "DEADLINE_EXCEEDED"), ("error", "INTERNAL")):
+            with self.subTest(mode=mode):
+                self.kubelet.pod_resources_mode = mode
+                process = self.registered_plugin()
+                self.kubelet.allocate("6", pod=("net", "dpdk-fwd-0", "forwarder"))
+                changed = time.monotonic()
+                self.set_host("online", "0-5,7\n")
+                snap = self.kubelet.wait_list(lambda devices: devices["6"][0] == "Unhealthy", timeout=3, since=changed)
+                self.assertLess(snap.at - changed, 1.0)                  # published before asking anyone
+                # serving while the question hangs
+                self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
+                process.wait_log("CPUs 6 are offline or no longer isolated but allocated", timeout=5)
+                line = [l for l in process.log().splitlines() if "CPUs 6 are offline" in l][0]
+                self.assertIn("unknown", line)
+                self.assertIn(why, process.log())
+                self.assertEqual(process.stop(), 0)
+                self.kubelet.stop()
+                self.set_host("online", "0-7\n")
+                self.kubelet.pod_resources_mode = "serve"
+                self.kubelet.allocations.clear()
+
+    def test_metrics_name_holders_and_ask_at_most_once_a_second(self):
+        process = self.registered_plugin("--metrics-address", "127.0.0.1:0")
+        port = metrics_port(process)
+        self.allocate_some()
+        time.sleep(1.1)
+        before = len(self.calls())
+        texts = [http_get(port, "/metrics")[1] for _ in range(5)]
+        self.assertEqual(len(self.calls()) - before, 1, "five scrapes within a second asked more than once")
+        samples = sorted(line for line in texts[-1].splitlines() if line.startswith("isolcpu_device_allocated{"))
+        self.assertEqual(samples, [
+            'isolcpu_device_allocated{resource="windriver.com/isolcpus",cpu="%d",namespace="%s",pod="%s",'
+            'container="%s",pod_uid=""} 1' % (cpu, ns, pod, container)
+            for cpu, ns, pod, container in ((3, "trading", "order-gateway-7f9c", "gateway"),
+                                            (6, "net", "dpdk-fwd-0", "forwarder"),
+                                            (7, "net", "dpdk-fwd-0", "forwarder"))])
+        time.sleep(1.1)
+        self.kubelet.allocate("2", pod=("late", "p", "c"))
+        self.assertIn('cpu="2",namespace="late"', http_get(port, "/metrics")[1])
+
+    def test_the_start_tells_who_holds_what_once_and_idle_asks_nothing(self):
+        self.kubelet.start()
+        first = self.start_plugin()
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        self.allocate_some()
+        first.stop()
+        self.kubelet.restart()
+        process = self.start_plugin()                 # a restarted plugin learns the node's state
+        process.wait_log("the kubelet reports 3 of 4 CPUs allocated")
+        line = [l for l in process.log().splitlines() if "the kubelet reports" in l][0]
+        self.assertIn("3 to 'trading/order-gateway-7f9c/gateway', 6-7 to 'net/dpdk-fwd-0/forwarder'", line)
+        self.assertIn("PodResources", line)
+        asked = len(self.calls())
+        self.kubelet.restart()                        # re-registering is not a start
+        self.kubelet.wait_registered(3)
+        time.sleep(2.0)
+        self.assertEqual(len(self.calls()), asked, "PodResources was asked while idle")
+        self.assertEqual(process.log().count("the kubelet reports"), 1)
+
+    def test_a_read_only_mount_of_the_pod_resources_dir_still_connects(self):
+        self.kubelet.start()
+        try:
+            subprocess.run(["mount", "--bind", self.pod_resources_dir, self.pod_resources_dir], check=True,
+                           stderr=subprocess.DEVNULL)
+        except (OSError, subprocess.CalledProcessError):
+            self.skipTest("cannot bind-mount here")
+        self.addCleanup(subprocess.run, ["umount", "-l", self.pod_resources_dir], stderr=subprocess.DEVNULL)
+        subprocess.run(["mount", "-o", "remount,bind,ro", self.pod_resources_dir], check=True)
+        process = self.start_plugin()
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        self.allocate_some()
+        result = self.list_cli("--pod-resources-socket", self.kubelet.pod_resources_socket)
+        self.assertIn("holders from PodResources", result.stdout.splitlines()[0], result.stderr)
+        self.assertIsNone(process.proc.poll())
+
+    def test_the_pod_resources_flag(self):
+        self.kubelet.start()
+        for args, env, note in ((["--pod-resources-socket", "off"], {}, "off"),
+                                ([], {"ISOLCPU_POD_RESOURCES_SOCKET": "off"}, "off"),
+                                ([], {"ISOLCPU_POD_RESOURCES_SOCKET": self.kubelet.pod_resources_socket}, None)):
+            with self.subTest(args=args, env=env):
+                result = subprocess.run([sys.executable, PLUGIN, "--sysfs", self.sysfs, "--procfs", self.procfs,
+                                         "--device-plugin-path", self.dir, "--list", "--json"] + args,
+                                        env=plugin_env(env), stdout=subprocess.PIPE, universal_newlines=True)
+                data = json.loads(result.stdout)
+                if note:
+                    self.assertIn(note, data["holders_note"])
+                else:
+                    self.assertEqual(data["holders_source"], "pod-resources")
+        result = self.list_cli("--pod-resources-socket", "/" + "p" * 120)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("--pod-resources-socket", result.stderr)
 
 
 if __name__ == "__main__":
