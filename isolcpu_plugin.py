@@ -8,9 +8,11 @@ that is allocated some gets them as $ISOLCPUS (e.g. "3,11"). A drop-in for
 StarlingX's Go isolcpus plugin: same resource, socket name and device IDs.
 
 Read top-down: values and parsing; reading the host; allocation policy (pure
-functions); the gRPC servicer; the kubelet session and lifecycle; the CLI.
-Needs only the standard library, grpcio and protobuf; grpc is imported only
-when the plugin serves, so --list runs with the standard library alone.
+functions); the gRPC servicer; the kubelet session and lifecycle, with the
+PodResources client; the node audit (--doctor: the node read once, then pure
+checks); the CLI. Needs only the standard library, grpcio and protobuf; grpc
+is imported only to serve or to ask the kubelet, so --list and the host
+checks of --doctor run with the standard library alone.
 """
 
 import signal
@@ -2437,6 +2439,1004 @@ def finish_pending_tasks(loop, timeout=0.5):
 
 
 # ---------------------------------------------------------------------------
+# The node audit (--doctor): can a pod really run on the CPUs it gets?
+# ---------------------------------------------------------------------------
+#
+# read_node() reads what the audit needs of the node, once, at this edge:
+# every file's text or why it could not be read, and what the kubelet and
+# the plugin answer. The checks are pure functions of those facts, one
+# Finding each, naming the files they read; a check whose files are absent
+# or unreadable says SKIP and why. Nothing here writes to the host.
+
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
+PASS, WARN, FAIL, SKIP = "PASS", "WARN", "FAIL", "SKIP"
+# One row of the report. cpus: the CPUs the finding is about, in full (the
+# found text is bounded), for tooling; "" when none.
+Finding = collections.namedtuple("Finding", "id status found advice files cpus")
+# A file as read: text, or None with error None (absent) or the reason.
+FileRead = collections.namedtuple("FileRead", "path text error")
+AUDIT_FILE_LIMIT = 16 << 20          # /proc/interrupts: a line per IRQ, a column per CPU
+MAX_IRQS = 16384
+MAX_CGROUP_DIRS = 20000              # a walk of the cgroup tree stops there
+KUBELET_FLAGS = {"--cpu-manager-policy": "cpuManagerPolicy", "--reserved-cpus": "reservedSystemCPUs",
+                 "--topology-manager-policy": "topologyManagerPolicy",
+                 "--cpu-manager-policy-options": "cpuManagerPolicyOptions"}
+
+
+def read_file(path, limit=HOST_FILE_LIMIT):
+    """A host file as a FileRead (see read_host_file for what cannot block)."""
+    try:
+        data = read_host_file(path, limit)
+    except InputError as e:
+        return FileRead(path, None, str(e))
+    if data is None:
+        return FileRead(path, None, None)
+    return FileRead(path, data.split(b"\0", 1)[0].decode("utf-8", "replace").strip(), None)
+
+
+def why_unread(read):
+    return read.error or "%s is absent" % read.path
+
+
+def list_dir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+class NodeFacts(object):
+    """What the audit read of a node: plain data (the checks are pure
+    functions of it). Built by read_node(); every attribute is set there."""
+
+
+def read_node(config):
+    """Read, once, everything the checks look at."""
+    facts = NodeFacts()
+    facts.resource_name = config.resource_name
+    sysfs, procfs = config.sysfs, config.procfs
+    cpu_dir = os.path.join(sysfs, "devices", "system", "cpu")
+    facts.cmdline = read_file(os.path.join(procfs, "cmdline"))
+    facts.isolated, facts.origin, facts.isolated_error = frozenset(), "", None
+    facts.devices, facts.topology, facts.online, facts.missing = (), {}, frozenset(), frozenset()
+    host = Host(sysfs, procfs)                     # InputError: a bad --sysfs is a bad flag (exit 2)
+    facts.last_cpu, facts.max_cpu = host.last_cpu, host.max_cpu
+    if config.cpus is not None:                    # ... and so is a bad --cpus; bad host files are findings
+        try:
+            parse_cpu_list(config.cpus, host.last_cpu, host.max_cpu)
+        except InputError as e:
+            raise InputError("%s %s: %s" % (config.origin["cpus"], quote(config.cpus), e))
+    try:
+        inventory = CpuInventory(host, config.source, config.cpus, config.origin["cpus"])
+        facts.devices, facts.online, facts.origin = inventory.devices, inventory.online, inventory.origin
+        facts.isolated = frozenset(d.cpu for d in inventory.devices)
+        facts.missing = inventory.served - inventory.present
+        facts.topology = {d.cpu: d.info for d in inventory.devices}
+    except InputError as e:
+        facts.isolated_error = str(e)
+    facts.nohz_full = read_file(os.path.join(cpu_dir, "nohz_full"))
+    facts.workqueue = read_file(os.path.join(sysfs, "devices", "virtual", "workqueue", "cpumask"))
+    irq_dir = os.path.join(procfs, "irq")
+    facts.irq_dir = irq_dir
+    facts.irq_default = read_file(os.path.join(irq_dir, "default_smp_affinity"))
+    facts.irq_affinity = collections.OrderedDict()
+    for name in sorted((n for n in list_dir(irq_dir) if n.isdigit()), key=int)[:MAX_IRQS]:
+        read = read_file(os.path.join(irq_dir, name, "effective_affinity_list"))
+        if read.text is None:
+            read = read_file(os.path.join(irq_dir, name, "smp_affinity_list"))
+        facts.irq_affinity[int(name)] = read
+    facts.interrupts = read_file(os.path.join(procfs, "interrupts"), AUDIT_FILE_LIMIT)
+    facts.cgroup_root = os.path.join(sysfs, "fs", "cgroup")
+    facts.cgroup_v2 = os.path.exists(os.path.join(facts.cgroup_root, "cgroup.controllers"))
+    facts.cgroup_isolated = read_file(os.path.join(facts.cgroup_root, "cpuset.cpus.isolated"))
+    facts.partitions = find_isolated_partitions(facts.cgroup_root) if facts.cgroup_v2 else []
+    facts.procfs = procfs
+    facts.processes = find_processes(procfs)
+    facts.kubelet_dir = config.kubelet_dir
+    facts.cpu_manager_state = read_file(os.path.join(config.kubelet_dir, "cpu_manager_state"))
+    facts.kubelet_flags, facts.kubelet_config, facts.kubelet_config_from = find_kubelet_config(
+        config, procfs, [p for p in facts.processes if p.role == "kubelet"])
+    facts.device_plugin_dir = config.device_plugin_path
+    facts.device_plugin_dir_exists = os.path.isdir(config.device_plugin_path)
+    facts.kubelet_socket = os.path.exists(os.path.join(config.device_plugin_path, KUBELET_SOCKET_NAME))
+    facts.plugin_socket = os.path.join(config.device_plugin_path, config.socket_name)
+    facts.plugin_answer = ask_plugin(facts.plugin_socket)
+    facts.pod_resources_socket = config.pod_resources_socket
+    facts.pod_resources = ask_pod_resources(config.pod_resources_socket, POD_RESOURCES_LIST)
+    facts.allocatable = ask_pod_resources(config.pod_resources_socket,
+                                          "/v1.PodResourcesLister/GetAllocatableResources")
+    facts.checkpoint_path = os.path.join(config.device_plugin_path, CHECKPOINT_NAME)
+    facts.holders = find_holders(facts.pod_resources[0], facts.pod_resources[1], config.device_plugin_path,
+                                 config.resource_name)
+    # pod UIDs (cgroup names, cpu_manager_state keys) only the checkpoint gives
+    facts.checkpoint = find_holders(None, ("PodResources gives no pod UIDs", True), config.device_plugin_path,
+                                    config.resource_name)
+    uids = {h.pod_uid for holders in (facts.checkpoint.by_cpu or {}).values() for h in holders}
+    facts.pod_cgroups = find_pod_cgroups(facts.cgroup_root, facts.cgroup_v2, uids)
+    return facts
+
+
+# A process the audit looks at: role "kubelet" or "plugin"; threads: {tid: allowed cpu-list text}.
+Process = collections.namedtuple("Process", "pid role name args threads")
+
+
+def find_processes(procfs):
+    """The kubelet's and running plugins' processes, with each thread's
+    allowed CPUs (the audit itself and other CLI runs left out)."""
+    found = []
+    own = os.getpid() if os.path.realpath(procfs) == "/proc" else None
+    for name in list_dir(procfs):
+        if not name.isdigit() or int(name) == own:
+            continue
+        base = os.path.join(procfs, name)
+        comm = read_file(os.path.join(base, "comm")).text
+        try:                                         # NUL-separated, so not read_file()
+            args = [a.decode("utf-8", "replace")
+                    for a in (read_host_file(os.path.join(base, "cmdline")) or b"").split(b"\0") if a]
+        except InputError:
+            args = []
+        if comm == "kubelet":
+            role = "kubelet"
+        elif (any("isolcpu_plugin" in a or "isolcpu-plugin" in a for a in args[:3])
+              and not set(args) & {"--doctor", "--list", "--probe", "--version"}):
+            role = "plugin"
+        else:
+            continue
+        threads = {}
+        for tid in list_dir(os.path.join(base, "task")):
+            status = read_file(os.path.join(base, "task", tid, "status")).text or ""
+            allowed = [line.split(":", 1)[1].strip() for line in status.splitlines()
+                       if line.startswith("Cpus_allowed_list:")]
+            if allowed:
+                threads[tid] = allowed[0]
+        found.append(Process(int(name), role, comm or "?", args, threads))
+    return sorted(found)
+
+
+def find_kubelet_config(config, procfs, kubelets):
+    """({config key: value} from the running kubelet's flags, the config file
+    as a FileRead, how its path was found). The path: --kubelet-config, else
+    the running kubelet's --config read through its own root
+    (/proc/PID/root), else <kubelet-dir>/config.yaml."""
+    flags = {}
+    path, found_by = None, None
+    for kubelet in kubelets[:1]:
+        args = kubelet.args
+        for i, arg in enumerate(args):
+            name, eq, value = arg.partition("=")
+            if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value = args[i + 1]
+            if name == "--config" and value:
+                root = os.path.join(procfs, str(kubelet.pid), "root" if value.startswith("/") else "cwd")
+                path = os.path.join(root, value.lstrip("/"))
+                found_by = "--config of the running kubelet (pid %d)" % kubelet.pid
+            elif name in KUBELET_FLAGS and value:
+                flags[KUBELET_FLAGS[name]] = value
+    if config.kubelet_config:
+        path, found_by = config.kubelet_config, config.origin["kubelet_config"]
+    if path is None:
+        path, found_by = os.path.join(config.kubelet_dir, "config.yaml"), "the kubelet dir"
+    return flags, read_file(path), found_by
+
+
+def find_isolated_partitions(root):
+    """[(cgroup dir, cpuset.cpus.partition text, cpuset.cpus.effective text)]
+    of the cgroup v2 partitions that say isolated (valid or not)."""
+    found, seen = [], 0
+    for directory, subdirs, files in os.walk(root):
+        seen += 1
+        if seen > MAX_CGROUP_DIRS:
+            break
+        if "cpuset.cpus.partition" in files:
+            text = read_file(os.path.join(directory, "cpuset.cpus.partition")).text or ""
+            if text.startswith("isolated"):
+                effective = read_file(os.path.join(directory, "cpuset.cpus.effective")).text
+                found.append((directory, text, effective))
+    return found
+
+
+# A pod's cgroups: its directory, [(container dir, effective cpuset FileRead)],
+# and its CPU quota as FileReads (v2: cpu.max; v1: cfs quota and period).
+PodCgroup = collections.namedtuple("PodCgroup", "path containers quota")
+
+
+def find_pod_cgroups(root, v2, uids):
+    """{pod uid: PodCgroup} for the pods `uids` under the kubepods hierarchy:
+    systemd naming (kubepods-burstable-pod<uid with _>.slice) or cgroupfs
+    (pod<uid>), containerd, CRI-O or docker scopes below."""
+    if not uids:
+        return {}
+    cpuset_root = root if v2 else os.path.join(root, "cpuset")
+    names = {}
+    for uid in uids:
+        names["pod" + uid] = uid
+        names["pod" + uid.replace("-", "_") + ".slice"] = uid
+    found, seen = {}, 0
+    for top in sorted(n for n in list_dir(cpuset_root) if n.startswith("kubepods")):
+        for directory, subdirs, _ in os.walk(os.path.join(cpuset_root, top)):
+            seen += 1
+            if seen > MAX_CGROUP_DIRS or len(found) == len(uids):
+                break
+            for sub in list(subdirs):
+                uid = names.get(sub) or next((u for n, u in names.items() if sub.endswith("-" + n)), None)
+                if uid is None:
+                    continue
+                subdirs.remove(sub)                  # a pod's containers are not pods
+                pod_dir = os.path.join(directory, sub)
+                containers = []
+                for child in sorted(list_dir(pod_dir)):
+                    child_dir = os.path.join(pod_dir, child)
+                    if os.path.isdir(child_dir):
+                        read = read_file(os.path.join(child_dir, "cpuset.cpus.effective"))
+                        if read.text is None and not v2:
+                            read = read_file(os.path.join(child_dir, "cpuset.effective_cpus"))
+                            if read.text is None:
+                                read = read_file(os.path.join(child_dir, "cpuset.cpus"))
+                        containers.append((child_dir, read))
+                if v2:
+                    quota = (read_file(os.path.join(pod_dir, "cpu.max")),)
+                else:
+                    relative = os.path.relpath(pod_dir, cpuset_root)
+                    cpu_root = next((os.path.join(root, n) for n in ("cpu,cpuacct", "cpu")
+                                     if os.path.isdir(os.path.join(root, n))), os.path.join(root, "cpu"))
+                    quota = (read_file(os.path.join(cpu_root, relative, "cpu.cfs_quota_us")),
+                             read_file(os.path.join(cpu_root, relative, "cpu.cfs_period_us")))
+                found[uid] = PodCgroup(pod_dir, containers, quota)
+    return found
+
+
+def ask_plugin(path):
+    """(state, answered, why): the plugin socket's state ('listening',
+    'refused', 'missing', or 'error') and whether it answered
+    GetDevicePluginOptions within 2 s (None: grpc not there to ask)."""
+    try:
+        state = unix_socket_state(path)
+    except OSError as e:
+        return "error", False, "%s: %s" % (path, e.strerror or e)
+    if state != "listening":
+        return state, False, ""
+    try:
+        api = load_grpc()
+    except InputError as e:
+        return state, None, str(e)
+    channel = api.grpc.insecure_channel("unix:" + path)
+    try:
+        api.pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api.pb.Empty(), timeout=2)
+        return state, True, ""
+    except api.grpc.RpcError as e:
+        return state, False, "no answer to GetDevicePluginOptions within 2 s (%s)" % getattr(e.code(), "name", e.code())
+    finally:
+        channel.close()
+
+
+def ask_pod_resources(path, method):
+    """(answer or None, (why, normal)) of a PodResources call."""
+    if path is None:
+        return None, ("PodResources is off: --pod-resources-socket off", True)
+    client = PodResourcesClient(path)
+    try:
+        client.check_reachable()
+        return client.call(load_grpc(), method), None
+    except PodResourcesUnavailable as e:
+        return None, (str(e), False)
+    except InputError as e:
+        return None, ("PodResources not asked: %s" % e, False)
+
+
+# The checks ----------------------------------------------------------------------
+
+UNREADABLE = "<unreadable>"      # a setting the audit cannot read honestly without a YAML parser
+_YAML_KEY = re.compile(r"([A-Za-z_][\w.-]*)\s*:(?:\s+(.*))?\Z")
+
+
+def _yaml_scalar(text):
+    """A plain or quoted YAML scalar on one line; UNREADABLE for anything
+    else (flow sequences, anchors, aliases, tags, block scalars, escapes)."""
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+        inner = text[1:-1]
+        if text[0] == '"':
+            return UNREADABLE if "\\" in inner else inner
+        return inner.replace("''", "'")
+    if not text or text[0] in "[{&*!|>%@`'\"" or text.startswith("- "):
+        return UNREADABLE
+    return text
+
+
+def _yaml_flow_map(text):
+    """{a: b, c: "d"} of scalars, or UNREADABLE."""
+    inner = text.strip()[1:-1]
+    if any(c in inner for c in "{}[]\"'"):
+        return UNREADABLE if any(c in inner for c in "{}[]") else _yaml_quoted_flow_map(inner)
+    return _yaml_pairs(inner.split(","))
+
+
+def _yaml_quoted_flow_map(inner):
+    pairs = re.findall(r"\s*([^,:]+?)\s*:\s*(\"[^\"]*\"|'[^']*'|[^,]*?)\s*(?:,|\Z)", inner)
+    return _yaml_pairs("%s: %s" % pair for pair in pairs) if pairs else UNREADABLE
+
+
+def _yaml_pairs(parts):
+    values = {}
+    for part in filter(None, (p.strip() for p in parts)):
+        key, colon, value = part.partition(":")
+        if not colon:
+            return UNREADABLE
+        values[_yaml_scalar(key)] = _yaml_scalar(value)
+    return UNREADABLE if UNREADABLE in values or UNREADABLE in values.values() else values
+
+
+def _strip_comment(line):
+    """A YAML line without its # comment (a # inside quotes stays)."""
+    quoting = None
+    for i, c in enumerate(line):
+        if quoting:
+            if c == quoting:
+                quoting = None
+        elif c in "'\"":
+            quoting = c
+        elif c == "#" and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def kubelet_config_values(text):
+    """The top-level settings of a KubeletConfiguration (YAML or JSON) read
+    with the standard library: scalars, and maps of scalars one level down
+    (cpuManagerPolicyOptions). What it cannot read honestly is UNREADABLE;
+    only the first YAML document counts, as for the kubelet."""
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            return {}
+        values = {}
+        for key, value in (data.items() if isinstance(data, dict) else ()):
+            if isinstance(value, dict):
+                value = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in value.items()
+                         if not isinstance(v, (dict, list))}
+            elif isinstance(value, list):
+                value = UNREADABLE
+            elif isinstance(value, bool):
+                value = str(value).lower()
+            elif value is not None:
+                value = str(value)
+            values[key] = value
+        return values
+    values = {}
+    lines = [_strip_comment(line) for line in text.splitlines()]
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        i += 1
+        if line.strip() in ("---", "..."):
+            if values:
+                break
+            continue
+        match = _YAML_KEY.match(line)
+        if not match:
+            continue                                  # blank, or indented under another key
+        key, raw = match.group(1), (match.group(2) or "").strip()
+        if raw.startswith("{") and raw.endswith("}"):
+            values[key] = _yaml_flow_map(raw)
+        elif raw:
+            values[key] = _yaml_scalar(raw)
+        else:                                         # a block below it: a map of scalars, or unreadable
+            block = {}
+            while i < len(lines) and (not lines[i].strip() or lines[i][:1] in " \t"):
+                item = lines[i].strip()
+                i += 1
+                if item and block is not UNREADABLE:
+                    sub = _YAML_KEY.match(item)
+                    if not sub or not sub.group(2):
+                        block = UNREADABLE
+                    else:
+                        block[sub.group(1)] = _yaml_scalar(sub.group(2))
+            if block is not UNREADABLE and UNREADABLE in block.values():
+                block = UNREADABLE
+            values[key] = block if block else UNREADABLE
+    return values
+
+
+
+def _cpus(text, facts):
+    """A cpu-list text as a set, None when it does not parse."""
+    try:
+        return parse_cpu_list(text, facts.last_cpu, facts.max_cpu)
+    except InputError:
+        return None
+
+
+def _mask(text, facts):
+    try:
+        return parse_cpu_mask(text, facts.max_cpu)
+    except InputError:
+        return None
+
+
+def _brief(cpus):
+    return brief_cpu_list(cpus, 80) or "none"
+
+
+def _housekeeping(facts):
+    return facts.online - facts.isolated
+
+
+def _cmdline_values(facts, name):
+    """The values of each `name` on the kernel command line ("" for a bare name)."""
+    return [value for param, value in kernel_parameters(facts.cmdline.text or "") if param == name]
+
+
+def _nothing_isolated(check, facts):
+    return Finding(check, SKIP, "no isolated CPUs to check (see isolated)", "", [facts.origin or facts.cmdline.path], "")
+
+
+def check_isolated(facts):
+    files = [p for p in [facts.origin.split(" ")[0]] if p.startswith("/")] or [facts.cmdline.path]
+    if facts.isolated_error:
+        return Finding("isolated", FAIL, "cannot tell: %s" % facts.isolated_error,
+                       "fix the file named, or give the CPUs with --cpus", files, "")
+    if not facts.isolated:
+        return Finding("isolated", FAIL, "no isolated CPUs in %s" % (facts.origin or "the kernel"),
+                       "boot with isolcpus=domain,managed_irq,<cpu-list>, nohz_full=<cpu-list> and "
+                       "rcu_nocbs=<cpu-list> (whole cores, not core 0), or serve chosen CPUs with --cpus", files, "")
+    offline = facts.isolated - facts.online
+    found = "%s (%d CPUs) from %s" % (_brief(facts.isolated), len(facts.isolated), facts.origin)
+    if offline:
+        found += "; offline: %s" % _brief(offline)
+    if facts.missing:
+        found += "; listed but not on this host: %s" % _brief(facts.missing)
+    return Finding("isolated", PASS, found, "", files, format_cpu_list(facts.isolated))
+
+
+def check_isolcpus_flags(facts):
+    files = [facts.cmdline.path]
+    if facts.cmdline.text is None:
+        return Finding("isolcpus-flags", SKIP, "cannot read the kernel command line: %s" % why_unread(facts.cmdline),
+                       "", files, "")
+    values = _cmdline_values(facts, "isolcpus")
+    if not values:
+        return Finding("isolcpus-flags", SKIP, "no isolcpus= on the kernel command line", "", files, "")
+    try:
+        flags, cpu_list = parse_isolcpus(values[0])
+    except InputError as e:
+        return Finding("isolcpus-flags", WARN, str(e), "isolcpus=domain,managed_irq,<cpu-list>", files, "")
+    problems = []
+    if not isolcpus_isolates_domain(flags):
+        problems.append("no domain flag: the CPUs stay in the scheduler's load balancing")
+    if "managed_irq" not in flags:
+        problems.append("no managed_irq: the kernel may place managed interrupts (multi-queue NICs, NVMe) "
+                        "on them")
+    unknown = [f for f in flags if f not in ISOLCPUS_FLAGS]
+    if unknown:
+        problems.append("the kernel skips the unknown flags %s" % quote_list(unknown))
+    found = "isolcpus=%s" % quote(values[0], 80)[1:-1]
+    wanted = ["domain", "managed_irq"] + [f for f in flags if f == "nohz"]
+    advice = "isolcpus=%s,%s" % (",".join(wanted), cpu_list) if problems else ""
+    return Finding("isolcpus-flags", WARN if problems else PASS, "; ".join([found] + problems), advice, files, "")
+
+
+def smt_split(isolated, topology):
+    """(isolated CPUs sharing a core with CPUs that are not isolated, those
+    other CPUs), from the thread siblings sysfs gave."""
+    shared, others = set(), set()
+    for cpu in isolated:
+        siblings = set(topology[cpu].thread_siblings) if cpu in topology else set()
+        if siblings - isolated:
+            shared.add(cpu)
+            others |= siblings - isolated
+    return frozenset(shared), frozenset(others)
+
+
+def check_smt_siblings(facts):
+    files = [os.path.join(os.path.dirname(facts.nohz_full.path), "cpuN", "topology", "thread_siblings_list")]
+    if not facts.isolated:
+        return _nothing_isolated("smt-siblings", facts)
+    known = [cpu for cpu in facts.isolated if facts.topology.get(cpu) and facts.topology[cpu].thread_siblings]
+    if not known:
+        return Finding("smt-siblings", SKIP, "the thread siblings of the isolated CPUs are unknown (no topology "
+                       "files, or all offline)", "", files, "")
+    shared, others = smt_split(facts.isolated, facts.topology)
+    unknown = facts.isolated - set(known)
+    tail = "; siblings unknown for %s" % _brief(unknown) if unknown else ""
+    if shared:
+        return Finding("smt-siblings", WARN, "isolated CPUs %s share a core with CPUs %s, which are not isolated%s"
+                       % (_brief(shared), _brief(others), tail),
+                       "isolate whole cores: add %s to the isolated CPUs, or take %s out"
+                       % (_brief(others), _brief(shared)), files, format_cpu_list(shared))
+    return Finding("smt-siblings", PASS, "every isolated CPU's thread siblings are isolated too%s" % tail, "",
+                   files, "")
+
+
+def _nohz_full_cpus(facts):
+    """(nohz_full CPUs or None, where from): the sysfs file, else the command line."""
+    text = facts.nohz_full.text
+    if text is not None:
+        cpus = _cpus("" if text == "(null)" else text, facts)
+        return cpus, facts.nohz_full.path
+    values = _cmdline_values(facts, "nohz_full")
+    if values:
+        return _cpus(values[0], facts), "nohz_full= on %s" % facts.cmdline.path
+    return frozenset(), "no %s and no nohz_full= on the command line" % facts.nohz_full.path
+
+
+def check_nohz_full(facts):
+    files = [facts.nohz_full.path, facts.cmdline.path]
+    if not facts.isolated:
+        return _nothing_isolated("nohz-full", facts)
+    covered, source = _nohz_full_cpus(facts)
+    if covered is None:
+        return Finding("nohz-full", SKIP, "%s does not parse" % source, "", files, "")
+    ticking = facts.isolated - covered
+    if ticking:
+        return Finding("nohz-full", WARN, "isolated CPUs %s still take the timer tick (nohz_full: %s, from %s)"
+                       % (_brief(ticking), _brief(covered), source),
+                       "boot with nohz_full=%s (the kernel needs CONFIG_NO_HZ_FULL)" % _brief(facts.isolated),
+                       files, format_cpu_list(ticking))
+    return Finding("nohz-full", PASS, "every isolated CPU is nohz_full (%s)" % source, "", files, "")
+
+
+def check_rcu_nocbs(facts):
+    files = [facts.cmdline.path, facts.nohz_full.path]
+    if not facts.isolated:
+        return _nothing_isolated("rcu-nocbs", facts)
+    if facts.cmdline.text is None:
+        return Finding("rcu-nocbs", SKIP, "cannot read the kernel command line: %s" % why_unread(facts.cmdline),
+                       "", files, "")
+    listed = frozenset()
+    for value in _cmdline_values(facts, "rcu_nocbs"):
+        if value:                                 # a bare rcu_nocbs offloads no CPU at boot
+            listed |= _cpus(value, facts) or frozenset()
+    nohz, _ = _nohz_full_cpus(facts)
+    covered = listed | (nohz or frozenset())      # nohz_full CPUs are offloaded as if listed
+    left = facts.isolated - covered
+    if left:
+        return Finding("rcu-nocbs", WARN, "RCU callbacks still run on isolated CPUs %s (rcu_nocbs: %s, nohz_full: %s)"
+                       % (_brief(left), _brief(listed), _brief(nohz or ())),
+                       "boot with rcu_nocbs=%s (nohz_full= CPUs are offloaded too)" % _brief(facts.isolated),
+                       files, format_cpu_list(left))
+    return Finding("rcu-nocbs", PASS, "every isolated CPU's RCU callbacks are offloaded (rcu_nocbs %s, nohz_full %s)"
+                   % (_brief(listed), _brief(nohz or ())), "", files, "")
+
+
+def interrupt_names(text):
+    """{irq: its name} from /proc/interrupts (the words after the counts)."""
+    names = {}
+    lines = (text or "").splitlines()
+    if not lines:
+        return names
+    columns = len(lines[0].split())                # one per CPU
+    for line in lines[1:]:
+        head, colon, rest = line.partition(":")
+        if colon and head.strip().isdigit():
+            words = rest.split()[columns:]
+            names[int(head)] = " ".join(words[-2:]) if words else "?"
+    return names
+
+
+def check_irq_affinity(facts):
+    files = [facts.irq_default.path, os.path.join(facts.irq_dir, "N", "effective_affinity_list"),
+             facts.interrupts.path]
+    if not facts.isolated:
+        return _nothing_isolated("irq-affinity", facts)
+    if facts.irq_default.text is None and not facts.irq_affinity:
+        return Finding("irq-affinity", SKIP, "cannot read %s: %s" % (facts.irq_dir, why_unread(facts.irq_default)),
+                       "", files, "")
+    problems, hit = [], set()
+    default = _mask(facts.irq_default.text, facts) if facts.irq_default.text is not None else None
+    if default is not None and default & facts.isolated:
+        problems.append("default_smp_affinity includes isolated CPUs %s" % _brief(default & facts.isolated))
+        hit |= default & facts.isolated
+    names = interrupt_names(facts.interrupts.text)
+    bad = []
+    for irq, read in facts.irq_affinity.items():
+        cpus = _cpus(read.text, facts) if read.text is not None else None
+        if cpus and cpus & facts.isolated:
+            bad.append((irq, cpus & facts.isolated))
+            hit |= cpus & facts.isolated
+    if bad:
+        shown = ", ".join("%d (%s) on %s" % (irq, quote(names.get(irq, "?"), 30)[1:-1], _brief(cpus))
+                          for irq, cpus in bad[:8])
+        problems.append("%d IRQs may fire on isolated CPUs: %s%s" % (len(bad), shown,
+                                                                   " (+%d more)" % (len(bad) - 8) if len(bad) > 8 else ""))
+    if problems:
+        housekeeping = _brief(_housekeeping(facts))
+        return Finding("irq-affinity", WARN, "; ".join(problems),
+                       "boot with irqaffinity=%s and isolcpus=managed_irq,...; move the others: echo %s > "
+                       "/proc/irq/N/smp_affinity_list (managed IRQs refuse; managed_irq keeps them off)"
+                       % (housekeeping, housekeeping), files, format_cpu_list(hit))
+    return Finding("irq-affinity", PASS, "no IRQ of %d may fire on an isolated CPU%s" % (
+        len(facts.irq_affinity), ", nor by default" if default is not None else ""), "", files, "")
+
+
+CPU_MANAGER_LAYOUT = ("under the static policy: put the isolated CPUs in reservedSystemCPUs (the CPU manager "
+                      "then never grants them exclusively, and they stay in the shared pool); do not enable "
+                      "the strict-cpu-reservation option (it removes reserved CPUs from the shared pool); give "
+                      "pods that request isolated CPUs a Burstable QoS (a Guaranteed pod with integer CPUs gets "
+                      "only its exclusive CPUs)")
+
+
+def cpu_manager_state(text):
+    """(policy, defaultCpuSet text, {(pod uid or None, container or container ID): cpu-list text}, old format?)
+    of a cpu_manager_state; ValueError when it is not one."""
+    try:
+        data = json.loads(text)
+        policy = data["policyName"]
+        entries = data.get("entries") or {}
+        grants, old = {}, False
+        for key, value in entries.items():
+            if isinstance(value, dict):
+                for container, cpus in value.items():
+                    grants[(key, container)] = cpus
+            else:
+                grants[(None, key)] = value
+                old = True
+        return policy, data.get("defaultCpuSet") or "", grants, old
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
+        raise ValueError("not a cpu_manager_state (%s: %s)" % (type(e).__name__, quote(one_line(e), 80)))
+
+
+def _holders_by_uid(facts):
+    """{cpu: {(pod uid, container)}} of the plugin's CPUs, from the checkpoint; None when unknown."""
+    by_cpu = facts.checkpoint.by_cpu
+    if by_cpu is None:
+        return None
+    return {cpu: {(h.pod_uid, h.container) for h in holders} for cpu, holders in by_cpu.items()}
+
+
+def check_cpu_manager(facts):
+    read = facts.cpu_manager_state
+    files = [read.path, facts.checkpoint_path]
+    if read.text is None:
+        return Finding("cpu-manager", SKIP, "cannot read the CPU manager's state: %s" % why_unread(read), "", files, "")
+    try:
+        policy, default_text, grants, old = cpu_manager_state(read.text)
+    except ValueError as e:
+        return Finding("cpu-manager", SKIP, "%s: %s" % (read.path, e), "", files, "")
+    if policy == "none":
+        return Finding("cpu-manager", PASS, "policy none: every container's cpuset is every CPU, so $ISOLCPUS is "
+                       "usable", "", files, "")
+    if policy != "static":
+        return Finding("cpu-manager", SKIP, "policy %s is not one this audit knows" % quote(policy), "", files, "")
+    default = _cpus(default_text, facts) or frozenset()
+    grant_cpus = {key: _cpus(text, facts) or frozenset() for key, text in grants.items()}
+    holders = _holders_by_uid(facts)
+    problems, hit = [], set()
+
+    def name(key):
+        return "container ID %s" % quote(key[1], 70) if key[0] is None else "pod UID %s container %s" % (
+            key[0], quote(key[1], 70))
+    # isolated CPUs granted exclusively to a container that does not hold them through the plugin
+    tenants = {}
+    for key, cpus in grant_cpus.items():
+        for cpu in cpus & facts.isolated:
+            if holders is None or key not in holders.get(cpu, ()):
+                tenants.setdefault(key, set()).add(cpu)
+    for key, cpus in sorted(tenants.items(), key=lambda item: min(item[1]))[:5]:
+        problems.append("the CPU manager gave isolated CPUs %s exclusively to %s, which does not hold them "
+                        "through the plugin: two tenants on a quiet core" % (_brief(cpus), name(key)))
+        hit |= cpus
+    if len(tenants) > 5:
+        problems.append("(+%d more such grants)" % (len(tenants) - 5))
+    # containers holding CPUs of ours whose cpuset lacks them
+    if holders is not None and not old:
+        lacking = {}
+        for cpu, keys in holders.items():
+            for key in keys:
+                cpuset = grant_cpus.get(key, default)
+                if cpu not in cpuset:
+                    lacking.setdefault(key, set()).add(cpu)
+        for key, cpus in sorted(lacking.items(), key=lambda item: min(item[1]))[:5]:
+            problems.append("%s holds CPUs %s of the plugin but its cpuset is %s" % (
+                name(key), _brief(cpus), _brief(grant_cpus.get(key, default))))
+            hit |= cpus
+    note = ("holders from the kubelet's checkpoint" if holders is not None
+            else "holders unknown (%s)" % holders_note(facts.checkpoint))
+    if old:
+        note += "; old state format (by container ID): holders cannot be matched"
+    found = "policy static, shared pool %s; %s" % (_brief(default), note)
+    if problems:
+        return Finding("cpu-manager", FAIL, "%s: %s" % (found, "; ".join(problems)), CPU_MANAGER_LAYOUT, files,
+                       format_cpu_list(hit))
+    checked = ("every holder may run on its CPUs" if holders is not None and not old
+               else "the holders' cpusets could not be checked")
+    return Finding("cpu-manager", PASS, "%s; no isolated CPU is granted exclusively; %s" % (found, checked), "",
+                   files, "")
+
+
+def check_kubelet_config(facts):
+    read = facts.kubelet_config
+    files = [read.path]
+    if read.text is None and not facts.kubelet_flags:
+        return Finding("kubelet-config", SKIP, "no kubelet config (%s; found by %s)" % (why_unread(read),
+                       facts.kubelet_config_from), "", files, "")
+    values = kubelet_config_values(read.text) if read.text is not None else {}
+    for key, value in facts.kubelet_flags.items():          # the kubelet's flags win over its file
+        if key == "cpuManagerPolicyOptions":
+            value = dict(item.partition("=")[::2] for item in value.split(",") if item)
+        values[key] = value
+    policy = values.get("cpuManagerPolicy", "none")
+    topology = values.get("topologyManagerPolicy", "none")
+    reserved_text = values.get("reservedSystemCPUs")
+    options = values.get("cpuManagerPolicyOptions", {})
+    found = "cpuManagerPolicy=%s, reservedSystemCPUs=%s, topologyManagerPolicy=%s" % (
+        policy, reserved_text if reserved_text is not None else "(unset)", topology)
+    unreadable = [key for key in ("cpuManagerPolicy", "reservedSystemCPUs", "topologyManagerPolicy",
+                                  "cpuManagerPolicyOptions") if values.get(key) is UNREADABLE]
+    if unreadable:
+        return Finding("kubelet-config", SKIP, "%s: cannot read %s without a YAML parser (%s)"
+                       % (read.path, ", ".join(unreadable), found), "", files, "")
+    found += " (%s, found by %s)" % (read.path, facts.kubelet_config_from)
+    if not facts.isolated:
+        return Finding("kubelet-config", PASS, found, "", files, "")
+    problems, fails, hit = [], [], set()
+    if policy == "static":
+        reserved = _cpus(reserved_text, facts) if reserved_text else frozenset()
+        if reserved is None:
+            return Finding("kubelet-config", SKIP, "reservedSystemCPUs %s does not parse" % quote(reserved_text),
+                           "", files, "")
+        outside = facts.isolated - reserved
+        if outside:
+            problems.append("isolated CPUs %s are not in reservedSystemCPUs: the CPU manager may grant them "
+                            "exclusively to Guaranteed containers" % _brief(outside))
+            hit |= outside
+        if str(options.get("strict-cpu-reservation", "")).lower() == "true" and facts.isolated & reserved:
+            fails.append("strict-cpu-reservation is on: reserved CPUs (isolated %s among them) are out of the "
+                         "shared pool, so no pod may run on the isolated CPUs it gets"
+                         % _brief(facts.isolated & reserved))
+            hit |= facts.isolated & reserved
+    if topology == "single-numa-node":
+        per_node = collections.Counter()
+        for cpu in facts.isolated:
+            info = facts.topology.get(cpu)
+            for node in (info.numa_nodes if info else ()) or ("?",):
+                per_node[node] += 1
+        if len(per_node) > 1:
+            node, most = per_node.most_common(1)[0]
+            problems.append("single-numa-node: a pod's isolated CPUs must come from one NUMA node, so at most "
+                            "%d (node %s) of the %d can go to one pod; bigger requests are rejected (%s)"
+                            % (most, node, len(facts.isolated), ", ".join("node %s: %d" % item for item in
+                                                                          sorted(per_node.items(), key=str))))
+    status = FAIL if fails else WARN if problems else PASS
+    advice = CPU_MANAGER_LAYOUT if policy == "static" and (fails or hit) else (
+        "size requests to the isolated CPUs of one NUMA node, or isolate more per node" if problems else "")
+    return Finding("kubelet-config", status, "; ".join([found] + fails + problems), advice, files,
+                   format_cpu_list(hit))
+
+
+def check_cgroup_isolated(facts):
+    files = [facts.cgroup_isolated.path, os.path.join(facts.cgroup_root, "**", "cpuset.cpus.partition")]
+    if not facts.cgroup_v2:
+        return Finding("cgroup-isolated", SKIP, "no cgroup v2 at %s: no isolated partitions" % facts.cgroup_root,
+                       "", files, "")
+    listed = _cpus(facts.cgroup_isolated.text, facts) if facts.cgroup_isolated.text else frozenset()
+    problems, hit, in_partitions = [], set(), set()
+    for directory, text, effective in facts.partitions:
+        cpus = _cpus(effective or "", facts) or frozenset()
+        if text != "isolated":
+            problems.append("partition %s is %s" % (directory, quote(text, 100)[1:-1]))
+            continue
+        in_partitions |= cpus
+        if cpus & facts.isolated:
+            problems.append("CPUs %s are in the isolated partition %s: only its tasks run there, not the pods "
+                            "the plugin gives them to" % (_brief(cpus & facts.isolated), directory))
+            hit |= cpus & facts.isolated
+    found = "cpuset.cpus.isolated: %s" % (_brief(listed) if facts.cgroup_isolated.text is not None
+                                         else "absent (kernel before 6.8)")
+    if in_partitions:
+        found += "; isolated partitions hold %s" % _brief(in_partitions)
+    # since 6.12 the file lists the boot-isolated CPUs too, before only partitions': either way
+    # a CPU there is served by the plugin or held by a partition
+    unexplained = (listed or frozenset()) - facts.isolated - in_partitions
+    if unexplained:
+        problems.append("the kernel lists CPUs %s as isolated, which the plugin does not serve and no isolated "
+                        "partition holds" % _brief(unexplained))
+    if problems:
+        return Finding("cgroup-isolated", WARN, "; ".join([found] + problems),
+                       "serve only CPUs outside isolated partitions (--cpus), or dissolve the partition "
+                       "(echo member > cpuset.cpus.partition)", files, format_cpu_list(hit))
+    return Finding("cgroup-isolated", PASS, found, "", files, "")
+
+
+def check_housekeeping(facts):
+    files = [os.path.join(facts.procfs, "PID", "task", "TID", "status")]
+    if not facts.isolated:
+        return _nothing_isolated("housekeeping", facts)
+    if not facts.processes:
+        return Finding("housekeeping", SKIP, "no kubelet or plugin process runs here", "", files, "")
+    problems, fine, hit = [], [], set()
+    for process in facts.processes:
+        allowed = set()
+        for text in process.threads.values():
+            allowed |= _cpus(text, facts) or set()
+        on = allowed & facts.isolated
+        label = "%s (pid %d)" % (process.role, process.pid)
+        if on:
+            problems.append("%s threads may run on isolated CPUs %s" % (label, _brief(on)))
+            hit |= on
+        else:
+            fine.append(label)
+    found = "; ".join(problems + ["%s threads stay off the isolated CPUs" % label for label in fine])
+    if problems:
+        return Finding("housekeeping", WARN, found, "keep the kubelet on housekeeping CPUs (CPUAffinity=%s in its "
+                       "systemd unit); the plugin keeps itself off with --self-affinity on (the default)"
+                       % _brief(_housekeeping(facts)), files, format_cpu_list(hit))
+    return Finding("housekeeping", PASS, found, "", files, "")
+
+
+def check_plugin(facts):
+    files = [facts.plugin_socket, facts.pod_resources_socket or "(PodResources off)"]
+    if not facts.device_plugin_dir_exists:
+        return Finding("plugin", SKIP, "no %s: no kubelet here" % facts.device_plugin_dir, "", files, "")
+    state, answered, why = facts.plugin_answer
+    offline = facts.isolated - facts.online
+    tail = "; offline isolated CPUs: %s" % _brief(offline) if offline else ""
+    if state != "listening":
+        if not facts.kubelet_socket and state == "missing":
+            return Finding("plugin", SKIP, "neither the kubelet nor the plugin serves in %s" % facts.device_plugin_dir,
+                           "", files, "")
+        what = {"missing": "does not exist", "refused": "is stale: nothing serves it"}.get(state, why)
+        return Finding("plugin", FAIL, "the plugin's socket %s %s%s" % (facts.plugin_socket, what, tail),
+                       "start the plugin (systemctl start isolcpu-plugin, or its DaemonSet) and read its log",
+                       files, "")
+    if answered is False:
+        return Finding("plugin", FAIL, "the plugin's socket listens but %s%s" % (why, tail),
+                       "the plugin is stuck: restart it and read its log", files, "")
+    found = "the plugin answers on %s" % facts.plugin_socket if answered else (
+        "the plugin's socket listens (not asked: %s)" % why)
+    answer, failure = facts.allocatable
+    if answer is None:
+        return Finding("plugin", PASS, "%s; the kubelet's view unknown (%s)%s" % (found, failure[0], tail), "",
+                       files, "")
+    allocatable = set()
+    for devices in answer.devices:
+        if devices.resource_name == facts.resource_name:
+            allocatable |= {int(i) for i in devices.device_ids if _DEVICE_ID.match(i)}
+    advertised = {d.cpu for d in facts.devices if d.healthy}
+    if allocatable != advertised:
+        differ = allocatable ^ advertised
+        return Finding("plugin", WARN, "%s; the kubelet counts %s allocatable, the plugin would advertise %s%s"
+                       % (found, _brief(allocatable), _brief(advertised), tail),
+                       "the kubelet's view is stale: the plugin re-registers when it changes its list; restart "
+                       "it if this stays", files, format_cpu_list(differ))
+    return Finding("plugin", PASS, "%s; the kubelet counts the same %d CPUs allocatable%s"
+                   % (found, len(allocatable), tail), "", files, "")
+
+
+def cpu_quota(reads):
+    """A pod's CPU limit in CPUs from its cgroup (v2 cpu.max; v1 quota and
+    period), None when unlimited, ValueError when unreadable."""
+    if len(reads) == 1:
+        quota, _, period = (reads[0].text or "").partition(" ")
+    else:
+        quota, period = reads[0].text or "", reads[1].text or ""
+    if quota in ("max", "-1"):
+        return None
+    return int(quota) / float(int(period or "100000"))
+
+
+def check_pod_cgroups(facts):
+    files = [os.path.join(facts.cgroup_root, "kubepods...", "cpuset.cpus.effective"), facts.checkpoint_path]
+    holders = _holders_by_uid(facts)
+    if holders is None:
+        return Finding("pod-cgroups", SKIP, "the pods holding CPUs are unknown by UID (%s)"
+                       % holders_note(facts.checkpoint), "", files, "")
+    pods = {}
+    for cpu, keys in holders.items():
+        for uid, _ in keys:
+            pods.setdefault(uid, set()).add(cpu)
+    if not pods:
+        return Finding("pod-cgroups", SKIP, "no pod holds CPUs of the plugin", "", files, "")
+    fails, warns, hit = [], [], set()
+    for uid, cpus in sorted(pods.items()):
+        cgroup = facts.pod_cgroups.get(uid)
+        if cgroup is None:
+            warns.append("pod %s: no cgroup found (ended?)" % uid)
+            continue
+        effective = [(path, _cpus(read.text, facts)) for path, read in cgroup.containers if read.text is not None]
+        if not any(cpuset is not None and cpus <= cpuset for _, cpuset in effective):
+            fails.append("pod %s: no container may run on its CPUs %s (%s)" % (
+                uid, _brief(cpus), ", ".join("%s: %s" % (os.path.basename(path), _brief(c) if c is not None else "?")
+                                             for path, c in effective[:4]) or "no container cgroups"))
+            hit |= cpus
+        try:
+            limit = cpu_quota(cgroup.quota)
+        except ValueError:
+            limit = None
+        if limit is not None and limit < len(cpus):
+            warns.append("pod %s: its CPU limit (%.2f CPUs) is below the %d isolated CPUs it holds: busy-polling "
+                         "threads get throttled" % (uid, limit, len(cpus)))
+    found = "; ".join(fails + warns) or "the %d pods holding CPUs may run on them" % len(pods)
+    advice = "; ".join(([CPU_MANAGER_LAYOUT] if fails else []) + (
+        ["set a pod's CPU limit to at least the isolated CPUs it busy-polls, or leave the limit out"] if warns else []))
+    return Finding("pod-cgroups", FAIL if fails else WARN if warns else PASS, found, advice, files,
+                   format_cpu_list(hit))
+
+
+def check_housekeeping_masks(facts):
+    files = [facts.workqueue.path, facts.cmdline.path]
+    if not facts.isolated:
+        return _nothing_isolated("housekeeping-masks", facts)
+    problems, seen, hit = [], [], set()
+    if facts.workqueue.text is not None:
+        mask = _mask(facts.workqueue.text, facts)
+        if mask is not None:
+            seen.append("workqueue cpumask %s" % _brief(mask))
+            if mask & facts.isolated:
+                problems.append("unbound workqueues may run on isolated CPUs %s" % _brief(mask & facts.isolated))
+                hit |= mask & facts.isolated
+    for param in ("kthread_cpus", "irqaffinity"):
+        for value in _cmdline_values(facts, param):
+            cpus = _cpus(value, facts)
+            if cpus is None:
+                continue
+            seen.append("%s=%s" % (param, _brief(cpus)))
+            if cpus & facts.isolated:
+                problems.append("%s= includes isolated CPUs %s" % (param, _brief(cpus & facts.isolated)))
+                hit |= cpus & facts.isolated
+    if not seen:
+        return Finding("housekeeping-masks", SKIP, "no %s and no kthread_cpus= or irqaffinity=" % facts.workqueue.path,
+                       "", files, "")
+    if problems:
+        housekeeping = _brief(_housekeeping(facts))
+        return Finding("housekeeping-masks", WARN, "; ".join(problems),
+                       "write the housekeeping CPUs' mask to %s at boot (tuned's cpu-partitioning profile does), "
+                       "and boot with kthread_cpus=%s irqaffinity=%s" % (facts.workqueue.path, housekeeping,
+                                                                         housekeeping), files, format_cpu_list(hit))
+    return Finding("housekeeping-masks", PASS, "; ".join(seen) + ": kernel work stays off the isolated CPUs", "",
+                   files, "")
+
+
+CHECKS = (check_isolated, check_isolcpus_flags, check_smt_siblings, check_nohz_full, check_rcu_nocbs,
+          check_irq_affinity, check_cpu_manager, check_kubelet_config, check_cgroup_isolated, check_housekeeping,
+          check_plugin, check_pod_cgroups, check_housekeeping_masks)
+
+
+def audit(facts):
+    """Every check's Finding, in order; a check that fails on facts it did
+    not foresee is a SKIP saying so, not a traceback."""
+    findings = []
+    for check in CHECKS:
+        name = check.__name__[len("check_"):].replace("_", "-")
+        try:
+            findings.append(check(facts))
+        except Exception as e:
+            findings.append(Finding(name, SKIP, "could not check: %s: %s" % (type(e).__name__, one_line(e)), "",
+                                    [], ""))
+    return findings
+
+
+def write_report(findings, facts, as_json, out):
+    counts = collections.Counter(f.status for f in findings)
+    holders = holders_clause(facts.holders)
+    if as_json:
+        json.dump(collections.OrderedDict([
+            ("checks", [collections.OrderedDict([("id", f.id), ("status", f.status), ("found", f.found),
+                                                 ("advice", f.advice), ("files", f.files), ("cpus", f.cpus)])
+                        for f in findings]),
+            ("holders_source", facts.holders.source), ("holders_note", holders_note(facts.holders))]), out)
+        out.write("\n")
+        return
+    out.write("isolcpu-plugin doctor: %s; %s\n" % (", ".join("%d %s" % (counts[s], s) for s in (FAIL, WARN, PASS, SKIP)
+                                                              if counts[s]), holders))
+    width = max(len(f.id) for f in findings)
+    for f in findings:
+        out.write("%-4s  %-*s  %s\n" % (f.status, width, f.id, f.found))
+        if f.advice:
+            out.write("%s  fix: %s\n" % (" " * (width + 4), f.advice))
+        if f.files:
+            out.write("%s  read: %s\n" % (" " * (width + 4), ", ".join(f.files)))
+
+
+def doctor(config, out):
+    """--doctor: 1 when a check FAILs, else 0."""
+    facts = read_node(config)
+    findings = audit(facts)
+    write_report(findings, facts, config.json, out)
+    return 1 if any(f.status == FAIL for f in findings) else 0
+
+
+# ---------------------------------------------------------------------------
 # The CLI
 # ---------------------------------------------------------------------------
 
@@ -2464,12 +3464,16 @@ VALUE_OPTIONS = (
     ("--metrics-address", None, "serve Prometheus /metrics and /healthz on HOST:PORT (off by default)"),
     ("--pod-resources-socket", DEFAULT_POD_RESOURCES_SOCKET,
      "the kubelet's PodResources socket, asked who holds each CPU; off (or \"\"): never asked"),
+    ("--kubelet-dir", DEFAULT_KUBELET_DIR, "the kubelet's root directory (cpu_manager_state), for --doctor"),
+    ("--kubelet-config", None, "the kubelet's config file, for --doctor (default: the running kubelet's "
+                               "--config, else <kubelet-dir>/config.yaml)"),
 )
 EMPTY_MEANS_OFF = ("metrics_address", "pod_resources_socket")
 SWITCH_OPTIONS = (
     ("--list", "print the devices that would be advertised, then exit"),
-    ("--json", "with --list: print them as one JSON object"),
+    ("--json", "with --list or --doctor: print one JSON object"),
     ("--probe", "exit 0 if the running plugin answers on its socket within 2 s, else 1"),
+    ("--doctor", "audit this node (read only): can pods run on the isolated CPUs they get? exit 1 on a FAIL"),
 )
 
 
@@ -2582,10 +3586,14 @@ def parse_config(argv, environ):
     if not (0.05 <= interval <= 3600):
         raise bad("rescan_interval", "expected seconds between 0.05 and 3600")
     config.rescan_interval = interval
-    if config.json and not config.list:
-        raise InputError("--json needs --list")
-    if config.probe and config.list:
-        raise InputError("--probe and --list exclude each other")
+    if config.json and not (config.list or config.doctor):
+        raise InputError("--json needs --list or --doctor")
+    modes = [flag for flag in ("--list", "--probe", "--doctor") if getattr(config, flag[2:])]
+    if len(modes) > 1:
+        raise InputError("%s exclude each other" % " and ".join(modes))
+    config.kubelet_dir = os.path.abspath(config.kubelet_dir)
+    if config.kubelet_config is not None:
+        config.kubelet_config = os.path.abspath(config.kubelet_config)
     if config.metrics_address:
         try:
             config.metrics_address = parse_listen_address(config.metrics_address)
@@ -2682,6 +3690,10 @@ def main(argv=None, environ=None):
         configure_logging(config.log_level)
         if config.probe:
             return probe(config)
+        if config.doctor:
+            code = doctor(config, sys.stdout)
+            sys.stdout.flush()
+            return code
         inventory = CpuInventory(Host(config.sysfs, config.procfs), config.source,
                                  config.cpus, config.origin["cpus"])
         if config.list:

@@ -570,6 +570,31 @@ class CorpusTests(unittest.TestCase):
                     compared += 1
         self.assertGreater(compared, 1500)
 
+    def test_doctor_smt_siblings_agrees_with_hwloc(self):
+        compared = warned = 0
+        for machine in self.machines:
+            with self.subTest(machine=machine):
+                root = os.path.join(self.tmp, machine)
+                truth = hwloc_truth(root)
+                siblings = KERNEL_OVERRIDES.get(machine, {}).get("siblings", lambda cpu: truth[cpu][0])
+                cpus = sorted(truth)
+                isolated = set(cpus[1::2]) | set(cpus[-4:])         # every other PU, and the last whole cores
+                code, out, err = run_main(["--doctor", "--json", "--cpus", format_cpu_list(isolated),
+                                           "--sysfs", os.path.join(root, "sys"), "--procfs", os.path.join(root, "proc"),
+                                           "--kubelet-dir", os.path.join(self.tmp, "no-kubelet"),
+                                           "--device-plugin-path", os.path.join(self.tmp, "no-kubelet"),
+                                           "--pod-resources-socket", "off"])
+                self.assertIn(code, (0, 1), err)
+                check = {c["id"]: c for c in json.loads(out)["checks"]}["smt-siblings"]
+                shared = {cpu for cpu in isolated if set(siblings(cpu)) - isolated}
+                self.assertEqual(set(expand_cpu_list(check["cpus"])), shared, check["found"])
+                self.assertEqual(check["status"], "WARN" if shared else "PASS" if any(
+                    siblings(cpu) for cpu in isolated) else "SKIP")
+                compared += 1
+                warned += bool(shared)
+        self.assertEqual(compared, 43)
+        self.assertGreaterEqual(warned, 12)      # the choice splits cores on the SMT machines whose siblings lie an odd distance apart
+
     def test_listing_never_fails_and_ids_are_cpus(self):
         for machine in self.machines:
             with self.subTest(machine=machine):
@@ -2751,6 +2776,510 @@ class PodResourcesTests(PodResourcesRig):
         result = self.list_cli("--pod-resources-socket", "/" + "p" * 120)
         self.assertEqual(result.returncode, 2)
         self.assertIn("--pod-resources-socket", result.stderr)
+
+
+# ---------------------------------------------------------------------------
+# The node audit (--doctor)
+# ---------------------------------------------------------------------------
+
+GOOD_CMDLINE = ("BOOT_IMAGE=/vmlinuz root=/dev/sda1 isolcpus=domain,managed_irq,2-7,10-15 nohz_full=2-7,10-15 "
+                "rcu_nocbs=2-7,10-15 irqaffinity=0-1,8-9 kthread_cpus=0-1,8-9")
+GOOD_KUBELET_CONFIG = """apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+# the layout that works with an unpatched kubelet
+cpuManagerPolicy: static
+reservedSystemCPUs: "0-1,8-9,2-7,10-15"
+topologyManagerPolicy: best-effort
+cpuManagerPolicyOptions:
+  full-pcpus-only: "true"
+evictionHard:
+  memory.available: 100Mi
+"""
+
+
+def fake_node(root, cmdline=GOOD_CMDLINE, kubelet_config=GOOD_KUBELET_CONFIG, cpu_manager_state=None):
+    """A well-configured node where every host check of --doctor passes: two
+    sockets x 4 cores x 2 threads (core c: CPUs c and c+8), CPUs 2-7,10-15
+    isolated as whole cores, 0-1,8-9 for housekeeping; IRQs, workqueues and a
+    kubelet (pid 4242) on housekeeping CPUs; cgroup v2; the kubelet dir with
+    cpu_manager_state and config.yaml. Returns the doctor's path flags."""
+    sysfs, procfs = fake_host(root, sockets=2, cores=4, isolated="2-7,10-15", cmdline=cmdline, extra={
+        "sys/devices/system/cpu/nohz_full": "2-7,10-15\n",
+        "sys/devices/virtual/workqueue/cpumask": "0303\n",
+        "sys/fs/cgroup/cgroup.controllers": "cpuset cpu io memory pids\n",
+        "sys/fs/cgroup/cpuset.cpus.isolated": "2-7,10-15\n",
+        "proc/irq/default_smp_affinity": "0303\n",
+        "proc/irq/0/smp_affinity_list": "0\n",
+        "proc/irq/24/effective_affinity_list": "1\n", "proc/irq/24/smp_affinity_list": "0-1,8-9\n",
+        "proc/irq/25/effective_affinity_list": "8\n", "proc/irq/25/smp_affinity_list": "0-1,8-9\n",
+        "proc/interrupts": "".join(["      " + " ".join("CPU%d" % c for c in range(16)) + "\n",
+                                   "  0: " + " 0" * 16 + "  IO-APIC   2-edge      timer\n",
+                                   " 24: " + " 7" * 16 + "  IR-PCI-MSI 524288-edge  nvme0q1\n",
+                                   " 25: " + " 3" * 16 + "  IR-PCI-MSI 1048576-edge  eth0-TxRx-0\n",
+                                   "LOC: " + " 9" * 16 + "  Local timer interrupts\n"]),
+        "proc/4242/comm": "kubelet\n",
+        "proc/4242/task/4242/status": "Name:\tkubelet\nCpus_allowed_list:\t0-1,8-9\n",
+        "proc/4242/task/4250/status": "Name:\tkubelet\nCpus_allowed_list:\t0-1,8-9\n",
+        "host-root/var/lib/kubelet/config.yaml": kubelet_config,
+        "kubelet/cpu_manager_state": cpu_manager_state or json.dumps(
+            {"policyName": "static", "defaultCpuSet": "0-15", "checksum": 1}),
+    })
+    with open(os.path.join(procfs, "4242", "cmdline"), "wb") as f:
+        f.write(b"/usr/bin/kubelet\0--config=/var/lib/kubelet/config.yaml\0--v=2\0")
+    os.symlink(os.path.join(root, "host-root"), os.path.join(procfs, "4242", "root"))
+    return ["--sysfs", sysfs, "--procfs", procfs, "--kubelet-dir", os.path.join(root, "kubelet"),
+            "--device-plugin-path", os.path.join(root, "device-plugins"), "--pod-resources-socket", "off"]
+
+
+def run_doctor(flags, *extra):
+    """--doctor --json as a process: (exit code, {check id: check}, stderr)."""
+    result = subprocess.run([sys.executable, PLUGIN, "--doctor", "--json"] + list(flags) + list(extra),
+                            env=plugin_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=120)
+    checks = collections.OrderedDict((c["id"], c) for c in json.loads(result.stdout)["checks"]) \
+        if result.stdout.startswith("{") else {}
+    return result.returncode, checks, result.stderr
+
+
+DOCTOR_CHECKS = ["isolated", "isolcpus-flags", "smt-siblings", "nohz-full", "rcu-nocbs", "irq-affinity",
+                 "cpu-manager", "kubelet-config", "cgroup-isolated", "housekeeping", "plugin", "pod-cgroups",
+                 "housekeeping-masks"]
+
+
+class DoctorUnitTests(unittest.TestCase):
+    """The audit's pure readers of kubelet and kernel formats."""
+
+    def test_kubelet_config_subset_of_yaml(self):
+        values = plugin.kubelet_config_values(GOOD_KUBELET_CONFIG)
+        self.assertEqual((values["cpuManagerPolicy"], values["reservedSystemCPUs"], values["topologyManagerPolicy"]),
+                         ("static", "0-1,8-9,2-7,10-15", "best-effort"))
+        self.assertEqual(values["cpuManagerPolicyOptions"], {"full-pcpus-only": "true"})
+        cases = {
+            "cpuManagerPolicy: 'static'  # quoted, commented": "static",
+            'cpuManagerPolicy: "none"': "none",
+            "cpuManagerPolicy: static #x": "static",
+            "cpuManagerPolicy: &anchor static": plugin.UNREADABLE,
+            "cpuManagerPolicy: [a, b]": plugin.UNREADABLE,
+            "cpuManagerPolicy: |\n  static": plugin.UNREADABLE,
+            'cpuManagerPolicy: "st\\u0061tic"': plugin.UNREADABLE,
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(plugin.kubelet_config_values(text)["cpuManagerPolicy"], expected)
+        flow = plugin.kubelet_config_values('cpuManagerPolicyOptions: {strict-cpu-reservation: "true", a: b}')
+        self.assertEqual(flow["cpuManagerPolicyOptions"], {"strict-cpu-reservation": "true", "a": "b"})
+        nested = plugin.kubelet_config_values("cpuManagerPolicyOptions:\n  deep:\n    x: y\n")
+        self.assertIs(nested["cpuManagerPolicyOptions"], plugin.UNREADABLE)
+        listed = plugin.kubelet_config_values("cpuManagerPolicyOptions:\n  - a\n")
+        self.assertIs(listed["cpuManagerPolicyOptions"], plugin.UNREADABLE)
+        two_docs = plugin.kubelet_config_values("cpuManagerPolicy: static\n---\ncpuManagerPolicy: none\n")
+        self.assertEqual(two_docs["cpuManagerPolicy"], "static")
+        self.assertNotIn("memory.available", plugin.kubelet_config_values(GOOD_KUBELET_CONFIG))
+        as_json = plugin.kubelet_config_values(json.dumps({"cpuManagerPolicy": "static", "reservedSystemCPUs": "0-1",
+                                                           "cpuManagerPolicyOptions": {"strict-cpu-reservation": True}}))
+        self.assertEqual((as_json["cpuManagerPolicy"], as_json["cpuManagerPolicyOptions"]),
+                         ("static", {"strict-cpu-reservation": "true"}))
+
+    def test_cpu_manager_state_in_both_formats(self):
+        uid = pod_uid("net", "dpdk-fwd-0")
+        new = plugin.cpu_manager_state(json.dumps({"policyName": "static", "defaultCpuSet": "0-1,4-15",
+                                                   "entries": {uid: {"fwd": "2-3"}}, "checksum": 1}))
+        self.assertEqual(new, ("static", "0-1,4-15", {(uid, "fwd"): "2-3"}, False))
+        old = plugin.cpu_manager_state(json.dumps({"policyName": "static", "defaultCpuSet": "0-1",
+                                                   "entries": {"3f9c0aa1e5b7": "2-3"}}))
+        self.assertEqual(old, ("static", "0-1", {(None, "3f9c0aa1e5b7"): "2-3"}, True))
+        for bad in ("", "{}", "[]", '{"policyName": "static", "entries": 5}', "{" * 100000):
+            with self.subTest(bad=bad[:20]):
+                self.assertRaises(ValueError, plugin.cpu_manager_state, bad)
+
+    def test_interrupt_names_and_quotas(self):
+        text = ("           CPU0       CPU1\n  0:         12          0   IO-APIC   2-edge      timer\n"
+                " 24:          0       4096  IR-PCI-MSI 524288-edge      nvme0q1\nNMI:          0          0   "
+                "Non-maskable interrupts\n")
+        self.assertEqual(plugin.interrupt_names(text), {0: "2-edge timer", 24: "524288-edge nvme0q1"})
+        read = lambda text: plugin.FileRead("x", text, None)
+        self.assertIsNone(plugin.cpu_quota((read("max 100000"),)))
+        self.assertEqual(plugin.cpu_quota((read("150000 100000"),)), 1.5)
+        self.assertEqual(plugin.cpu_quota((read("200000"), read("100000"))), 2.0)
+        self.assertIsNone(plugin.cpu_quota((read("-1"), read("100000"))))
+        self.assertRaises(ValueError, plugin.cpu_quota, (read("lots 100000"),))
+
+
+class DoctorHostTests(TempDirTest):
+    """Each host check on a fake node: PASS on a good one, WARN/FAIL on a bad
+    one, SKIP when its files are missing."""
+
+    def setUp(self):
+        super().setUp()
+        self.root = os.path.join(self.tmp, "node")
+        self.flags = fake_node(self.root)
+
+    def path(self, rel):
+        return os.path.join(self.root, rel)
+
+    def write(self, files):
+        write_files(self.root, files)
+
+    def remove(self, *rels):
+        for rel in rels:
+            target = self.path(rel)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                os.unlink(target)
+
+    def doctor(self, *extra):
+        code, checks, err = run_doctor(self.flags, *extra)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(list(checks), DOCTOR_CHECKS, err)
+        return code, checks
+
+    def test_a_good_node_passes(self):
+        code, checks = self.doctor()
+        statuses = {name: check["status"] for name, check in checks.items()}
+        self.assertEqual(statuses, dict({name: "PASS" for name in DOCTOR_CHECKS},
+                                        plugin="SKIP", **{"pod-cgroups": "SKIP"}), checks)
+        self.assertEqual(code, 0)
+        self.assertIn("2-7,10-15 (12 CPUs)", checks["isolated"]["found"])
+        self.assertIn("cpuManagerPolicy=static", checks["kubelet-config"]["found"])
+        self.assertIn("--config of the running kubelet (pid 4242)", checks["kubelet-config"]["found"])
+        for check in checks.values():
+            self.assertEqual(set(check), {"id", "status", "found", "advice", "files", "cpus"})
+            self.assertTrue(check["files"], check)
+
+    def test_the_table(self):
+        result = subprocess.run([sys.executable, PLUGIN, "--doctor"] + self.flags, env=plugin_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = result.stdout.splitlines()
+        self.assertRegex(lines[0], r"^isolcpu-plugin doctor: 11 PASS, 2 SKIP; holders ")
+        rows = [line.split()[:2] for line in lines[1:] if not line.startswith(" ")]
+        self.assertEqual([row[1] for row in rows], DOCTOR_CHECKS)
+        self.assertTrue(all(line.startswith(("PASS", "WARN", "FAIL", "SKIP", "      ")) for line in lines[1:]))
+
+    def test_isolated(self):
+        self.write({"sys/devices/system/cpu/isolated": "\n"})
+        code, checks = self.doctor()
+        self.assertEqual((code, checks["isolated"]["status"]), (1, "FAIL"))
+        self.assertIn("isolcpus=domain,managed_irq", checks["isolated"]["advice"])
+        self.assertEqual(checks["smt-siblings"]["status"], "SKIP")
+        self.write({"sys/devices/system/cpu/isolated": "2-x\n"})
+        code, checks = self.doctor()
+        self.assertEqual((code, checks["isolated"]["status"]), (1, "FAIL"))
+        self.assertIn("'2-x'", checks["isolated"]["found"])
+
+    def test_isolcpus_flags(self):
+        for cmdline, status, said in (
+                (GOOD_CMDLINE.replace("domain,managed_irq,", "domain,"), "WARN", "no managed_irq"),
+                (GOOD_CMDLINE.replace("domain,managed_irq,", ""), "WARN", "no managed_irq"),
+                (GOOD_CMDLINE.replace("domain,managed_irq,", "nohz,managed_irq,"), "WARN", "no domain flag"),
+                (GOOD_CMDLINE.replace("isolcpus=domain,managed_irq,2-7,10-15 ", ""), "SKIP", "no isolcpus=")):
+            with self.subTest(cmdline=cmdline):
+                self.write({"proc/cmdline": cmdline + "\n"})
+                check = self.doctor()[1]["isolcpus-flags"]
+                self.assertEqual(check["status"], status, check)
+                self.assertIn(said, check["found"])
+        self.write({"proc/cmdline": GOOD_CMDLINE.replace("domain,managed_irq,", "domain,") + "\n"})
+        self.assertEqual(self.doctor()[1]["isolcpus-flags"]["advice"], "isolcpus=domain,managed_irq,2-7,10-15")
+
+    def test_smt_siblings(self):
+        self.write({"sys/devices/system/cpu/isolated": "2-7,11-15\n"})       # core 2 = CPUs 2 and 10, split
+        check = self.doctor()[1]["smt-siblings"]
+        self.assertEqual(check["status"], "WARN")
+        self.assertEqual(check["cpus"], "2")
+        self.assertIn("isolated CPUs 2 share a core with CPUs 10", check["found"])
+        for cpu in range(16):
+            self.remove("sys/devices/system/cpu/cpu%d/topology" % cpu)
+        self.assertEqual(self.doctor()[1]["smt-siblings"]["status"], "SKIP")
+
+    def test_nohz_full_and_rcu_nocbs(self):
+        self.write({"sys/devices/system/cpu/nohz_full": "2-7\n",
+                    "proc/cmdline": GOOD_CMDLINE.replace("rcu_nocbs=2-7,10-15", "rcu_nocbs=10-13") + "\n"})
+        checks = self.doctor()[1]
+        self.assertEqual((checks["nohz-full"]["status"], checks["nohz-full"]["cpus"]), ("WARN", "10-15"))
+        self.assertIn("nohz_full=2-7,10-15", checks["nohz-full"]["advice"])
+        # nohz_full CPUs count as rcu_nocbs (the kernel offloads them): 14-15 are left
+        self.assertEqual((checks["rcu-nocbs"]["status"], checks["rcu-nocbs"]["cpus"]), ("WARN", "14-15"))
+        self.write({"sys/devices/system/cpu/nohz_full": "(null)\n",
+                    "proc/cmdline": "root=/dev/sda1 isolcpus=2-7,10-15 rcu_nocbs\n"})
+        checks = self.doctor()[1]
+        self.assertEqual((checks["nohz-full"]["status"], checks["nohz-full"]["cpus"]), ("WARN", "2-7,10-15"))
+        self.assertEqual((checks["rcu-nocbs"]["status"], checks["rcu-nocbs"]["cpus"]), ("WARN", "2-7,10-15"))
+        self.remove("sys/devices/system/cpu/nohz_full")                   # no CONFIG_NO_HZ_FULL: the command line
+        self.write({"proc/cmdline": GOOD_CMDLINE + "\n"})
+        self.assertEqual(self.doctor()[1]["nohz-full"]["status"], "PASS")
+        self.write({"sys/devices/system/cpu/nohz_full": "2-x\n"})
+        self.remove("proc/cmdline")
+        checks = self.doctor()[1]
+        self.assertEqual([checks[name]["status"] for name in ("nohz-full", "rcu-nocbs", "isolcpus-flags")],
+                         ["SKIP"] * 3, checks)
+
+    def test_irq_affinity(self):
+        self.write({"proc/irq/default_smp_affinity": "ffff\n", "proc/irq/24/effective_affinity_list": "3\n"})
+        check = self.doctor()[1]["irq-affinity"]
+        self.assertEqual(check["status"], "WARN")
+        self.assertIn("default_smp_affinity includes isolated CPUs 2-7,10-15", check["found"])
+        self.assertIn("1 IRQs may fire on isolated CPUs: 24 (524288-edge nvme0q1) on 3", check["found"])
+        self.assertIn("irqaffinity=0-1,8-9", check["advice"])
+        self.remove("proc/irq/24/effective_affinity_list")               # else smp_affinity_list
+        self.write({"proc/irq/24/smp_affinity_list": "0-15\n", "proc/irq/default_smp_affinity": "0303\n"})
+        self.assertIn("24 (524288-edge nvme0q1) on 2-7,10-15", self.doctor()[1]["irq-affinity"]["found"])
+        for irq in range(30, 60):
+            self.write({"proc/irq/%d/effective_affinity_list" % irq: "5\n"})
+        check = self.doctor()[1]["irq-affinity"]
+        self.assertIn("31 IRQs may fire", check["found"])
+        self.assertIn("(+23 more)", check["found"])
+        self.assertLess(len(check["found"]), 700)
+        self.remove("proc/irq")
+        self.assertEqual(self.doctor()[1]["irq-affinity"]["status"], "SKIP")
+
+    def test_cgroup_isolated(self):
+        self.write({"sys/fs/cgroup/rt.slice/cpuset.cpus.partition": "isolated\n",
+                    "sys/fs/cgroup/rt.slice/cpuset.cpus.effective": "6-7\n",
+                    "sys/fs/cgroup/bad.slice/cpuset.cpus.partition": "isolated invalid (Cpu list in cpuset.cpus "
+                                                                        "not exclusive)\n"})
+        check = self.doctor()[1]["cgroup-isolated"]
+        self.assertEqual((check["status"], check["cpus"]), ("WARN", "6-7"))
+        self.assertIn("rt.slice", check["found"])
+        self.assertIn("not exclusive", check["found"])
+        self.remove("sys/fs/cgroup/rt.slice", "sys/fs/cgroup/bad.slice")
+        self.write({"sys/fs/cgroup/cpuset.cpus.isolated": "1-7,10-15\n"})     # contradicts the isolated set
+        check = self.doctor()[1]["cgroup-isolated"]
+        self.assertEqual(check["status"], "WARN", check)
+        self.assertIn("the kernel lists CPUs 1 as isolated, which the plugin does not serve", check["found"])
+        self.remove("sys/fs/cgroup")
+        self.assertEqual(self.doctor()[1]["cgroup-isolated"]["status"], "SKIP")
+
+    def test_housekeeping(self):
+        self.write({"proc/4242/task/4250/status": "Name:\tkubelet\nCpus_allowed_list:\t0-15\n"})
+        check = self.doctor()[1]["housekeeping"]
+        self.assertEqual((check["status"], check["cpus"]), ("WARN", "2-7,10-15"))
+        self.assertIn("kubelet (pid 4242) threads may run on isolated CPUs 2-7,10-15", check["found"])
+        self.assertEqual(check["files"], [self.path("proc/PID/task/TID/status")])
+        self.assertIn("CPUAffinity=0-1,8-9", check["advice"])
+        self.remove("proc/4242")
+        self.assertEqual(self.doctor()[1]["housekeeping"]["status"], "SKIP")
+
+    def test_housekeeping_masks(self):
+        self.write({"sys/devices/virtual/workqueue/cpumask": "ffff\n",
+                    "proc/cmdline": GOOD_CMDLINE.replace("kthread_cpus=0-1,8-9", "kthread_cpus=0-3") + "\n"})
+        check = self.doctor()[1]["housekeeping-masks"]
+        self.assertEqual((check["status"], check["cpus"]), ("WARN", "2-7,10-15"))
+        self.assertIn("kthread_cpus= includes isolated CPUs 2-3", check["found"])
+        self.remove("sys/devices/virtual/workqueue/cpumask")
+        self.write({"proc/cmdline": "root=/dev/sda1 isolcpus=2-7,10-15\n"})
+        self.assertEqual(self.doctor()[1]["housekeeping-masks"]["status"], "SKIP")
+
+    def test_kubelet_config(self):
+        config = self.path("host-root/var/lib/kubelet/config.yaml")
+        for text, status, said in (
+                (GOOD_KUBELET_CONFIG.replace('"0-1,8-9,2-7,10-15"', '"0-1,8-9"'), "WARN", "are not in reservedSystemCPUs"),
+                (GOOD_KUBELET_CONFIG.replace('full-pcpus-only: "true"', 'strict-cpu-reservation: "true"'), "FAIL",
+                 "strict-cpu-reservation is on"),
+                (GOOD_KUBELET_CONFIG.replace("best-effort", "single-numa-node"), "WARN", "at most 8 (node 1) of the 12"),
+                (GOOD_KUBELET_CONFIG.replace("static", "none"), "PASS", "cpuManagerPolicy=none"),
+                (GOOD_KUBELET_CONFIG.replace("cpuManagerPolicy: static", "cpuManagerPolicy: *policy"), "SKIP",
+                 "cannot read cpuManagerPolicy")):
+            with self.subTest(said=said):
+                write_files(os.path.dirname(config), {"config.yaml": text})
+                code, checks = self.doctor()
+                self.assertEqual(checks["kubelet-config"]["status"], status, checks["kubelet-config"])
+                self.assertIn(said, checks["kubelet-config"]["found"])
+                self.assertEqual(code, 1 if status == "FAIL" else 0)
+        # the kubelet's own flags win over its file; --kubelet-config names another file
+        write_files(os.path.dirname(config), {"config.yaml": GOOD_KUBELET_CONFIG})
+        with open(self.path("proc/4242/cmdline"), "wb") as f:
+            f.write(b"/usr/bin/kubelet\0--config\0/var/lib/kubelet/config.yaml\0--reserved-cpus=0-1\0")
+        self.assertIn("reservedSystemCPUs=0-1,", self.doctor()[1]["kubelet-config"]["found"])
+        other = os.path.join(self.tmp, "other.yaml")
+        write_files(self.tmp, {"other.yaml": "cpuManagerPolicy: none\n"})
+        self.remove("proc/4242")
+        found = self.doctor("--kubelet-config", other)[1]["kubelet-config"]["found"]
+        self.assertIn("cpuManagerPolicy=none", found)
+        self.assertIn("found by --kubelet-config", found)
+        self.assertEqual(self.doctor()[1]["kubelet-config"]["status"], "SKIP")   # no kubelet, no kubelet-dir/config.yaml
+
+    def test_bad_flags_exit_2(self):
+        for extra in (["--list"], ["--probe"], ["--kubelet-dir", ""], ["--cpus", "x"]):
+            with self.subTest(extra=extra):
+                result = subprocess.run([sys.executable, PLUGIN, "--doctor"] + self.flags + extra, env=plugin_env(),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+                self.assertEqual(result.returncode, 2, result.stderr)
+                self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+    def test_garbage_everywhere_is_never_a_traceback(self):
+        garbage = ["\x00\x01", "9" * 5000, "-", "ffff,ffff,zz", "{" * 50000, "isolated invalid"]
+        targets = ["sys/devices/system/cpu/nohz_full", "sys/devices/virtual/workqueue/cpumask",
+                   "proc/irq/default_smp_affinity", "proc/irq/24/effective_affinity_list", "proc/interrupts",
+                   "kubelet/cpu_manager_state", "host-root/var/lib/kubelet/config.yaml",
+                   "proc/4242/task/4242/status", "sys/fs/cgroup/cpuset.cpus.isolated"]
+        rng = random.Random(5)
+        for target in targets:
+            with self.subTest(target=target):
+                self.write({target: rng.choice(garbage)})
+                code, checks = self.doctor()
+                self.assertIn(code, (0, 1))
+                self.assertTrue(all(len(c["found"]) < 2000 for c in checks.values()))
+        self.write({"proc/irq/default_smp_affinity": "0303\n", "proc/irq/24/effective_affinity_list": "3\n"})
+        os.unlink(self.path("proc/interrupts"))
+        os.mkfifo(self.path("proc/interrupts"))
+        check = self.doctor()[1]["irq-affinity"]
+        self.assertEqual(check["status"], "WARN")                        # names unknown, the finding stands
+        self.assertIn("24 (?) on 3", check["found"])
+
+
+@needs_grpc
+class DoctorKubeletTests(PodResourcesRig):
+    """The checks that need a kubelet: the CPU manager, the plugin, pod
+    cgroups, against a running plugin and a FakeKubelet serving PodResources."""
+
+    def setUp(self):
+        super().setUp()
+        self.kubelet_dir = os.path.join(self.tmp, "kubelet")
+        self.cgroup = os.path.join(self.sysfs, "fs", "cgroup")
+        write_files(self.cgroup, {"cgroup.controllers": "cpuset cpu\n"})
+
+    def doctor(self, *extra):
+        flags = ["--sysfs", self.sysfs, "--procfs", self.procfs, "--device-plugin-path", self.dir,
+                 "--kubelet-dir", self.kubelet_dir, "--pod-resources-socket", self.kubelet.pod_resources_socket]
+        code, checks, err = run_doctor(flags, *extra)
+        self.assertNotIn("Traceback", err)
+        self.assertEqual(list(checks), DOCTOR_CHECKS, err)
+        return code, checks
+
+    def state(self, policy="static", default="0-7", entries=None):
+        write_files(self.kubelet_dir, {"cpu_manager_state": json.dumps(
+            {"policyName": policy, "defaultCpuSet": default, "entries": entries or {}, "checksum": 1})})
+
+    def pod_cgroup(self, namespace, pod, effective, qos="burstable", cpu_max="max 100000", runtime="cri-containerd"):
+        """The pod's cgroup as the systemd driver names it, with one container."""
+        uid = pod_uid(namespace, pod).replace("-", "_")
+        pod_dir = "kubepods.slice/kubepods-%s.slice/kubepods-%s-pod%s.slice" % (qos, qos, uid)
+        write_files(self.cgroup, {pod_dir + "/cpu.max": cpu_max + "\n",
+                                  pod_dir + "/%s-0f3a9c.scope/cpuset.cpus.effective" % runtime: effective + "\n"})
+
+    def test_the_plugin_check(self):
+        code, checks = self.doctor()
+        self.assertEqual(checks["plugin"]["status"], "SKIP")              # no kubelet, no plugin: nothing to say
+        process = self.registered_plugin()
+        check = self.doctor()[1]["plugin"]
+        self.assertEqual(check["status"], "PASS", check)
+        self.assertIn("the kubelet counts the same 4 CPUs allocatable", check["found"])
+        self.set_host("online", "0-6\n")
+        self.kubelet.wait_list(lambda devices: devices["7"][0] == "Unhealthy", timeout=3)
+        check = self.doctor()[1]["plugin"]
+        self.assertEqual(check["status"], "PASS", check)
+        self.assertIn("offline isolated CPUs: 7", check["found"])
+        self.kubelet.lists.append(Snapshot({"2": ("Healthy", None)}, time.monotonic()))   # a kubelet gone stale
+        check = self.doctor()[1]["plugin"]
+        self.assertEqual((check["status"], check["cpus"]), ("WARN", "3,6"), check)
+        process.stop(signal.SIGKILL)                                     # its socket stays, nobody serves it
+        code, checks = self.doctor()
+        self.assertEqual((code, checks["plugin"]["status"]), (1, "FAIL"))
+        self.assertIn("is stale", checks["plugin"]["found"])
+
+    def test_cpu_manager_none_and_the_good_static_layout(self):
+        self.registered_plugin()
+        self.allocate_some()                                             # net/dpdk-fwd-0: 6,7; trading/...: 3
+        self.state(policy="none", default="")
+        self.assertEqual(self.doctor()[1]["cpu-manager"]["status"], "PASS")
+        # static, isolated CPUs reserved: in the shared pool, never granted; holders Burstable
+        self.state(default="0-7", entries={pod_uid("kube-system", "coredns"): {"coredns": "1"}})
+        code, checks = self.doctor()
+        self.assertEqual(checks["cpu-manager"]["status"], "PASS", checks["cpu-manager"])
+        self.assertIn("holders from the kubelet's checkpoint", checks["cpu-manager"]["found"])
+        self.assertIn("every holder may run on its CPUs", checks["cpu-manager"]["found"])
+        os.unlink(os.path.join(self.dir, "kubelet_internal_checkpoint"))
+        self.assertIn("the holders' cpusets could not be checked", self.doctor()[1]["cpu-manager"]["found"])
+
+    def test_cpu_manager_two_tenants_and_a_guaranteed_holder(self):
+        self.registered_plugin()
+        self.allocate_some()
+        other, guaranteed = pod_uid("batch", "cruncher"), pod_uid("net", "dpdk-fwd-0")
+        # the CPU manager gave 3 (held by trading/order-gateway through the plugin) to another pod,
+        # and dpdk-fwd-0 (holding 6-7 through the plugin) is Guaranteed: its cpuset is 1 only
+        self.state(default="0,2,4-5", entries={other: {"crunch": "3"}, guaranteed: {"forwarder": "1"}})
+        code, checks = self.doctor()
+        check = checks["cpu-manager"]
+        self.assertEqual((code, check["status"]), (1, "FAIL"), check)
+        self.assertIn("the CPU manager gave isolated CPUs 3 exclusively to pod UID %s container 'crunch'" % other,
+                      check["found"])
+        self.assertIn("two tenants on a quiet core", check["found"])
+        self.assertIn("pod UID %s container 'forwarder' holds CPUs 6-7 of the plugin but its cpuset is 1"
+                      % guaranteed, check["found"])
+        self.assertIn("pod UID %s container 'gateway' holds CPUs 3" % pod_uid("trading", "order-gateway-7f9c"),
+                      check["found"])
+        self.assertEqual(check["cpus"], "3,6-7")
+        for sentence in ("put the isolated CPUs in reservedSystemCPUs", "do not enable the strict-cpu-reservation",
+                         "Burstable QoS"):
+            self.assertIn(sentence, check["advice"])
+        # the old format: container IDs, so any isolated grant is suspect
+        write_files(self.kubelet_dir, {"cpu_manager_state": json.dumps(
+            {"policyName": "static", "defaultCpuSet": "0-2,4-7", "entries": {"a1b2c3d4e5f6": "3"}})})
+        check = self.doctor()[1]["cpu-manager"]
+        self.assertEqual(check["status"], "FAIL")
+        self.assertIn("container ID 'a1b2c3d4e5f6'", check["found"])
+        self.assertIn("old state format", check["found"])
+        os.unlink(os.path.join(self.kubelet_dir, "cpu_manager_state"))
+        self.assertEqual(self.doctor()[1]["cpu-manager"]["status"], "SKIP")
+
+    def test_pod_cgroups(self):
+        self.registered_plugin()
+        self.allocate_some()
+        self.pod_cgroup("net", "dpdk-fwd-0", "0-7")
+        self.pod_cgroup("trading", "order-gateway-7f9c", "0-7", qos="besteffort", runtime="crio")
+        check = self.doctor()[1]["pod-cgroups"]
+        self.assertEqual(check["status"], "PASS", check)
+        self.assertIn("the 2 pods holding CPUs may run on them", check["found"])
+        self.pod_cgroup("net", "dpdk-fwd-0", "1", cpu_max="150000 100000")       # Guaranteed-like: not its CPUs
+        self.pod_cgroup("trading", "order-gateway-7f9c", "0-7", qos="besteffort", runtime="crio",
+                        cpu_max="50000 100000")
+        code, checks = self.doctor()
+        check = checks["pod-cgroups"]
+        self.assertEqual((code, check["status"], check["cpus"]), (1, "FAIL", "6-7"), check)
+        self.assertIn("pod %s: no container may run on its CPUs 6-7" % pod_uid("net", "dpdk-fwd-0"), check["found"])
+        self.assertIn("pod %s: its CPU limit (0.50 CPUs) is below the 1 isolated CPUs it holds"
+                      % pod_uid("trading", "order-gateway-7f9c"), check["found"])
+        self.assertIn("reservedSystemCPUs", check["advice"])
+        self.assertIn("CPU limit", check["advice"])
+        # the cgroupfs driver and cgroup v1 name them otherwise
+        shutil.rmtree(self.cgroup)
+        uid = pod_uid("net", "dpdk-fwd-0")
+        write_files(self.cgroup, {"cpuset/kubepods/burstable/pod%s/0f3a9c/cpuset.cpus" % uid: "0-7\n",
+                                  "cpu,cpuacct/kubepods/burstable/pod%s/cpu.cfs_quota_us" % uid: "100000\n",
+                                  "cpu,cpuacct/kubepods/burstable/pod%s/cpu.cfs_period_us" % uid: "100000\n"})
+        check = self.doctor()[1]["pod-cgroups"]
+        self.assertEqual(check["status"], "WARN", check)                 # trading's pod has no cgroup here
+        self.assertIn("pod %s: its CPU limit (1.00 CPUs) is below the 2 isolated CPUs" % uid, check["found"])
+        self.assertIn("pod %s: no cgroup found" % pod_uid("trading", "order-gateway-7f9c"), check["found"])
+        os.unlink(os.path.join(self.dir, "kubelet_internal_checkpoint"))
+        self.assertEqual(self.doctor()[1]["pod-cgroups"]["status"], "SKIP")
+
+    def test_holders_source_is_said(self):
+        self.registered_plugin()
+        self.allocate_some()
+        result = subprocess.run([sys.executable, PLUGIN, "--doctor", "--sysfs", self.sysfs, "--procfs", self.procfs,
+                                 "--device-plugin-path", self.dir, "--kubelet-dir", self.kubelet_dir,
+                                 "--pod-resources-socket", self.kubelet.pod_resources_socket], env=plugin_env(),
+                                stdout=subprocess.PIPE, universal_newlines=True, timeout=120)
+        self.assertIn("holders from PodResources", result.stdout.splitlines()[0])
+        code, checks, _ = run_doctor(["--sysfs", self.sysfs, "--procfs", self.procfs, "--device-plugin-path",
+                                      self.dir, "--kubelet-dir", self.kubelet_dir, "--pod-resources-socket", "off"])
+        self.assertIn("PodResources is off", checks["plugin"]["found"])
+
+
+class DoctorThisMachineTests(unittest.TestCase):
+    def test_this_machine(self):
+        with open("/sys/devices/system/cpu/isolated") as f:
+            if f.read().strip() or os.path.exists("/var/lib/kubelet"):
+                self.skipTest("this machine isolates CPUs or runs a kubelet")
+        result = subprocess.run([sys.executable, PLUGIN, "--doctor"], env=plugin_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+        self.assertEqual(result.returncode, 1, result.stdout + result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        failing = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+        self.assertEqual(len(failing), 1, result.stdout)
+        self.assertEqual(failing[0].split()[1], "isolated")
 
 
 if __name__ == "__main__":
