@@ -772,6 +772,34 @@ class PreferredAllocationTests(unittest.TestCase):
         self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 9], size=3), [0, 1, 2])       # 1 node, 3 cores
         self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 9, 4, 10], size=3), [3, 4, 9])  # 1 node, 2 cores
 
+    def test_the_readme_worked_example(self):
+        """The README's table, row by row, as the kubelet asks under each
+        topology manager policy. `none` offers every free CPU. `best-effort`,
+        `restricted` and `single-numa-node` first narrow the offer to the NUMA
+        node the topology manager picks (the lowest-numbered one with room: its
+        "narrower, then lower bits" rule) and take a node that fits exactly
+        without asking the plugin (NOTES.md section 5)."""
+        infos = synthetic_infos(sockets=2, cores=4, threads=2)      # node 0: 0-3,8-11; node 1: 4-7,12-15
+        isolated = set(range(16)) - {0, 8}                          # isolcpus=1-7,9-15
+
+        def narrowed(free, size):
+            for node in (0, 1):
+                offer = sorted(cpu for cpu in free if infos[cpu].numa_nodes == (node,))
+                if len(offer) >= size:
+                    return offer
+            return sorted(free)
+
+        def under_topology_policy(free, size):
+            offer = narrowed(free, size)
+            return offer if len(offer) == size else self.prefer(infos, offer, size=size)
+
+        rows = [(isolated, 2, "1,9", "1,9"), (isolated, 6, "1-3,9-11", "1-3,9-11"),
+                (isolated - {1, 9}, 6, "4-6,12-14", "4-6,12-14"), ({2, 3, 10, 11, 7, 15}, 1, "7", "2")]
+        for free, size, with_none, with_topology in rows:
+            with self.subTest(free=format_cpu_list(free), size=size):
+                self.assertEqual(format_cpu_list(self.prefer(infos, sorted(free), size=size)), with_none)
+                self.assertEqual(format_cpu_list(under_topology_policy(free, size)), with_topology)
+
     def test_requests_that_cannot_be_met(self):
         placements = plugin.cpu_placements(synthetic_infos(sockets=1, cores=4, threads=2))
         prefer = plugin.preferred_allocation

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# check-deploy.sh: the DaemonSet against Kubernetes' schemas (kubernetes-validate,
-# strict, the newest Kubernetes it knows) and the systemd unit with
+# check-deploy.sh: the DaemonSet and the README's example pod against Kubernetes'
+# schemas (kubernetes-validate, strict, the newest Kubernetes it knows) and the systemd unit with
 # systemd-analyze verify, where systemd is installed (any complaint fails).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -13,6 +13,12 @@ if [ ! -x "$venv/bin/kubernetes-validate" ]; then
     "$venv/bin/python" -m pip install -q kubernetes-validate >"$venv.log" 2>&1 || { cat "$venv.log"; exit 1; }
 fi
 "$venv/bin/kubernetes-validate" --strict "$ROOT/deploy/daemonset.yaml"
+# the README's example pod, as it stands there
+pod=$(mktemp --suffix=.yaml)
+sed -n '/^```yaml$/,/^```$/p' "$ROOT/README.md" | sed '1d;$d' >"$pod"
+grep -q '^kind: Pod$' "$pod" || { echo "no example pod found in README.md"; exit 1; }
+"$venv/bin/kubernetes-validate" --strict "$pod"
+rm -f "$pod"
 
 if command -v systemd-analyze >/dev/null; then
     units=$(mktemp -d)
