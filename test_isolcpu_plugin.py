@@ -1248,13 +1248,16 @@ class FakeKubelet(object):
 
 
 class PluginProcess(object):
-    """isolcpu_plugin.py as a real process; its log goes to a file."""
+    """isolcpu_plugin.py as a real process; its log goes to a file. As a
+    script (the README's way), or with module=True as the package and the
+    image run it: `python3 -m isolcpu_plugin`, from its byte-compiled form."""
 
-    def __init__(self, tmp, args, env=None):
+    def __init__(self, tmp, args, env=None, module=False):
         self.log_path = tempfile.mktemp(prefix="plugin-log-", dir=tmp)
         self.log_file = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, PLUGIN] + list(args), stdout=subprocess.DEVNULL,
-                                     stderr=self.log_file, env=plugin_env(env))
+        command = [sys.executable, "-m", "isolcpu_plugin"] if module else [sys.executable, PLUGIN]
+        self.proc = subprocess.Popen(command + list(args), stdout=subprocess.DEVNULL, stderr=self.log_file,
+                                     env=plugin_env(dict(env or {}, PYTHONPATH=HERE) if module else env))
 
     def log(self):
         with open(self.log_path) as f:

@@ -6,7 +6,10 @@
     python3 tools/bench.py --json          # one JSON object instead of the table
 
 It starts the plugin as a process against an in-process fake kubelet
-(test_isolcpu_plugin.FakeKubelet) on synthetic hosts. Sections:
+(test_isolcpu_plugin.FakeKubelet) on synthetic hosts, the way the package
+and the image run it: `python3 -m isolcpu_plugin`, from its byte-compiled
+module (this checkout's __pycache__, written when bench.py imports it).
+Sections:
   start    process start to Registered
   rpc      Allocate vs GetDevicePluginOptions (the floor of any call), and
            GetPreferredAllocation over gRPC at 64, 1024 and 8192 CPUs
@@ -105,7 +108,7 @@ class Rig(object):
         self.kubelet = FakeKubelet(self.dir).start()
         self.started = time.monotonic()
         self.process = PluginProcess(self.tmp, ["--sysfs", sysfs or fake_sysfs, "--procfs", fake_procfs,
-                                                "--device-plugin-path", self.dir] + list(args))
+                                                "--device-plugin-path", self.dir] + list(args), module=True)
 
     @property
     def pid(self):

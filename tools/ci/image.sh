@@ -39,7 +39,7 @@ echo "build $IMAGE"
 "${B[@]}" build --isolation chroot --pull=never -q -t "$IMAGE" -f "$ROOT/Containerfile" "$ROOT" >"$WORK/image-build.log" 2>&1 \
     || { tail -n 40 "$WORK/image-build.log"; exit 1; }
 entrypoint=$("${B[@]}" inspect --type image --format '{{.OCIv1.Config.Entrypoint}}' "$IMAGE")
-[ "$entrypoint" = '[/usr/bin/python3 /app/isolcpu_plugin.py]' ] || { echo "unexpected ENTRYPOINT $entrypoint"; exit 1; }
+[ "$entrypoint" = '[/usr/bin/python3 -m isolcpu_plugin]' ] || { echo "unexpected ENTRYPOINT $entrypoint"; exit 1; }
 
 ctr=$("${B[@]}" from "$IMAGE")
 trap '"${B[@]}" rm "$ctr" >/dev/null 2>&1 || true' EXIT
@@ -62,7 +62,9 @@ PY
 
 echo "the test suite inside the image (the test file copied into a working container)"
 "${B[@]}" copy "$ctr" "$ROOT/test_isolcpu_plugin.py" /app/ >/dev/null
-"${run[@]}" "$ctr" -- /usr/bin/python3 /app/isolcpu_plugin.py --version
+"${run[@]}" "$ctr" -- /usr/bin/python3 -m isolcpu_plugin --version          # the entry point's way
+probed=$("${run[@]}" "$ctr" -- /usr/bin/python3 -m isolcpu_plugin --probe --device-plugin-path /tmp 2>&1 || true)
+grep -q 'does not exist' <<<"$probed" || { echo "the DaemonSet's probe command does not run in the image: $probed"; exit 1; }
 CORPUS=${ISOLCPU_TEST_CORPUS:-$ROOT/../shared/fixtures/sysfs}
 corpus=()
 [ -d "$CORPUS" ] && corpus=(-v "$(cd "$CORPUS" && pwd):/corpus:ro" --env ISOLCPU_TEST_CORPUS=/corpus)
