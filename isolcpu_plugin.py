@@ -46,7 +46,6 @@ if __name__ == "__main__":
 import argparse
 import asyncio
 import collections
-import errno
 import itertools
 import json
 import logging
@@ -1539,6 +1538,20 @@ class PodResourcesClient(object):
             await channel.close()
 
 
+def ask_pod_resources(path, method):
+    """(answer or None, (why, normal)) of a PodResources call."""
+    if path is None:
+        return None, ("PodResources is off: --pod-resources-socket off", True)
+    client = PodResourcesClient(path)
+    try:
+        client.check_reachable()
+        return client.call(load_grpc(), method), None
+    except PodResourcesUnavailable as e:
+        return None, (str(e), False)
+    except InputError as e:
+        return None, ("PodResources not asked: %s" % e, False)
+
+
 # Who holds the plugin's CPUs, and how that was learnt. by_cpu: {cpu:
 # (Holder, ...)}, None when no source could tell; source: a HOLDER_SOURCES
 # key or None; failures: ((source, why, normal), ...) of the sources tried
@@ -2366,34 +2379,46 @@ def format_listen_address(address):
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
+def ask_plugin(path):
+    """(state, answered, why): the plugin socket's state ('listening',
+    'refused', 'missing', or 'error') and whether it answered
+    GetDevicePluginOptions within 2 s (None: grpc not there to ask)."""
+    try:
+        state = unix_socket_state(path)
+    except PermissionError:
+        return "error", False, ("permission denied connecting to %s: the socket is the plugin's (mode 0600); "
+                                "run as the plugin's user (root)" % path)
+    except OSError as e:
+        return "error", False, "%s: %s" % (path, e.strerror or e)
+    if state != "listening":
+        return state, False, ""
+    try:
+        api = load_grpc()
+    except InputError as e:
+        return state, None, str(e)
+    channel = api.grpc.insecure_channel("unix:" + path)
+    try:
+        api.pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api.pb.Empty(), timeout=2)
+        return state, True, ""
+    except api.grpc.RpcError as e:
+        return state, False, "%s did not answer GetDevicePluginOptions within 2 s (%s)" % (
+            path, getattr(e.code(), "name", e.code()))
+    finally:
+        channel.close()
+
+
 def probe(config):
     """--probe: 0 when the running plugin answers GetDevicePluginOptions on
     its socket within 2 s, else 1 with one line saying why."""
     path = os.path.join(config.device_plugin_path, config.socket_name)
-
-    def fail(why):
+    state, answered, why = ask_plugin(path)
+    if answered is None:
+        raise InputError(why)                       # grpcio missing: a bad setup, not a dead plugin
+    if not answered:
+        why = {"missing": "%s does not exist" % path,
+               "refused": "nothing serves %s (a stale socket: the plugin is not running)" % path}.get(state, why)
         sys.stderr.write("%s: probe: %s\n" % (PROGRAM, why))
         return 1
-    try:
-        state = unix_socket_state(path)
-    except PermissionError:
-        return fail("permission denied connecting to %s: the socket is the plugin's (mode 0600); "
-                    "run the probe as the plugin's user (root)" % path)
-    except OSError as e:
-        return fail("cannot connect to %s: %s" % (path, e.strerror or e))
-    if state == "missing":
-        return fail("%s does not exist" % path)
-    if state == "refused":
-        return fail("nothing serves %s (a stale socket: the plugin is not running)" % path)
-    api = load_grpc()
-    channel = api.grpc.insecure_channel("unix:" + path)
-    try:
-        api.pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api.pb.Empty(), timeout=2)
-    except api.grpc.RpcError as e:
-        return fail("%s did not answer GetDevicePluginOptions within 2 s (%s)"
-                    % (path, getattr(e.code(), "name", e.code())))
-    finally:
-        channel.close()
     return 0
 
 
@@ -2683,44 +2708,6 @@ def find_pod_cgroups(root, v2, uids):
                              read_file(os.path.join(cpu_root, relative, "cpu.cfs_period_us")))
                 found[uid] = PodCgroup(pod_dir, containers, quota)
     return found
-
-
-def ask_plugin(path):
-    """(state, answered, why): the plugin socket's state ('listening',
-    'refused', 'missing', or 'error') and whether it answered
-    GetDevicePluginOptions within 2 s (None: grpc not there to ask)."""
-    try:
-        state = unix_socket_state(path)
-    except OSError as e:
-        return "error", False, "%s: %s" % (path, e.strerror or e)
-    if state != "listening":
-        return state, False, ""
-    try:
-        api = load_grpc()
-    except InputError as e:
-        return state, None, str(e)
-    channel = api.grpc.insecure_channel("unix:" + path)
-    try:
-        api.pb_grpc.DevicePluginStub(channel).GetDevicePluginOptions(api.pb.Empty(), timeout=2)
-        return state, True, ""
-    except api.grpc.RpcError as e:
-        return state, False, "no answer to GetDevicePluginOptions within 2 s (%s)" % getattr(e.code(), "name", e.code())
-    finally:
-        channel.close()
-
-
-def ask_pod_resources(path, method):
-    """(answer or None, (why, normal)) of a PodResources call."""
-    if path is None:
-        return None, ("PodResources is off: --pod-resources-socket off", True)
-    client = PodResourcesClient(path)
-    try:
-        client.check_reachable()
-        return client.call(load_grpc(), method), None
-    except PodResourcesUnavailable as e:
-        return None, (str(e), False)
-    except InputError as e:
-        return None, ("PodResources not asked: %s" % e, False)
 
 
 # The checks ----------------------------------------------------------------------
@@ -3616,16 +3603,7 @@ def list_holders(config):
     """Who holds the CPUs, for --list: PodResources (blocking gRPC) where its
     socket answers, else the kubelet's checkpoint. grpc is imported only to
     ask PodResources, so the rest of --list needs the standard library alone."""
-    answer, failure = None, ("PodResources is off: --pod-resources-socket off", True)
-    if config.pod_resources_socket is not None:
-        client = PodResourcesClient(config.pod_resources_socket)
-        try:
-            client.check_reachable()
-            answer = client.call(load_grpc(), POD_RESOURCES_LIST)
-        except PodResourcesUnavailable as e:
-            failure = (str(e), False)
-        except InputError as e:                    # grpcio missing
-            failure = ("PodResources not asked: %s" % e, False)
+    answer, failure = ask_pod_resources(config.pod_resources_socket, POD_RESOURCES_LIST)
     return find_holders(answer, failure, config.device_plugin_path, config.resource_name)
 
 

@@ -1306,6 +1306,14 @@ class PluginRig(TempDirTest):
         self.addCleanup(process.stop, signal.SIGKILL)
         return process
 
+    def registered_plugin(self, *extra):
+        """The kubelet started, a plugin registered with it and listing its 4 devices."""
+        self.kubelet.start()
+        process = self.start_plugin(*extra)
+        self.kubelet.wait_list(lambda devices: len(devices) == 4)
+        process.wait_log("registered windriver.com/isolcpus")
+        return process
+
     @property
     def plugin_socket(self):
         return os.path.join(self.dir, "windriver.com-isolcpus.sock")
@@ -2201,13 +2209,6 @@ class HardeningTests(PluginRig):
     """What a hostile client, a careless operator or a bad host file did to
     the plugin, each once an outage: now withstood."""
 
-    def registered_plugin(self, *extra):
-        self.kubelet.start()
-        process = self.start_plugin(*extra)
-        self.kubelet.wait_list(lambda devices: len(devices) == 4)
-        process.wait_log("registered windriver.com/isolcpus")
-        return process
-
     def assert_still_serving(self, process):
         """Answers RPCs, and SIGTERM ends it at once with 0."""
         self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
@@ -2217,6 +2218,13 @@ class HardeningTests(PluginRig):
         self.assertNotIn("Traceback", process.log())
         self.assertNotIn("internal error", process.log())
 
+    def cpu_6_goes_offline(self, process, then_logged):
+        """CPU 6 goes offline: the kubelet hears of it within 3 s whatever the
+        checkpoint is, and then the plugin logs `then_logged`."""
+        self.set_host("online", "0-5,7\n")
+        self.kubelet.wait_list(lambda devices: devices["6"][0] == "Unhealthy", timeout=3)
+        process.wait_log(then_logged)
+
     # Outages --------------------------------------------------------------------
 
     def test_a_deeply_nested_checkpoint_does_not_stop_the_list(self):
@@ -2224,18 +2232,14 @@ class HardeningTests(PluginRig):
         self.kubelet.allocate("6")
         write_files(self.dir, {"kubelet_internal_checkpoint":
                                '{"Data": {"PodDeviceEntries": ' + "[" * 100000 + "]" * 100000 + "}}"})
-        self.set_host("online", "0-5,7\n")
-        self.kubelet.wait_list(lambda devices: devices["6"][0] == "Unhealthy", timeout=3)
-        process.wait_log("CPUs 6 are offline or no longer isolated but allocated")
+        self.cpu_6_goes_offline(process, "CPUs 6 are offline or no longer isolated but allocated")
         self.assert_still_serving(process)
 
     def test_a_big_checkpoint_is_not_read(self):
         process = self.registered_plugin()
         write_files(self.dir, {"kubelet_internal_checkpoint": big_checkpoint(15, holder_cpu=6)})
         peak_before = peak_rss_kib(process.proc.pid)
-        self.set_host("online", "0-5,7\n")
-        self.kubelet.wait_list(lambda devices: devices["6"][0] == "Unhealthy", timeout=3)
-        process.wait_log("kubelet_internal_checkpoint: larger than")
+        self.cpu_6_goes_offline(process, "kubelet_internal_checkpoint: larger than")
         grown = peak_rss_kib(process.proc.pid) - peak_before
         self.assertLess(grown, 8 * 1024, "peak RSS grew by %d KiB" % grown)
         self.assert_still_serving(process)
@@ -2244,9 +2248,7 @@ class HardeningTests(PluginRig):
         process = self.registered_plugin()
         self.kubelet.allocate("6")
         os.mkfifo(os.path.join(self.dir, "kubelet_internal_checkpoint"))
-        self.set_host("online", "0-5,7\n")
-        self.kubelet.wait_list(lambda devices: devices["6"][0] == "Unhealthy", timeout=3)
-        process.wait_log("not a regular file")
+        self.cpu_6_goes_offline(process, "not a regular file")
         self.assert_still_serving(process)
 
     def test_a_fifo_for_a_sysfs_file_does_not_freeze_the_plugin(self):
@@ -2617,13 +2619,6 @@ class PodResourcesRig(PluginRig):
         self.pod_resources_dir = os.path.join(self.tmp, "pod-resources")
         self.kubelet = FakeKubelet(self.dir, self.pod_resources_dir, writes_checkpoint=True)
         self.addCleanup(self.kubelet.stop)
-
-    def registered_plugin(self, *extra):
-        self.kubelet.start()
-        process = self.start_plugin(*extra)
-        self.kubelet.wait_list(lambda devices: len(devices) == 4)
-        process.wait_log("registered windriver.com/isolcpus")
-        return process
 
     def allocate_some(self):
         self.kubelet.allocate("6", "7", pod=("net", "dpdk-fwd-0", "forwarder"))
