@@ -46,6 +46,8 @@ if __name__ == "__main__":
 import argparse
 import asyncio
 import collections
+import concurrent.futures
+import functools
 import itertools
 import json
 import logging
@@ -783,66 +785,82 @@ _DEVICE_ID = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z")     # a CPU number as this p
 # Who holds an allocated CPU: a container, as PodResources names it
 # (namespace, pod, container) or as the kubelet's checkpoint does (pod UID,
 # container); the fields a source does not give are None. source is
-# "pod-resources" or "checkpoint".
-Holder = collections.namedtuple("Holder", "namespace pod container pod_uid source")
+# "pod-resources" or "checkpoint". init_or_app: the checkpoint names this
+# container and another of its pod for the same CPU, as the kubelet does when
+# an app container reuses an init container's devices; which one runs, the
+# checkpoint cannot tell.
+Holder = collections.namedtuple("Holder", "namespace pod container pod_uid source init_or_app")
+Holder.__new__.__defaults__ = (False,)
 HOLDER_SOURCES = {"pod-resources": "PodResources", "checkpoint": "the kubelet's checkpoint"}
 
 
 def holder_name(holder):
     """namespace/pod/container, or pod-uid/container from the checkpoint."""
     if holder.namespace is not None:
-        return "%s/%s/%s" % (holder.namespace, holder.pod, holder.container)
-    return "%s/%s" % (holder.pod_uid, holder.container)
+        name = "%s/%s/%s" % (holder.namespace, holder.pod, holder.container)
+    else:
+        name = "%s/%s" % (holder.pod_uid, holder.container)
+    return name + " (init or app)" if holder.init_or_app else name
 
 
 def holder_record(holder):
     """A holder as `--list --json` prints it (a contract: keep these keys)."""
     return collections.OrderedDict([("namespace", holder.namespace), ("pod", holder.pod),
                                     ("container", holder.container), ("pod_uid", holder.pod_uid),
-                                    ("source", holder.source)])
+                                    ("source", holder.source), ("init_or_app", holder.init_or_app)])
 
 
-def _add_holder(holders, ids, holder):
-    for i in ids:
-        if isinstance(i, str) and _DEVICE_ID.match(i):
-            cpu = int(i)
-            if holder not in holders.get(cpu, ()):
-                holders[cpu] = holders.get(cpu, ()) + (holder,)
+def holders_by_cpu(holdings):
+    """{cpu: (Holder, ...)} from (device IDs, Holder) pairs, each holder once
+    per CPU in the order first named. Linear in the IDs: an answer naming one
+    CPU for 50,000 pods is 50,000 steps, not their square."""
+    by_cpu = {}
+    for ids, holder in holdings:
+        for i in ids:
+            if isinstance(i, str) and _DEVICE_ID.match(i):
+                cpu = int(i)
+                named = by_cpu.get(cpu)
+                if named is None:
+                    by_cpu[cpu] = {holder: None}
+                else:
+                    named[holder] = None
+    return {cpu: tuple(named) for cpu, named in by_cpu.items()}
 
 
 def pod_resources_holders(answer, resource_name):
     """{cpu: (Holder, ...)} from a PodResources ListPodResourcesResponse: the
     containers whose devices of `resource_name` include the CPU's device ID.
     A CPU may have several: List includes terminated pods (kubernetes#119423)."""
-    holders = {}
-    for pod in answer.pod_resources:
-        for container in pod.containers:
-            for devices in container.devices:
-                if devices.resource_name == resource_name:
-                    _add_holder(holders, devices.device_ids,
-                                Holder(pod.namespace, pod.name, container.name, None, "pod-resources"))
-    return holders
+    return holders_by_cpu((devices.device_ids, Holder(pod.namespace, pod.name, container.name, None, "pod-resources"))
+                          for pod in answer.pod_resources for container in pod.containers
+                          for devices in container.devices if devices.resource_name == resource_name)
 
 
 def checkpoint_holders(text, resource_name):
     """{cpu: (Holder, ...)} of `resource_name` in the kubelet's device-manager
     checkpoint (text or bytes; DeviceIDs a list, or per NUMA node since
-    Kubernetes 1.20). ValueError when it is not such a checkpoint, nesting too
+    Kubernetes 1.20). Containers of one pod named for the same CPU are marked
+    init_or_app. ValueError when it is not such a checkpoint, nesting too
     deep for the parser included."""
     try:
         entries = json.loads(text)["Data"]["PodDeviceEntries"] or []
-        holders = {}
+        holdings = []
         for entry in entries:
             if entry.get("ResourceName") != resource_name:
                 continue
             ids = entry.get("DeviceIDs") or []
             if isinstance(ids, dict):
                 ids = [i for per_node in ids.values() for i in per_node or []]
-            _add_holder(holders, ids, Holder(None, None, str(entry.get("ContainerName")),
-                                             str(entry.get("PodUID")), "checkpoint"))
-        return holders
+            holdings.append((ids, Holder(None, None, str(entry.get("ContainerName")), str(entry.get("PodUID")),
+                                         "checkpoint")))
+        by_cpu = holders_by_cpu(holdings)
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
         raise ValueError("not a device-manager checkpoint (%s: %s)" % (type(e).__name__, quote(one_line(e), 80)))
+    for cpu, holders in by_cpu.items():
+        if len(holders) > 1:
+            pods = collections.Counter(h.pod_uid for h in holders)
+            by_cpu[cpu] = tuple(h._replace(init_or_app=True) if pods[h.pod_uid] > 1 else h for h in holders)
+    return by_cpu
 
 
 def holdings_text(by_cpu, limit=10):
@@ -1190,7 +1208,7 @@ def _fewest_domains(sizes, required, budget, need):
 # The gRPC servicer
 # ---------------------------------------------------------------------------
 
-GrpcApi = collections.namedtuple("GrpcApi", "grpc aio pb pb_grpc")
+GrpcApi = collections.namedtuple("GrpcApi", "grpc aio pb pb_grpc DecodeError")
 
 
 def load_grpc():
@@ -1216,9 +1234,10 @@ def load_grpc():
     try:
         import deviceplugin_pb2 as pb
         import deviceplugin_pb2_grpc as pb_grpc
+        from google.protobuf.message import DecodeError
     except Exception as e:
         raise InputError("cannot load deviceplugin_pb2*.py beside %s: %s" % (__file__, one_line(e)))
-    return GrpcApi(grpc, aio, pb, pb_grpc)
+    return GrpcApi(grpc, aio, pb, pb_grpc, DecodeError)
 
 
 class DeviceBoard(object):
@@ -1276,10 +1295,14 @@ def prometheus_label(name, value):
     return '%s="%s"' % (name, value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
 
 
+MAX_HOLDER_SAMPLES = 4        # per CPU in /metrics; a CPU has one or two where PodResources prunes the rest
+
+
 def render_metrics(resource_name, devices, counters, registered, holders=None):
     """Prometheus text exposition (format 0.0.4) of the plugin's state and,
-    with a HolderReport, who holds each allocated CPU (one sample per CPU
-    and holder: bounded by the CPU count)."""
+    with a HolderReport, who holds each allocated CPU of those served: how
+    many, and up to MAX_HOLDER_SAMPLES of them by name, the first named
+    first (bounded by the CPU count, whatever PodResources answers)."""
     healthy = sum(1 for d in devices if d.healthy)
     lines = []
 
@@ -1304,12 +1327,15 @@ def render_metrics(resource_name, devices, counters, registered, holders=None):
     metric("registered", "gauge", "1 while registered with a running kubelet.", [([], int(registered))])
     metric("build_info", "gauge", "Version of the plugin.", [(['version="%s"' % __version__], 1)])
     if holders is not None and holders.by_cpu is not None:
-        metric("device_allocated", "gauge", "Allocated CPUs and who holds them (from %s)."
-               % HOLDER_SOURCES[holders.source],
+        held = [(d.cpu, holders.by_cpu[d.cpu]) for d in devices if d.cpu in holders.by_cpu]
+        source = HOLDER_SOURCES[holders.source]
+        metric("device_holders", "gauge", "Containers that hold an allocated CPU (from %s)." % source,
+               [([prometheus_label("cpu", cpu)], len(named)) for cpu, named in held])
+        metric("device_allocated", "gauge", "Allocated CPUs and who holds them (from %s)." % source,
                [([prometheus_label("cpu", cpu), prometheus_label("namespace", h.namespace),
                   prometheus_label("pod", h.pod), prometheus_label("container", h.container),
                   prometheus_label("pod_uid", h.pod_uid)], 1)
-                for cpu in sorted(holders.by_cpu) for h in holders.by_cpu[cpu]])
+                for cpu, named in held for h in named[:MAX_HOLDER_SAMPLES]])
     return "\n".join(lines) + "\n"
 
 
@@ -1484,7 +1510,9 @@ class PodResourcesClient(object):
     """A client of the kubelet's PodResources API on its unix socket.
     Connected only for a call, with a 2 s deadline; never polled. Answers are
     bounded by grpc's default 4 MiB receive limit (a busy node's List is
-    about 100 KB); a bigger one fails like any other answer."""
+    about 100 KB); a bigger one fails like any other answer. A call returns
+    the answer's bytes: grpc's asyncio client would parse it on the event
+    loop, so parsing is decode()'s, wherever the caller runs it."""
 
     DEADLINE = 2.0
 
@@ -1504,9 +1532,18 @@ class PodResourcesClient(object):
             raise PodResourcesUnavailable("nothing serves the PodResources socket %s" % self.path)
 
     def _rpc(self, api, channel, method):
-        request, response = (getattr(api.pb, name) for name in POD_RESOURCES_METHODS[method])
-        return channel.unary_unary(method, request_serializer=request.SerializeToString,
-                                   response_deserializer=response.FromString), request()
+        request = getattr(api.pb, POD_RESOURCES_METHODS[method][0])
+        return channel.unary_unary(method, request_serializer=request.SerializeToString), request()
+
+    def decode(self, api, method, answer):
+        """The message in `answer` (bytes of `method`'s response); one line
+        saying what came instead when it is none."""
+        name = POD_RESOURCES_METHODS[method][1]
+        try:
+            return getattr(api.pb, name).FromString(answer)
+        except (api.DecodeError, RecursionError) as e:
+            raise PodResourcesUnavailable("PodResources at %s answered %d bytes that are not a %s (%s)"
+                                          % (self.path, len(answer), name, quote(one_line(e), 80)))
 
     def _failure(self, error):
         code = error.code() if hasattr(error, "code") else None
@@ -1514,7 +1551,7 @@ class PodResourcesClient(object):
         return "PodResources at %s: %s (%s)" % (self.path, getattr(code, "name", code), quote(details, 120))
 
     def call(self, api, method):
-        """The answer to `method` (a path of POD_RESOURCES_METHODS), blocking."""
+        """The answer's bytes to `method` (a path of POD_RESOURCES_METHODS), blocking."""
         self.check_reachable()
         channel = api.grpc.insecure_channel("unix:" + self.path)
         try:
@@ -1538,14 +1575,18 @@ class PodResourcesClient(object):
             await channel.close()
 
 
+POD_RESOURCES_OFF = ("PodResources is off: --pod-resources-socket off", True)
+
+
 def ask_pod_resources(path, method):
-    """(answer or None, (why, normal)) of a PodResources call."""
+    """(answer or None, (why, normal)) of a PodResources call, blocking."""
     if path is None:
-        return None, ("PodResources is off: --pod-resources-socket off", True)
+        return None, POD_RESOURCES_OFF
     client = PodResourcesClient(path)
     try:
         client.check_reachable()
-        return client.call(load_grpc(), method), None
+        api = load_grpc()
+        return client.decode(api, method, client.call(api, method)), None
     except PodResourcesUnavailable as e:
         return None, (str(e), False)
     except InputError as e:
@@ -1577,6 +1618,46 @@ def find_holders(answer, failure, directory, resource_name):
     except ValueError as e:
         why, normal = "%s: %s" % (path, e), False
     return HolderReport(None, None, failures + (("checkpoint", why, normal),))
+
+
+def holder_report(api, client, answer, failure, directory, resource_name):
+    """find_holders() from the bytes of a List `answer` of `client` (None:
+    PodResources failed, `failure` says how). All its work grows with the
+    answer: it runs off the event loop."""
+    message = None
+    if answer is not None:
+        try:
+            message = client.decode(api, POD_RESOURCES_LIST, answer)
+        except PodResourcesUnavailable as e:
+            failure = (str(e), False)
+    return find_holders(message, failure, directory, resource_name)
+
+
+def holdings_line(report, served):
+    """The start's line on who holds the served CPUs (what the kubelet has allocated)."""
+    if report.by_cpu is None:
+        return "who holds the %d CPUs is unknown (%s)" % (len(served), holders_note(report))
+    held = {cpu: holders for cpu, holders in report.by_cpu.items() if cpu in served}
+    gone = sorted(cpu for cpu in report.by_cpu if cpu not in served)
+    return "the kubelet reports %d of %d CPUs allocated%s (from %s)%s" % (
+        len(held), len(served), ": " + holdings_text(held) if held else "", HOLDER_SOURCES[report.source],
+        "; allocated but no longer served: %s" % brief_cpu_list(gone) if gone else "")
+
+
+def yanked_line(report, lost, allocated):
+    """The warning naming who holds CPUs that went offline or stopped being
+    served, None when nobody holds them; `allocated`: what this process
+    handed out, for when no source can name the holders."""
+    if report.by_cpu is not None:
+        yanked = {cpu: report.by_cpu[cpu] for cpu in lost if cpu in report.by_cpu}
+        how = "named by %s" % HOLDER_SOURCES[report.source]
+    else:
+        yanked = {cpu: () for cpu in lost if cpu in allocated}
+        how = holders_note(report)
+    if not yanked:
+        return None
+    return ("CPUs %s are offline or no longer isolated but allocated (%s; %s); those pods keep them, new pods "
+            "will not get them" % (format_cpu_list(yanked), holdings_text(yanked), how))
 
 
 def holders_note(report):
@@ -1863,6 +1944,7 @@ class Plugin(object):
         self.pod_resources = (PodResourcesClient(config.pod_resources_socket)
                               if config.pod_resources_socket else None)
         self.holders_task, self.holders_asked = None, 0.0   # recent_holders()' shared question
+        self.worker = None                                   # off_loop()'s thread
         self.told_holdings = False
         self.background = set()                              # tasks to cancel when stopping
 
@@ -1906,6 +1988,8 @@ class Plugin(object):
         await self.board.close()
         await self.stop_serving(grace=0.3)
         self.watch.close()
+        if self.worker is not None:
+            self.worker.shutdown(wait=False)
         if self.uevents:
             self.uevents.close()
         log.info("stopped")
@@ -2036,31 +2120,34 @@ class Plugin(object):
             return
         try:
             report = await self.holders()
-            if report.by_cpu is not None:
-                yanked = {cpu: report.by_cpu[cpu] for cpu in lost if cpu in report.by_cpu}
-                how = "named by %s" % HOLDER_SOURCES[report.source]
-            else:                                  # what this process allocated, holders unknown
-                yanked = {cpu: () for cpu in lost if cpu in self.servicer.allocated}
-                how = holders_note(report)
-            if yanked:
-                log.warning("CPUs %s are offline or no longer isolated but allocated (%s; %s); those pods keep "
-                            "them, new pods will not get them", format_cpu_list(yanked), holdings_text(yanked), how)
+            line = await self.off_loop(yanked_line, report, lost, frozenset(self.servicer.allocated))
+            if line:
+                log.warning("%s", line)
         except asyncio.CancelledError:                # an Exception before Python 3.8
             raise
         except Exception as e:
             log.warning("could not tell who holds the CPUs that went away: %s: %s", type(e).__name__, one_line(e))
 
+    async def off_loop(self, function, *args):
+        """function(*args) in the plugin's worker thread: for work that grows
+        with what the kubelet answers, so that the event loop does not wait
+        on it. One thread, started on first use, idle otherwise."""
+        if self.worker is None:
+            self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="isolcpu-worker")
+        return await self.loop.run_in_executor(self.worker, functools.partial(function, *args))
+
     async def holders(self):
         """Who holds the plugin's CPUs: PodResources' List, else the kubelet's
         checkpoint. Each source that fails is a condition of its own, logged
         once per way it fails (a missing socket: one warning, not one per use)."""
-        answer, failure = None, ("PodResources is off: --pod-resources-socket off", True)
+        answer, failure = None, POD_RESOURCES_OFF
         if self.pod_resources is not None:
             try:
                 answer = await self.pod_resources.call_async(self.api, POD_RESOURCES_LIST)
             except PodResourcesUnavailable as e:
                 failure = (str(e), False)
-        report = find_holders(answer, failure, self.config.device_plugin_path, self.config.resource_name)
+        report = await self.off_loop(holder_report, self.api, self.pod_resources, answer, failure,
+                                     self.config.device_plugin_path, self.config.resource_name)
         failed = {source: (why, normal) for source, why, normal in report.failures}
         for source, text in HOLDER_SOURCES.items():
             if source in failed:
@@ -2084,15 +2171,7 @@ class Plugin(object):
         """Once a plugin starts: what the kubelet has allocated of its CPUs, so
         that a restarted plugin's log shows the node's state."""
         report = await self.recent_holders()
-        served = {d.cpu for d in self.board.devices}
-        if report.by_cpu is None:
-            log.info("who holds the %d CPUs is unknown (%s)", len(served), holders_note(report))
-            return
-        held = {cpu: holders for cpu, holders in report.by_cpu.items() if cpu in served}
-        gone = sorted(set(report.by_cpu) - served)
-        log.info("the kubelet reports %d of %d CPUs allocated%s (from %s)%s", len(held), len(served),
-                 ": " + holdings_text(held) if held else "", HOLDER_SOURCES[report.source],
-                 "; allocated but no longer served: %s" % format_cpu_list(gone) if gone else "")
+        log.info("%s", await self.off_loop(holdings_line, report, frozenset(d.cpu for d in self.board.devices)))
 
     # Socket and registration ---------------------------------------------------
 
@@ -2150,9 +2229,9 @@ class Plugin(object):
         """(status, content type, body) for a GET of `path` on --metrics-address."""
         if path == "/metrics":
             holders = await self.recent_holders()
-            return 200, "text/plain; version=0.0.4; charset=utf-8", render_metrics(
-                self.config.resource_name, self.board.devices, self.counters, self.registered_with is not None,
-                holders)
+            return 200, "text/plain; version=0.0.4; charset=utf-8", await self.off_loop(
+                render_metrics, self.config.resource_name, self.board.devices, self.counters,
+                self.registered_with is not None, holders)
         if path == "/healthz":
             ok, text = self.health()
             return (200 if ok else 503), "text/plain; charset=utf-8", text + "\n"
@@ -2249,10 +2328,11 @@ class Plugin(object):
 class MetricsServer(object):
     """--metrics-address: GET /metrics (Prometheus text) and /healthz, served
     on the event loop, so that a stuck loop answers nothing rather than a
-    cheerful 200. At most MAX_CONNECTIONS are served at once, each within
-    REQUEST_TIMEOUT for its whole exchange however slowly it trickles in;
-    the rest wait in the listen backlog, holding none of the plugin's file
-    descriptors, which it needs for its own sockets and sysfs files."""
+    cheerful 200. At most MAX_CONNECTIONS are open at once, each given
+    REQUEST_TIMEOUT for its whole exchange however slowly it trickles in; a
+    new connection beyond them closes the oldest, so that a liveness probe
+    never waits behind slow clients or scrapes stuck on PodResources, and
+    the plugin keeps its file descriptors for its own sockets and sysfs."""
 
     MAX_CONNECTIONS = 16
     REQUEST_TIMEOUT = 5.0
@@ -2263,12 +2343,11 @@ class MetricsServer(object):
         self.sock = open_listener(address, self.BACKLOG)
         self.address = self.sock.getsockname()[:2]
         self.accepting = None
-        self.connections = set()
+        self.connections = collections.OrderedDict()     # serving tasks, oldest first
 
     def start(self, answer):
         """Serve, `answer(path)` giving (status, content type, body) when awaited."""
         self.answer = answer
-        self.slots = asyncio.Semaphore(self.MAX_CONNECTIONS)
         self.accepting = asyncio.get_event_loop().create_task(self._accept())
         log.info("metrics on http://%s/metrics", format_listen_address(self.address))
 
@@ -2282,18 +2361,23 @@ class MetricsServer(object):
     async def _accept(self):
         loop = asyncio.get_event_loop()
         while True:
-            await self.slots.acquire()
             try:
                 conn, _ = await loop.sock_accept(self.sock)
             except OSError as e:                   # EMFILE and the like: the backlog keeps them
-                self.slots.release()
                 log.debug("metrics: accept failed: %s", one_line(e))
                 await asyncio.sleep(0.5)
                 continue
+            if len(self.connections) >= self.MAX_CONNECTIONS:
+                oldest = next(iter(self.connections))
+                oldest.cancel()
+                await asyncio.wait([oldest])       # its descriptor is closed before the next one is taken
             conn.setblocking(False)
             task = loop.create_task(self._serve(conn))
-            self.connections.add(task)
-            task.add_done_callback(self.connections.discard)
+            self.connections[task] = None
+            task.add_done_callback(self._forget)
+
+    def _forget(self, task):
+        self.connections.pop(task, None)
 
     async def _serve(self, conn):
         loop = asyncio.get_event_loop()
@@ -2311,7 +2395,6 @@ class MetricsServer(object):
             loop.remove_reader(conn.fileno())      # a cancelled sock_recv may leave one (Python 3.6)
             loop.remove_writer(conn.fileno())
             conn.close()
-            self.slots.release()
 
     async def _exchange(self, loop, conn):
         request = b""

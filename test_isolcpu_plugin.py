@@ -1034,7 +1034,8 @@ class FakeKubelet(object):
         self.pod_resources_dir = pod_resources_dir     # serve PodResources there too
         self.writes_checkpoint = writes_checkpoint     # write kubelet_internal_checkpoint on Allocate
         self.pod_resources_server = None
-        self.pod_resources_mode = "serve"              # or "hang", "error"
+        self.pod_resources_mode = "serve"              # or "hang", "error", "garbage"
+        self.pod_resources_extra = b""                 # more pods (encoded) at the end of List's answer
         self.pod_resources_calls = []                  # (method, monotonic time)
         self.released = threading.Event()              # ends hanging PodResources calls
         self.allocations = collections.OrderedDict()   # (namespace, pod, container) -> device IDs
@@ -1109,11 +1110,13 @@ class FakeKubelet(object):
             self.released.wait(30)
         elif self.pod_resources_mode == "error":
             context.abort(grpc.StatusCode.INTERNAL, "podresources: internal error")
+        return self.pod_resources_mode == "garbage"
 
     def _pod_resources_list(self, request, context):
         """ListPodResourcesResponse (pod_resources = 1) from the allocations made,
         with another resource beside ours and a pod that holds nothing of ours."""
-        self._pod_resources_call("List", context)
+        if self._pod_resources_call("List", context):
+            return b"\x0a\xff\xff\xff\xff\x0fnot protobuf"    # field 1, a length past the end
         pods = collections.OrderedDict()
         with self.cond:
             for (namespace, pod, container), ids in self.allocations.items():
@@ -1121,12 +1124,13 @@ class FakeKubelet(object):
                     container, [("windriver.com/isolcpus", ids, [2]), ("example.com/nic", ["0000:3b:00.1"], [0])]))
         pods[("kube-system", "coredns-5d78c9869d-x2x7q")] = [encode_container("coredns", [], cpu_ids=[1])]
         return b"".join(pb_field(1, encode_pod(pod, namespace, containers))
-                        for (namespace, pod), containers in pods.items())
+                        for (namespace, pod), containers in pods.items()) + self.pod_resources_extra
 
     def _pod_resources_allocatable(self, request, context):
         """AllocatableResourcesResponse: devices = 1 (the healthy devices of the
         latest list, one ContainerDevices each, as the kubelet groups them), cpu_ids = 2."""
-        self._pod_resources_call("GetAllocatableResources", context)
+        if self._pod_resources_call("GetAllocatableResources", context):
+            return b"\x0a\xff\xff\xff\xff\x0fnot protobuf"
         with self.cond:
             devices = self.lists[-1].devices if self.lists else {}
         healthy = sorted((i for i, (health, _) in devices.items() if health == "Healthy"), key=int)
@@ -2674,7 +2678,8 @@ class PodResourcesTests(PodResourcesRig):
         self.assertEqual(set(by_id["3"]) - {"holder", "holders"},
                          {"id", "cpu", "health", "numa_nodes", "package", "core_id", "thread_siblings"})
         self.assertEqual(by_id["3"]["holder"], {"namespace": "trading", "pod": "order-gateway-7f9c",
-                                                "container": "gateway", "pod_uid": None, "source": "pod-resources"})
+                                                "container": "gateway", "pod_uid": None, "source": "pod-resources",
+                                                "init_or_app": False})
         self.assertIsNone(by_id["2"]["holder"])
         self.assertEqual(by_id["2"]["holders"], [])
         self.assertEqual(by_id["6"]["holders"], [by_id["6"]["holder"]])
@@ -2686,7 +2691,8 @@ class PodResourcesTests(PodResourcesRig):
         data = json.loads(self.list_cli("--json", "--pod-resources-socket", "").stdout)
         holder = {d["id"]: d for d in data["devices"]}["6"]["holder"]
         self.assertEqual(holder, {"namespace": None, "pod": None, "container": "forwarder",
-                                  "pod_uid": pod_uid("net", "dpdk-fwd-0"), "source": "checkpoint"})
+                                  "pod_uid": pod_uid("net", "dpdk-fwd-0"), "source": "checkpoint",
+                                  "init_or_app": False})
         self.assertEqual(data["holders_source"], "checkpoint")
         # neither: unknown, said once, still listed
         os.unlink(os.path.join(self.dir, "kubelet_internal_checkpoint"))
@@ -2811,6 +2817,163 @@ class PodResourcesTests(PodResourcesRig):
         result = self.list_cli("--pod-resources-socket", "/" + "p" * 120)
         self.assertEqual(result.returncode, 2)
         self.assertIn("--pod-resources-socket", result.stderr)
+
+
+def many_pods_holding(count, cpu="6", ids_per_pod=1):
+    """A PodResources List answer's tail: `count` pods, each of whose one
+    container names `cpu` (and ids_per_pod - 1 IDs the plugin does not serve)."""
+    extra = [str(1000 + i) for i in range(ids_per_pod - 1)]
+    devices = pb_field(2, encode_container_devices("windriver.com/isolcpus", [cpu] + extra))
+    return b"".join(pb_field(1, pb_field(1, "old-%d" % i) + pb_field(2, "batch")
+                             + pb_field(3, pb_field(1, "c") + devices)) for i in range(count))
+
+
+def best_time(function, repeat=3):
+    """The fastest of `repeat` runs of function(), in seconds."""
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+class WorkBoundUnitTests(unittest.TestCase):
+    """The work an input causes grows with its size, not faster: each size
+    ratio is compared within one run (noise cancels, a square does not)."""
+
+    def assert_linear(self, work, small, factor=8):
+        """work(n) for n = small and factor * small takes under factor * 2 times as long."""
+        work(small)                                     # warm caches
+        ratio = best_time(lambda: work(small * factor)) / best_time(lambda: work(small))
+        self.assertLess(ratio, factor * 2, "x%d the input took x%.1f the time" % (factor, ratio))
+
+    @needs_grpc
+    def test_naming_holders_from_pod_resources_is_linear(self):
+        def work(count):
+            answer = pb.ListPodResourcesResponse.FromString(many_pods_holding(count))
+            holders = plugin.pod_resources_holders(answer, "windriver.com/isolcpus")
+            self.assertEqual(len(holders[6]), count)
+        self.assert_linear(work, 1000)
+
+    def test_naming_holders_from_the_checkpoint_is_linear(self):
+        def work(count):
+            text = json.dumps({"Data": {"PodDeviceEntries": [
+                {"PodUID": "uid-%d" % i, "ContainerName": "c", "ResourceName": "windriver.com/isolcpus",
+                 "DeviceIDs": {"0": ["6"]}} for i in range(count)]}})
+            self.assertEqual(len(plugin.checkpoint_holders(text, "windriver.com/isolcpus")[6]), count)
+        self.assert_linear(work, 1000)
+
+    def test_the_checkpoint_marks_init_and_app_containers_sharing_a_cpu(self):
+        def entry(uid, container, ids):
+            return {"PodUID": uid, "ContainerName": container, "ResourceName": "windriver.com/isolcpus",
+                    "DeviceIDs": {"0": ids}}
+        text = json.dumps({"Data": {"PodDeviceEntries": [
+            entry("uid-a", "setup", ["6"]), entry("uid-a", "app", ["6", "7"]), entry("uid-b", "other", ["6"])]}})
+        holders = plugin.checkpoint_holders(text, "windriver.com/isolcpus")
+        self.assertEqual([plugin.holder_name(h) for h in holders[6]],
+                         ["uid-a/setup (init or app)", "uid-a/app (init or app)", "uid-b/other"])
+        self.assertEqual([plugin.holder_name(h) for h in holders[7]], ["uid-a/app"])
+        self.assertEqual([plugin.holder_record(h)["init_or_app"] for h in holders[6]], [True, True, False])
+
+    def test_metrics_name_only_served_cpus(self):
+        holders = {cpu: (plugin.Holder("ns", "p-%d" % cpu, "c", None, "pod-resources"),) for cpu in range(100000)}
+        devices = plugin.build_devices([2, 3], {2, 3}, {})
+        text = plugin.render_metrics("windriver.com/isolcpus", devices, plugin.Counters(), True,
+                                     plugin.HolderReport(holders, "pod-resources", ()))
+        samples = [line for line in text.splitlines() if line.startswith("isolcpu_device_allocated{")]
+        self.assertEqual([re.search(r'cpu="(\d+)"', line).group(1) for line in samples], ["2", "3"])
+
+
+@needs_grpc
+class WorkBoundTests(PodResourcesRig):
+    """Inputs within every byte bound whose work once froze the event loop."""
+
+    def probe_while(self, port, busy, probes=20, timeout=1.0):
+        """/healthz `probes` times, `timeout` each (an httpGet probe's
+        default), while busy() runs in a thread: the failures."""
+        thread = threading.Thread(target=busy, daemon=True)
+        thread.start()
+        failures = []
+        for _ in range(probes):
+            try:
+                status = http_get(port, "/healthz", timeout=timeout)[0]
+                if status != 200:
+                    failures.append(status)
+            except OSError as e:                      # socket.timeout, URLError
+                failures.append(one_line_of(e))
+            time.sleep(0.05)
+        thread.join(30)
+        return failures
+
+    def test_a_pod_resources_answer_naming_one_cpu_50000_times_does_not_freeze_the_plugin(self):
+        self.kubelet.pod_resources_extra = many_pods_holding(50000)
+        self.assertLess(len(self.kubelet.pod_resources_extra), 4 << 20)    # 2.3 MB: under grpc's bound
+        process = self.registered_plugin("--metrics-address", "127.0.0.1:0")
+        port = metrics_port(process)
+
+        def scrape():
+            for _ in range(3):
+                status, body = http_get(port, "/metrics", timeout=30)
+                self.assertEqual(status, 200)
+                time.sleep(1.1)                           # each scrape a new question
+        self.assertEqual(self.probe_while(port, scrape), [])
+        self.kubelet.restart()                            # re-registering does not wait behind it either
+        self.kubelet.wait_registered(2, timeout=5)
+        started = time.monotonic()
+        self.assertEqual(process.stop(signal.SIGTERM), 0)
+        self.assertLess(time.monotonic() - started, 2.0)
+
+    def test_healthz_never_waits_behind_metrics_or_slow_clients(self):
+        self.kubelet.pod_resources_mode = "hang"
+        process = self.registered_plugin("--metrics-address", "127.0.0.1:0")
+        port = metrics_port(process)
+        slow = []
+        for _ in range(16):                                # slowloris: connected, never finishing a request
+            client = socket.create_connection(("127.0.0.1", port))
+            client.send(b"GET /metr")
+            slow.append(client)
+        self.addCleanup(lambda: [client.close() for client in slow])
+
+        def scrape():
+            try:
+                http_get(port, "/metrics", timeout=10)
+            except OSError:                                # closed for a newer connection
+                pass
+
+        def scrapers():                                    # 16 scrapes waiting on a hung PodResources
+            threads = [threading.Thread(target=scrape, daemon=True) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(15)
+        self.assertEqual(self.probe_while(port, scrapers), [])
+        self.assertIsNone(process.proc.poll())
+
+    def test_metrics_count_only_the_devices_served(self):
+        self.kubelet.pod_resources_extra = pb_field(1, encode_pod("many", "x", [encode_container(
+            "c", [("windriver.com/isolcpus", [str(i) for i in range(100000)])])]))
+        process = self.registered_plugin("--metrics-address", "127.0.0.1:0")
+        status, body = http_get(metrics_port(process), "/metrics", timeout=30)
+        samples = [line for line in body.splitlines() if line.startswith("isolcpu_device_allocated{")]
+        self.assertEqual(sorted(re.search(r'cpu="(\d+)"', line).group(1) for line in samples), ["2", "3", "6", "7"])
+        self.assertLess(len(body), 20000)
+
+    def test_a_pod_resources_answer_that_does_not_parse_is_said_so(self):
+        self.kubelet.pod_resources_mode = "garbage"
+        process = self.registered_plugin()
+        process.wait_log("cannot be named by PodResources")
+        log_text = process.log()
+        self.assertNotIn("PodResources is off", log_text)
+        line = [l for l in log_text.splitlines() if "cannot be named by PodResources" in l][0]
+        self.assertIn("not a ListPodResourcesResponse", line)
+        self.assertIn(" WARNING ", line)
+        result = self.list_cli("--pod-resources-socket", self.kubelet.pod_resources_socket)
+        self.assertIn("not a ListPodResourcesResponse", result.stdout.splitlines()[0])
+
+
+def one_line_of(error):
+    return "%s: %s" % (type(error).__name__, error)
 
 
 # ---------------------------------------------------------------------------
