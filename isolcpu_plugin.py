@@ -47,6 +47,8 @@ import argparse
 import asyncio
 import collections
 import concurrent.futures
+import errno
+import fcntl
 import functools
 import itertools
 import json
@@ -1719,6 +1721,50 @@ def unbindable(path):
     return None
 
 
+class InstanceLock(object):
+    """One plugin per node: an exclusive flock on the device-plugin
+    directory itself. A lock file would not do: the kubelet deletes the
+    directory's files when it starts, and a new instance would lock a new
+    file. The directory is the same inode for a host service and a DaemonSet
+    pod that mounts it; the lock lasts as long as the process. A directory
+    made anew at the path (moved away, removed) is locked anew."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.fd = None
+        self.identity = None             # (device, inode) of the directory locked
+
+    def hold(self):
+        """Hold the lock on the directory now at the path: True; False while
+        there is no directory; InputError when another instance holds it."""
+        try:
+            st = os.stat(self.directory)
+        except OSError:
+            return False
+        if (st.st_dev, st.st_ino) == self.identity:
+            return True
+        self.release()
+        try:
+            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise InputError("another running instance holds the lock on %s; stop it first" % self.directory)
+            raise InputError("cannot lock %s: %s" % (self.directory, e.strerror or e))
+        st = os.fstat(fd)
+        self.fd, self.identity = fd, (st.st_dev, st.st_ino)
+        return True
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = self.identity = None
+
+
 def clear_stale_socket(path):
     """Remove a socket a dead instance left; InputError when one still
     answers there or the file is no socket; OSError when it cannot be removed."""
@@ -1859,6 +1905,44 @@ class Backoff(object):
         self.delay = self.first
 
 
+class SystemdNotifier(object):
+    """sd_notify(3) on the standard library: one datagram per message to
+    $NOTIFY_SOCKET (a path, or @name in the abstract namespace). Nothing is
+    sent where it is unset; a failed send is logged once, at debug. The
+    watchdog is ours when WATCHDOG_USEC is set and WATCHDOG_PID, if set,
+    names this process: `watchdog` is then its interval in seconds."""
+
+    def __init__(self, environ):
+        path = environ.get("NOTIFY_SOCKET") or ""
+        self.address = ("\0" + path[1:] if path.startswith("@") else path) or None
+        self.sock = None
+        self.failed = False
+        self.watchdog = None
+        usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
+        if self.address and usec.isdigit() and int(usec) > 0 and pid in ("", str(os.getpid())):
+            self.watchdog = int(usec) / 1e6
+
+    def send(self, **fields):
+        """One message, e.g. send(READY=1, STATUS="...")."""
+        if self.address is None:
+            return
+        text = "".join("%s=%s\n" % (name, " ".join(str(value).split())) for name, value in sorted(fields.items()))
+        try:
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.sock.setblocking(False)
+            self.sock.sendto(text.encode("utf-8", "replace"), self.address)
+        except OSError as e:
+            if not self.failed:
+                self.failed = True
+                log.debug("systemd notification to %s failed: %s", quote(self.address, 100), one_line(e))
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
 class Conditions(object):
     """Conditions that persist (a kubelet that does not answer, a host file
     that does not parse, no devices to serve): logged when they start, when
@@ -1920,10 +2004,18 @@ class Plugin(object):
     UEVENT_RESCAN = 5.0          # safety rescan period while uevents report hotplug
     STREAM_GRACE = 1.0           # the kubelet's ListAndWatch gone that long: register again
 
-    def __init__(self, config, inventory, api, metrics_server=None):
+    RELOAD_BURST = 1.0           # SIGHUPs closer than this are one burst: one info line
+
+    def __init__(self, config, inventory, api, lock, notifier, metrics_server=None):
         self.config = config
         self.inventory = inventory
         self.api = api
+        self.lock = lock                 # InstanceLock: held before our socket is touched
+        self.notifier = notifier         # SystemdNotifier
+        self.session_state = "starting"  # what the session does or waits for, for STATUS=
+        self.told_status = None          # the last STATUS= sent; None: READY=1 not yet sent
+        self.reload_signals = 0          # SIGHUPs not yet acted on
+        self.last_reload = None          # when the last one was (monotonic)
         self.metrics_server = metrics_server
         self.socket_path = os.path.join(config.device_plugin_path, config.socket_name)
         self.kubelet_socket = os.path.join(config.device_plugin_path, KUBELET_SOCKET_NAME)
@@ -1975,6 +2067,9 @@ class Plugin(object):
                         else None)
         tasks = [loop.create_task(self._guarded(self.run_session)),
                  loop.create_task(self._guarded(self.watch_host))]
+        if self.notifier.watchdog:
+            self.check_watchdog_interval()
+            tasks.append(loop.create_task(self._guarded(self.feed_watchdog)))
         log.info("advertising %s: %d devices (%s) from %s", self.config.resource_name,
                  len(self.inventory.devices), format_cpu_list(d.cpu for d in self.inventory.devices) or "none",
                  self.inventory.origin)
@@ -1992,23 +2087,73 @@ class Plugin(object):
             self.worker.shutdown(wait=False)
         if self.uevents:
             self.uevents.close()
+        self.notifier.close()
         log.info("stopped")
         return self.exit_code
 
     def stop(self, exit_code=None):
         if exit_code is not None:
             self.exit_code = exit_code
+        if not self.stopping.is_set():
+            self.notifier.send(STOPPING=1)
         self.stopping.set()
         self.session_wakeup.set()
         self.rescan_wakeup.set()
 
     def _reload(self):
-        log.info("SIGHUP: re-reading the host")
+        """SIGHUP: the host watch re-reads the host at once. However many
+        arrive, at most one rescan waits behind the one running (a SIGHUP
+        after that one read its files still gets its own)."""
+        self.reload_signals += 1
+        self.rescan_wakeup.set()
+
+    def reload_host(self):
+        """Act on the SIGHUPs received: /proc/cmdline and the rest are read
+        again by the scan that follows. One info line per burst."""
+        signals, self.reload_signals = self.reload_signals, 0
+        now = time.monotonic()
+        burst = self.last_reload is not None and now - self.last_reload < self.RELOAD_BURST
+        self.last_reload = now
+        log.log(logging.DEBUG if burst else logging.INFO, "SIGHUP%s: re-reading the host",
+                " (%d signals)" % signals if signals > 1 else "")
+        self.notifier.send(RELOADING=1, MONOTONIC_USEC=int(now * 1e6))   # CLOCK_MONOTONIC, as systemd wants
         try:
             self.inventory.reload()
         except InputError as e:
             log.warning("reload failed, keeping the last configuration: %s", e)
-        self.rescan_wakeup.set()
+
+    def tell_status(self, state=None):
+        """The session's state to systemd: READY=1 with the first one (the
+        first scan is done by then, whether or not a kubelet is there: a
+        node booting without one must not hang its start job), then STATUS=
+        whenever it changes."""
+        if state is not None:
+            self.session_state = state
+        status = "%s; advertising %d devices" % (self.session_state, len(self.inventory.devices))
+        if status == self.told_status:
+            return
+        if self.told_status is None:
+            self.notifier.send(READY=1, STATUS=status)
+        else:
+            self.notifier.send(STATUS=status)
+        self.told_status = status
+
+    def check_watchdog_interval(self):
+        """Say at start when the watchdog cannot see what its interval promises."""
+        silence = 3 * self.rescan_period() + 2.0
+        if self.notifier.watchdog <= silence:
+            log.warning("WatchdogSec=%gs is not longer than the host watch may stay silent (%g s: 3 rescan "
+                        "periods of %g s + 2 s): a stuck host watch is noticed after %g s, not %g s; raise "
+                        "WatchdogSec or lower --rescan-interval", self.notifier.watchdog, silence,
+                        self.rescan_period(), silence, self.notifier.watchdog)
+
+    async def feed_watchdog(self):
+        """WATCHDOG=1 at half the watchdog's interval, from the event loop
+        (a frozen loop sends nothing) and only while the host watch runs."""
+        while True:
+            if time.monotonic() - self.heartbeat <= 3 * self.rescan_period() + 2.0:
+                self.notifier.send(WATCHDOG=1)
+            await asyncio.sleep(self.notifier.watchdog / 2)
 
     def spawn(self, coroutine):
         """Run `coroutine` beside the loops, cancelled when the plugin stops."""
@@ -2065,11 +2210,17 @@ class Plugin(object):
             await self._sleep(self.rescan_period(), self.rescan_wakeup)
             self.heartbeat = time.monotonic()
             before = self.inventory.devices
+            reloading = self.reload_signals > 0
+            if reloading:
+                self.reload_host()
             try:
                 change = self.inventory.scan()
             except InputError as e:
                 self.conditions.report("rescan", "rescan failed, keeping the last device list: %s" % e)
                 continue
+            finally:
+                if reloading:
+                    self.notifier.send(READY=1)
             self.conditions.clear("rescan")
             if change:
                 # publish first, explain second: nothing said about a change
@@ -2077,6 +2228,7 @@ class Plugin(object):
                 await self.board.publish(self.inventory.devices)
                 log.info("%s", change)
                 self.note_device_count()
+                self.tell_status()
                 self.place_self()
                 self.spawn(self.warn_if_yanked(before, self.inventory.devices))
 
@@ -2188,6 +2340,7 @@ class Plugin(object):
                 self.registered_with = None
                 self.conditions.report("kubelet", "waiting for the kubelet to serve %s" % self.kubelet_socket,
                                        logging.INFO)
+                self.tell_status("serving; waiting for the kubelet to serve %s" % self.kubelet_socket)
             elif self._stream_lost():
                 log.warning("kubelet closed ListAndWatch; registering again")
                 self.registered_with = None
@@ -2201,6 +2354,7 @@ class Plugin(object):
                     self.last_kubelet = None
                 self.socket_wiped = False
                 self.awaiting_stream, self.kubelet_stream, self.kubelet_stream_closed = True, None, None
+                self.tell_status("serving; registering with the kubelet")
                 registered = await self.register_unless_replaced(kubelet)
                 if registered is None:
                     continue                           # a new kubelet.sock: try that one now
@@ -2209,10 +2363,12 @@ class Plugin(object):
                     self.registered_with = self.last_kubelet = kubelet
                     backoff.reset()
                     self.conditions.clear("kubelet")
+                    self.tell_status("serving, registered with the kubelet")
                     if not self.told_holdings:
                         self.told_holdings = True
                         self.spawn(self.tell_holdings())
                     continue
+                self.tell_status("serving; registering with the kubelet failed, retrying")
                 delay = backoff.next()
             await self._sleep(delay, self.session_wakeup)
 
@@ -2247,8 +2403,9 @@ class Plugin(object):
             self.socket_wiped = True               # what a starting kubelet does to every plugin
             await self.stop_serving()
         directory = self.config.device_plugin_path
-        if not os.path.isdir(directory):
+        if not self.lock.hold():                   # InputError: another instance has it; we stop
             self.conditions.report("serve", "device-plugin directory %s does not exist; waiting for it" % directory)
+            self.tell_status("waiting for the device-plugin directory %s" % directory)
             return False
         try:
             clear_stale_socket(self.socket_path)
@@ -2257,6 +2414,7 @@ class Plugin(object):
             problem = e.strerror or str(e)
         if problem:
             self.conditions.report("serve", "cannot serve %s (%s); retrying" % (self.socket_path, problem))
+            self.tell_status("cannot serve %s (%s); retrying" % (self.socket_path, problem))
             return False
         server = self.api.aio.server()
         self.api.pb_grpc.add_DevicePluginServicer_to_server(self.servicer, server)
@@ -2500,17 +2658,19 @@ def probe(config):
     if not answered:
         why = {"missing": "%s does not exist" % path,
                "refused": "nothing serves %s (a stale socket: the plugin is not running)" % path}.get(state, why)
-        sys.stderr.write("%s: probe: %s\n" % (PROGRAM, why))
+        write_stderr("%s: probe: %s\n" % (PROGRAM, why))
         return 1
     return 0
 
 
 def serve(config, inventory):
     """Run the plugin until SIGTERM/SIGINT; returns the exit code."""
-    # another instance serving our socket: refuse before doing anything
+    # another instance on this node: refuse before doing anything
+    lock = InstanceLock(config.device_plugin_path)
     socket_path = os.path.join(config.device_plugin_path, config.socket_name)
     try:
-        clear_stale_socket(socket_path)
+        if lock.hold():
+            clear_stale_socket(socket_path)
     except OSError as e:
         raise InputError("%s: %s" % (socket_path, e.strerror or e))
     if config.from_environment:
@@ -2529,7 +2689,7 @@ def serve(config, inventory):
                 e.strerror or e))
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    plugin = Plugin(config, inventory, api, metrics_server)
+    plugin = Plugin(config, inventory, api, lock, SystemdNotifier(os.environ), metrics_server)
     try:
         return loop.run_until_complete(plugin.run())
     finally:
@@ -3561,8 +3721,45 @@ class _VersionAction(argparse.Action):
                 found.append("%s %s" % (name, __import__(module, fromlist=["__version__"]).__version__))
             except ImportError:
                 found.append("%s missing" % name)
-        sys.stdout.write("%s %s (python %s, %s)\n" % (PROGRAM, __version__, sys.version.split()[0], ", ".join(found)))
+        write_stdout(lambda out: out.write("%s %s (python %s, %s)\n" % (
+            PROGRAM, __version__, sys.version.split()[0], ", ".join(found))))
         parser.exit(0)
+
+
+class OutputError(Exception):
+    """stdout cannot take the output (closed, disk full): exit 3."""
+
+
+def write_stdout(write):
+    """write(stdout), flushed; OutputError when it cannot be written. A
+    reader that stops early (| head) is no error (BrokenPipeError, exit 0).
+    Either way stdout is pointed at /dev/null after, so that the flush at
+    exit does not fail again."""
+    out = sys.stdout
+    if out is None:
+        raise OutputError("stdout is closed")
+    try:
+        write(out)
+        out.flush()
+    except OSError as e:
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, out.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+        if isinstance(e, BrokenPipeError):
+            raise
+        raise OutputError(e.strerror or str(e))
+
+
+def write_stderr(text):
+    """A line for the user, where there is a stderr to take it."""
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (AttributeError, OSError):            # None (closed), or full: nobody to tell
+        pass
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -3752,25 +3949,28 @@ def main(argv=None, environ=None):
         if config.probe:
             return probe(config)
         if config.doctor:
-            code = doctor(config, sys.stdout)
-            sys.stdout.flush()
-            return code
+            findings = []
+            write_stdout(lambda out: findings.append(doctor(config, out)))
+            return findings[0]
         inventory = CpuInventory(Host(config.sysfs, config.procfs), config.source,
                                  config.cpus, config.origin["cpus"])
         if config.list:
-            write_listing(config, inventory, list_holders(config), sys.stdout)
-            sys.stdout.flush()
+            holders = list_holders(config)
+            write_stdout(lambda out: write_listing(config, inventory, holders, out))
             return 0
         return serve(config, inventory)
     except InputError as e:
-        sys.stderr.write("%s: error: %s\n" % (PROGRAM, e))
+        write_stderr("%s: error: %s\n" % (PROGRAM, e))
         return 2
+    except OutputError as e:
+        write_stderr("%s: error: cannot write the output: %s\n" % (PROGRAM, e))
+        return 3
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:
         return 0
     except Exception as e:                     # a bug: one line, details at debug
-        sys.stderr.write("%s: internal error: %s: %s\n" % (PROGRAM, type(e).__name__, one_line(e)))
+        write_stderr("%s: internal error: %s: %s\n" % (PROGRAM, type(e).__name__, one_line(e)))
         log.debug("details", exc_info=True)
         return 1
 

@@ -831,6 +831,30 @@ class CliTests(TempDirTest):
         return subprocess.run([sys.executable, PLUGIN] + list(args), env=plugin_env(env), timeout=60,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
 
+    def test_output_that_cannot_be_written_is_one_line_and_exit_3(self):
+        for args in (["--list"], ["--list", "--json"], ["--doctor", "--kubelet-dir", self.tmp], ["--version"]):
+            for stdout in ("closed", "/dev/full"):
+                with self.subTest(args=args, stdout=stdout):
+                    if stdout == "closed":
+                        result = subprocess.run([sys.executable, PLUGIN] + self.base + args, env=plugin_env(),
+                                                stderr=subprocess.PIPE, universal_newlines=True, timeout=60,
+                                                preexec_fn=lambda: os.close(1))
+                    else:
+                        with open(stdout, "w") as full:
+                            result = subprocess.run([sys.executable, PLUGIN] + self.base + args, env=plugin_env(),
+                                                    stdout=full, stderr=subprocess.PIPE, universal_newlines=True,
+                                                    timeout=60)
+                    self.assertEqual(result.returncode, 3, result.stderr)
+                    self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+                    self.assertIn("cannot write", result.stderr)
+        # a reader that stops early (| head) is no error
+        reader = subprocess.Popen([sys.executable, PLUGIN] + self.base + ["--list"], env=plugin_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        reader.stdout.close()
+        self.assertEqual(reader.wait(60), 0)
+        self.assertEqual(reader.stderr.read(), b"")
+        reader.stderr.close()
+
     def test_list_json_contract(self):
         result = self.run_cli(*self.base + ["--list", "--json"])
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -1548,6 +1572,25 @@ class LifecycleTests(PluginRig):
         process.wait_log("SIGHUP")
         self.assertIsNone(process.proc.poll())
 
+    def test_a_sighup_storm_is_one_line_and_the_last_signal_is_honoured(self):
+        host = os.path.dirname(self.sysfs)
+        write_files(host, {"proc/cmdline": "ro isolcpus=2-3\n"})
+        self.kubelet.start()
+        process = self.start_plugin("--source", "cmdline", "--rescan-interval", "600", "--log-level", "info")
+        self.kubelet.wait_list(lambda devices: sorted(devices) == ["2", "3"])
+        for i in range(300):
+            if i == 299:                                # read by no rescan the storm started before
+                write_files(host, {"proc/cmdline": "ro isolcpus=2-3,6\n"})
+            process.proc.send_signal(signal.SIGHUP)
+        self.kubelet.wait_list(lambda devices: sorted(devices) == ["2", "3", "6"], timeout=3)
+        time.sleep(1.5)
+        lines = [line for line in process.log().splitlines() if "SIGHUP" in line]
+        self.assertEqual(len(lines), 1, lines)
+        write_files(host, {"proc/cmdline": "ro isolcpus=2-3,6-7\n"})
+        process.proc.send_signal(signal.SIGHUP)          # a burst of its own
+        self.kubelet.wait_list(lambda devices: sorted(devices) == ["2", "3", "6", "7"], timeout=3)
+        self.assertEqual(process.log().count("SIGHUP"), 2)
+
     def test_kernel_cpu_uevent_triggers_a_rescan(self):
         try:
             sender = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, 15)
@@ -1683,6 +1726,147 @@ class LifecycleTests(PluginRig):
         self.assertEqual(len(second.log().strip().splitlines()), 1)
         self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
         self.assertIsNone(first.proc.poll())
+
+
+    def test_two_instances_started_at_once_leave_one_serving(self):
+        self.kubelet.start()
+        for round_ in range(3):
+            with self.subTest(round=round_):
+                registered = len(self.kubelet.registrations)
+                pair = [self.start_plugin(), self.start_plugin()]
+                deadline = time.monotonic() + 15
+                while all(p.proc.poll() is None for p in pair) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                second = [p for p in pair if p.proc.poll() is not None]
+                self.assertEqual(len(second), 1, "neither instance exited")
+                first = [p for p in pair if p is not second[0]][0]
+                self.assertEqual(second[0].proc.wait(), 2)
+                self.assertEqual(len(second[0].log().strip().splitlines()), 1, second[0].log())
+                self.assertIn("another running instance", second[0].log())
+                first.wait_log("registered windriver.com/isolcpus")
+                time.sleep(1.0)
+                self.assertEqual(len(self.kubelet.registrations) - registered, 1)
+                self.assertNotIn("kubelet restarted", first.log())
+                self.assertEqual(dict(self.kubelet.allocate("2").container_responses[0].envs), {"ISOLCPUS": "2"})
+                self.assertEqual(first.stop(), 0)
+
+    def test_the_instance_lock_outlives_the_kubelet_wiping_the_directory(self):
+        first = self.registered_plugin()
+        self.kubelet.restart()                          # removes every socket in the directory
+        self.kubelet.wait_registered(2)
+        second = self.start_plugin()
+        self.assertEqual(second.proc.wait(10), 2)
+        self.assertIn("another running instance", second.log())
+        self.assertIsNone(first.proc.poll())
+        self.assertEqual(len(self.kubelet.registrations), 2)
+
+
+class NotifySocket(object):
+    """$NOTIFY_SOCKET as systemd serves it: a datagram socket; what the
+    plugin sends, as (monotonic time, {field: value}) per datagram."""
+
+    def __init__(self, path):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path if not path.startswith("@") else "\0" + path[1:])
+        self.sock.settimeout(0.1)
+        self.messages = []
+
+    def receive(self, until, timeout=10.0):
+        """Messages until one satisfies until(fields); AssertionError after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            fields = dict(line.split("=", 1) for line in data.decode().split("\n") if line)
+            self.messages.append((time.monotonic(), fields))
+            if until(fields):
+                return fields
+        raise AssertionError("no matching notification; got %r" % [m for _, m in self.messages])
+
+    def close(self):
+        self.sock.close()
+
+
+@needs_grpc
+class SystemdNotifyTests(PluginRig):
+    """sd_notify(3): readiness, reload, stop and the watchdog, over a real datagram socket."""
+
+    def notify_socket(self, abstract=False):
+        path = "@isolcpu-test-%d-%s" % (os.getpid(), self.id()[-20:]) if abstract else os.path.join(self.tmp, "notify")
+        notify = NotifySocket(path)
+        self.addCleanup(notify.close)
+        return notify
+
+    def test_ready_reload_stopping(self):
+        notify = self.notify_socket()
+        self.kubelet.start()
+        process = self.start_plugin(env={"NOTIFY_SOCKET": notify.path})
+        ready = notify.receive(lambda f: f.get("READY") == "1")
+        self.assertIn("STATUS", ready)
+        self.kubelet.wait_registered()
+        notify.receive(lambda f: "registered" in f.get("STATUS", ""))
+        process.proc.send_signal(signal.SIGHUP)
+        reloading = notify.receive(lambda f: f.get("RELOADING") == "1")
+        now_usec = time.monotonic() * 1e6                 # CLOCK_MONOTONIC, as systemd reads it
+        self.assertLess(abs(int(reloading["MONOTONIC_USEC"]) - now_usec), 5e6)
+        notify.receive(lambda f: f.get("READY") == "1")
+        process.proc.send_signal(signal.SIGTERM)
+        notify.receive(lambda f: f.get("STOPPING") == "1")
+        self.assertEqual(process.stop(), 0)
+
+    def test_ready_without_a_kubelet_or_its_directory_says_what_it_waits_for(self):
+        notify = self.notify_socket(abstract=True)
+        shutil.rmtree(self.dir)
+        self.start_plugin(env={"NOTIFY_SOCKET": notify.path})
+        ready = notify.receive(lambda f: f.get("READY") == "1", timeout=5)
+        self.assertIn("device-plugin directory", ready["STATUS"])
+        os.makedirs(self.dir)
+        notify.receive(lambda f: "waiting for the kubelet" in f.get("STATUS", ""), timeout=5)
+
+    def test_watchdog_pings_at_half_its_interval_while_the_loop_runs(self):
+        notify = self.notify_socket()
+        process = self.registered_plugin()
+        process.stop()
+        process = self.start_plugin(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1000000"})
+        notify.receive(lambda f: f.get("READY") == "1")
+        started = time.monotonic()
+        notify.receive(lambda f: False if time.monotonic() - started < 2.6 else True, timeout=3)
+        pings = [at for at, f in notify.messages if f.get("WATCHDOG") == "1" and at >= started]
+        self.assertGreaterEqual(len(pings), 4, notify.messages)
+        self.assertLess(max(b - a for a, b in zip(pings, pings[1:])), 0.9)
+        process.proc.send_signal(signal.SIGSTOP)          # a frozen loop sends nothing
+        self.addCleanup(lambda: process.proc.poll() is None and process.proc.send_signal(signal.SIGCONT))
+        notify.messages[:] = []
+        time.sleep(1.5)
+        try:
+            notify.receive(lambda f: f.get("WATCHDOG") == "1", timeout=0.5)
+            pinged = True
+        except AssertionError:
+            pinged = False
+        self.assertFalse(pinged, "a stopped process pinged the watchdog")
+        process.proc.send_signal(signal.SIGCONT)
+        notify.receive(lambda f: f.get("WATCHDOG") == "1", timeout=2)
+
+    def test_a_watchdog_shorter_than_the_rescan_period_is_said_at_start(self):
+        notify = self.notify_socket()
+        process = self.start_plugin("--rescan-interval", "60", env={"NOTIFY_SOCKET": notify.path,
+                                                                     "WATCHDOG_USEC": "30000000"})
+        process.wait_log("WatchdogSec")
+        line = [l for l in process.log().splitlines() if "WatchdogSec" in l][0]
+        self.assertIn(" WARNING ", line)
+        self.assertIn("182", line)                       # 3 periods of 60 s + 2 s
+
+    def test_nothing_is_sent_without_notify_socket_and_another_pid_watchdog_is_ignored(self):
+        notify = self.notify_socket()
+        self.kubelet.start()
+        process = self.start_plugin(env={"WATCHDOG_USEC": "200000", "WATCHDOG_PID": "1"})
+        self.kubelet.wait_registered()
+        time.sleep(0.5)
+        self.assertEqual(notify.messages, [])
+        self.assertNotIn("WATCHDOG", process.log())
 
 
 class FuzzTests(TempDirTest):
@@ -2037,7 +2221,9 @@ class FaultTests(PluginRig):
         time.sleep(1.5)
         self.assertIsNone(process.proc.poll())
         self.assertEqual(process.log().count("WARNING cannot serve"), 1, "logged once, not per retry")
-        subprocess.run(["umount", self.dir], check=True)
+        # lazily: the plugin holds the directory open for its instance lock, which keeps
+        # the read-only mount busy; the directory under it is locked anew
+        subprocess.run(["umount", "-l", self.dir], check=True)
         self.kubelet.start(wipe=False)
         self.kubelet.wait_registered(timeout=5)
 
