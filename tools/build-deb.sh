@@ -7,6 +7,7 @@
 #   /lib/systemd/system/isolcpu-plugin.service   (Alias=isolcpu_plugin.service, the Go plugin's name)
 #   /etc/default/isolcpu-plugin  a conffile, every line commented, one per option
 #   /usr/share/man/man8/isolcpu-plugin.8.gz, /usr/share/doc/isolcpu-plugin/{copyright,changelog.gz}
+#   /usr/share/doc/isolcpu-plugin/examples/notify-reload.conf   the drop-in for systemd 253+
 # MAINTAINER="Name <mail>" overrides the Maintainer field.
 set -euo pipefail
 umask 022
@@ -53,6 +54,7 @@ python3 "$ROOT/tools/debian_files.py" defaults >"$stage/etc/default/isolcpu-plug
 python3 "$ROOT/tools/debian_files.py" manpage "$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%d)" \
     | gzip -9n >"$stage/usr/share/man/man8/isolcpu-plugin.8.gz"
 install -m 0644 "$DEB/copyright" "$doc/copyright"
+install -D -m 0644 "$ROOT/deploy/isolcpu-plugin.service.d/notify-reload.conf" "$doc/examples/notify-reload.conf"
 gzip -9n <"$DEB/changelog" >"$doc/changelog.gz"
 install -m 0644 "$DEB/lintian-overrides" "$stage/usr/share/lintian/overrides/isolcpu-plugin"
 
