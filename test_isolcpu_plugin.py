@@ -10,6 +10,7 @@ kubelet that does what the kubelet's device manager does.
 import asyncio
 import collections
 import contextlib
+import hashlib
 import io
 import itertools
 import json
@@ -21,6 +22,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -1245,6 +1247,351 @@ class FakeKubelet(object):
         request = pb.PreferredAllocationRequest(container_requests=[pb.ContainerPreferredAllocationRequest(
             available_deviceIDs=available, must_include_deviceIDs=must, allocation_size=size)])
         return list(self.stub.GetPreferredAllocation(request, timeout=5).container_responses[0].deviceIDs)
+
+
+# ---------------------------------------------------------------------------
+# An NRI runtime, as containerd's NRI adaptation behaves
+# ---------------------------------------------------------------------------
+
+# Reading protobuf, beside pb_varint/pb_field above, and as strict as Go's
+# protobuf where a plugin could get it wrong: a truncated or over-long varint,
+# a length past the end, wire types 3/4 (groups) or 6/7, field number 0, a
+# proto3 string that is not UTF-8 all raise ValueError. Unknown fields of wire
+# types 0, 1, 2 and 5 are skipped, as every protobuf reader does.
+
+def pb_read_varint(data, pos):
+    """(value, next position) of the varint at data[pos]."""
+    result = 0
+    for i in range(10):
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if i == 9 and byte > 1:
+                raise ValueError("varint overflows 64 bits")
+            return result, pos
+    raise ValueError("varint longer than 10 bytes")
+
+
+def pb_decode(data):
+    """[(field number, wire type, value)] of one message: an int for wire
+    types 0, 1 and 5, bytes for 2."""
+    fields, pos = [], 0
+    while pos < len(data):
+        key, pos = pb_read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if not 0 < number < 1 << 29:
+            raise ValueError("field number %d" % number)
+        if wire == 0:
+            value, pos = pb_read_varint(data, pos)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if pos + size > len(data):
+                raise ValueError("truncated fixed%d field %d" % (size * 8, number))
+            value, pos = int.from_bytes(data[pos:pos + size], "little"), pos + size
+        elif wire == 2:
+            length, pos = pb_read_varint(data, pos)
+            if pos + length > len(data):
+                raise ValueError("field %d: %d bytes past the end" % (number, pos + length - len(data)))
+            value, pos = bytes(data[pos:pos + length]), pos + length
+        else:
+            raise ValueError("field %d: wire type %d" % (number, wire))
+        fields.append((number, wire, value))
+    return fields
+
+
+# Message schemas: {number: (name, kind)}. A kind is "string", "bytes",
+# "int32", "int64", "uint32", "uint64", "bool", "map" (map<string, string>),
+# another schema (a message), or a one-element list of one of those (repeated).
+# A message is a plain dict by field name; "_extra" holds raw bytes appended
+# when encoding (fields of numbers the schema does not know).
+
+PB_MAP_ENTRY = {1: ("key", "string"), 2: ("value", "string")}
+PB_SCALAR_DEFAULTS = {"string": "", "bytes": b"", "int32": 0, "int64": 0, "uint32": 0, "uint64": 0, "bool": False}
+
+
+def pb_encode(schema, message):
+    """The wire form of `message` (a dict) after `schema`. As proto3 does, a
+    scalar at its default is left out; a message that is there (even {}) is not."""
+    out = []
+    for number in sorted(schema):
+        name, kind = schema[number]
+        value = message.get(name)
+        if value is None:
+            continue
+        if isinstance(kind, list):
+            out.extend(pb_encode_value(number, kind[0], item) for item in value)
+        elif kind == "map":
+            out.extend(pb_field(number, pb_field(1, key) + pb_field(2, item)) for key, item in sorted(value.items()))
+        elif isinstance(kind, dict) or value:
+            out.append(pb_encode_value(number, kind, value))
+    out.append(message.get("_extra", b""))
+    return b"".join(out)
+
+
+def pb_encode_value(number, kind, value):
+    if isinstance(kind, dict):
+        return pb_field(number, pb_encode(kind, value))
+    return pb_field(number, int(value) if kind == "bool" else value)
+
+
+def pb_decode_message(schema, data):
+    """`data` read after `schema` into a dict holding every field of the schema
+    (absent ones at their default; an absent message is None)."""
+    message, parts = {}, collections.OrderedDict()
+    for number, wire, value in pb_decode(data):
+        if number not in schema:
+            continue
+        name, kind = schema[number]
+        if kind == "map":
+            entry = pb_decode_message(PB_MAP_ENTRY, pb_expect_bytes(name, wire, value))
+            message.setdefault(name, {})[entry["key"]] = entry["value"]
+        elif isinstance(kind, list):
+            message.setdefault(name, []).append(pb_decode_value(name, kind[0], wire, value))
+        elif isinstance(kind, dict):                  # a message seen twice is merged: decode the concatenation
+            parts.setdefault(name, (kind, []))[1].append(pb_expect_bytes(name, wire, value))
+        else:
+            message[name] = pb_decode_value(name, kind, wire, value)
+    for name, (kind, chunks) in parts.items():
+        message[name] = pb_decode_message(kind, b"".join(chunks))
+    for name, kind in schema.values():
+        if name not in message:
+            message[name] = ([] if isinstance(kind, list) else {} if kind == "map"
+                             else None if isinstance(kind, dict) else PB_SCALAR_DEFAULTS[kind])
+    return message
+
+
+def pb_expect_bytes(name, wire, value):
+    if wire != 2:
+        raise ValueError("field %s: wire type %d, expected 2" % (name, wire))
+    return value
+
+
+def pb_decode_value(name, kind, wire, value):
+    if isinstance(kind, dict):
+        return pb_decode_message(kind, pb_expect_bytes(name, wire, value))
+    if kind == "string":
+        return pb_expect_bytes(name, wire, value).decode("utf-8")     # UnicodeDecodeError is a ValueError
+    if kind == "bytes":
+        return pb_expect_bytes(name, wire, value)
+    if wire != 0:
+        raise ValueError("field %s: wire type %d, expected 0" % (name, wire))
+    if kind == "bool":
+        return value != 0
+    if kind in ("int32", "uint32"):
+        value &= 0xFFFFFFFF
+        return value - (1 << 32) if kind == "int32" and value >= 1 << 31 else value
+    return value - (1 << 64) if kind == "int64" and value >= 1 << 63 else value
+
+
+# The ttrpc envelopes (../shared/reference/ttrpc.proto) and the NRI messages
+# (../shared/reference/nri-v1alpha1.proto). Fields the reference trims away
+# (memory, mounts, hooks, namespaces, rlimits, a pod's linux part...) carry
+# their numbers from upstream api.proto at v0.6.1 (NRI.md's table): a runtime
+# sends them, a plugin must skip them.
+
+TTRPC_KEY_VALUE = {1: ("key", "string"), 2: ("value", "string")}
+TTRPC_REQUEST = {1: ("service", "string"), 2: ("method", "string"), 3: ("payload", "bytes"),
+                 4: ("timeout_nano", "int64"), 5: ("metadata", [TTRPC_KEY_VALUE])}
+TTRPC_STATUS = {1: ("code", "int32"), 2: ("message", "string")}
+TTRPC_RESPONSE = {1: ("status", TTRPC_STATUS), 2: ("payload", "bytes")}
+
+NRI_EMPTY = {}
+NRI_OPTIONAL_INT64 = {1: ("value", "int64")}
+NRI_OPTIONAL_UINT64 = {1: ("value", "uint64")}
+NRI_LINUX_CPU = {1: ("shares", NRI_OPTIONAL_UINT64), 2: ("quota", NRI_OPTIONAL_INT64), 3: ("period", NRI_OPTIONAL_UINT64),
+                 4: ("realtime_runtime", NRI_OPTIONAL_INT64), 5: ("realtime_period", NRI_OPTIONAL_UINT64),
+                 6: ("cpus", "string"), 7: ("mems", "string")}
+NRI_LINUX_MEMORY = {1: ("limit", NRI_OPTIONAL_INT64), 2: ("reservation", NRI_OPTIONAL_INT64),
+                    3: ("swap", NRI_OPTIONAL_INT64)}
+NRI_LINUX_RESOURCES = {1: ("memory", NRI_LINUX_MEMORY), 2: ("cpu", NRI_LINUX_CPU), 6: ("unified", "map")}
+NRI_LINUX_NAMESPACE = {1: ("type", "string"), 2: ("path", "string")}
+NRI_LINUX_POD_SANDBOX = {1: ("pod_overhead", NRI_LINUX_RESOURCES), 2: ("pod_resources", NRI_LINUX_RESOURCES),
+                         3: ("cgroup_parent", "string"), 4: ("cgroups_path", "string"),
+                         5: ("namespaces", [NRI_LINUX_NAMESPACE]), 6: ("resources", NRI_LINUX_RESOURCES)}
+NRI_POD_SANDBOX = {1: ("id", "string"), 2: ("name", "string"), 3: ("uid", "string"), 4: ("namespace", "string"),
+                   5: ("labels", "map"), 6: ("annotations", "map"), 7: ("runtime_handler", "string"),
+                   8: ("linux", NRI_LINUX_POD_SANDBOX), 9: ("pid", "uint32")}
+NRI_MOUNT = {1: ("destination", "string"), 2: ("type", "string"), 3: ("source", "string"), 4: ("options", ["string"])}
+NRI_HOOK = {1: ("path", "string"), 2: ("args", ["string"]), 3: ("env", ["string"])}
+NRI_HOOKS = {1: ("prestart", [NRI_HOOK]), 5: ("poststart", [NRI_HOOK])}
+NRI_POSIX_RLIMIT = {1: ("type", "string"), 2: ("hard", "uint64"), 3: ("soft", "uint64")}
+NRI_LINUX_CONTAINER = {1: ("namespaces", [NRI_LINUX_NAMESPACE]), 3: ("resources", NRI_LINUX_RESOURCES),
+                       4: ("oom_score_adj", NRI_OPTIONAL_INT64), 5: ("cgroups_path", "string")}
+NRI_CONTAINER = {1: ("id", "string"), 2: ("pod_sandbox_id", "string"), 3: ("name", "string"), 4: ("state", "int32"),
+                 5: ("labels", "map"), 6: ("annotations", "map"), 7: ("args", ["string"]), 8: ("env", ["string"]),
+                 9: ("mounts", [NRI_MOUNT]), 10: ("hooks", NRI_HOOKS), 11: ("linux", NRI_LINUX_CONTAINER),
+                 12: ("pid", "uint32"), 13: ("rlimits", [NRI_POSIX_RLIMIT])}
+NRI_KEY_VALUE = {1: ("key", "string"), 2: ("value", "string")}
+NRI_LINUX_CONTAINER_ADJUSTMENT = {2: ("resources", NRI_LINUX_RESOURCES), 3: ("cgroups_path", "string")}
+NRI_CONTAINER_ADJUSTMENT = {2: ("annotations", "map"), 3: ("mounts", [NRI_MOUNT]), 4: ("env", [NRI_KEY_VALUE]),
+                            5: ("hooks", NRI_HOOKS), 6: ("linux", NRI_LINUX_CONTAINER_ADJUSTMENT),
+                            7: ("rlimits", [NRI_POSIX_RLIMIT])}
+NRI_LINUX_CONTAINER_UPDATE = {1: ("resources", NRI_LINUX_RESOURCES)}
+NRI_CONTAINER_UPDATE = {1: ("container_id", "string"), 2: ("linux", NRI_LINUX_CONTAINER_UPDATE),
+                        3: ("ignore_failure", "bool")}
+NRI_CONTAINER_EVICTION = {1: ("container_id", "string"), 2: ("reason", "string")}
+
+NRI_REGISTER_PLUGIN_REQUEST = {1: ("plugin_name", "string"), 2: ("plugin_idx", "string"), 3: ("NRI_version", "string")}
+NRI_UPDATE_CONTAINERS_REQUEST = {1: ("update", [NRI_CONTAINER_UPDATE]), 2: ("evict", [NRI_CONTAINER_EVICTION])}
+NRI_UPDATE_CONTAINERS_RESPONSE = {1: ("failed", [NRI_CONTAINER_UPDATE])}
+NRI_CONFIGURE_REQUEST = {1: ("config", "string"), 2: ("runtime_name", "string"), 3: ("runtime_version", "string"),
+                         4: ("registration_timeout", "int64"), 5: ("request_timeout", "int64"),
+                         6: ("NRI_version", "string")}
+NRI_CONFIGURE_RESPONSE = {2: ("events", "int32")}
+NRI_SYNCHRONIZE_REQUEST = {1: ("pods", [NRI_POD_SANDBOX]), 2: ("containers", [NRI_CONTAINER]), 3: ("more", "bool")}
+NRI_SYNCHRONIZE_RESPONSE = {1: ("update", [NRI_CONTAINER_UPDATE]), 2: ("more", "bool")}
+NRI_CREATE_CONTAINER_REQUEST = {1: ("pod", NRI_POD_SANDBOX), 2: ("container", NRI_CONTAINER)}
+NRI_CREATE_CONTAINER_RESPONSE = {1: ("adjust", NRI_CONTAINER_ADJUSTMENT), 2: ("update", [NRI_CONTAINER_UPDATE]),
+                                 3: ("evict", [NRI_CONTAINER_EVICTION])}
+NRI_UPDATE_CONTAINER_REQUEST = {1: ("pod", NRI_POD_SANDBOX), 2: ("container", NRI_CONTAINER),
+                                3: ("linux_resources", NRI_LINUX_RESOURCES)}
+NRI_UPDATE_CONTAINER_RESPONSE = {1: ("update", [NRI_CONTAINER_UPDATE]), 2: ("evict", [NRI_CONTAINER_EVICTION])}
+NRI_STOP_CONTAINER_REQUEST = {1: ("pod", NRI_POD_SANDBOX), 2: ("container", NRI_CONTAINER)}
+NRI_STOP_CONTAINER_RESPONSE = {1: ("update", [NRI_CONTAINER_UPDATE])}
+NRI_STATE_CHANGE_EVENT = {1: ("event", "int32"), 2: ("pod", NRI_POD_SANDBOX), 3: ("container", NRI_CONTAINER)}
+NRI_POD_EVENT_REQUEST = {1: ("pod", NRI_POD_SANDBOX)}                       # v0.12+ RunPodSandboxRequest & co
+NRI_CONTAINER_EVENT_REQUEST = {1: ("pod", NRI_POD_SANDBOX), 2: ("container", NRI_CONTAINER)}  # RemoveContainerRequest & co
+
+# By their names in the reference .proto, for FakeNriRuntimeTests to check the numbers against it.
+NRI_SCHEMAS = {
+    "RegisterPluginRequest": NRI_REGISTER_PLUGIN_REQUEST, "UpdateContainersRequest": NRI_UPDATE_CONTAINERS_REQUEST,
+    "UpdateContainersResponse": NRI_UPDATE_CONTAINERS_RESPONSE, "ConfigureRequest": NRI_CONFIGURE_REQUEST,
+    "ConfigureResponse": NRI_CONFIGURE_RESPONSE, "SynchronizeRequest": NRI_SYNCHRONIZE_REQUEST,
+    "SynchronizeResponse": NRI_SYNCHRONIZE_RESPONSE, "CreateContainerRequest": NRI_CREATE_CONTAINER_REQUEST,
+    "CreateContainerResponse": NRI_CREATE_CONTAINER_RESPONSE, "UpdateContainerRequest": NRI_UPDATE_CONTAINER_REQUEST,
+    "UpdateContainerResponse": NRI_UPDATE_CONTAINER_RESPONSE, "StopContainerRequest": NRI_STOP_CONTAINER_REQUEST,
+    "StopContainerResponse": NRI_STOP_CONTAINER_RESPONSE, "StateChangeEvent": NRI_STATE_CHANGE_EVENT,
+    "PodSandbox": NRI_POD_SANDBOX, "Container": NRI_CONTAINER, "LinuxContainer": NRI_LINUX_CONTAINER,
+    "OptionalInt64": NRI_OPTIONAL_INT64, "OptionalUInt64": NRI_OPTIONAL_UINT64, "LinuxCPU": NRI_LINUX_CPU,
+    "LinuxResources": NRI_LINUX_RESOURCES, "KeyValue": NRI_KEY_VALUE, "ContainerAdjustment": NRI_CONTAINER_ADJUSTMENT,
+    "LinuxContainerAdjustment": NRI_LINUX_CONTAINER_ADJUSTMENT, "ContainerUpdate": NRI_CONTAINER_UPDATE,
+    "LinuxContainerUpdate": NRI_LINUX_CONTAINER_UPDATE, "ContainerEviction": NRI_CONTAINER_EVICTION,
+}
+TTRPC_SCHEMAS = {"KeyValue": TTRPC_KEY_VALUE, "Request": TTRPC_REQUEST, "Status": TTRPC_STATUS,
+                 "Response": TTRPC_RESPONSE}
+
+NRI_PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"      # served by the plugin on mux conn 1 (NRI.md 1, 3)
+NRI_RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"    # served by the runtime on mux conn 2
+NRI_PLUGIN_CONN, NRI_RUNTIME_CONN = 1, 2
+TTRPC_REQUEST_TYPE, TTRPC_RESPONSE_TYPE = 1, 2
+TTRPC_MESSAGE_MAX = 4 << 20                             # ttrpc channel.go messageLengthMax
+NRI_FRAME_MAX = 4096                                    # what containerd 1.7 takes from a plugin in one frame (NRI.md 1)
+NRI_EVENTS = {"RUN_POD_SANDBOX": 1, "STOP_POD_SANDBOX": 2, "REMOVE_POD_SANDBOX": 3, "CREATE_CONTAINER": 4,
+              "POST_CREATE_CONTAINER": 5, "START_CONTAINER": 6, "POST_START_CONTAINER": 7, "UPDATE_CONTAINER": 8,
+              "POST_UPDATE_CONTAINER": 9, "STOP_CONTAINER": 10, "REMOVE_CONTAINER": 11}
+NRI_VALID_EVENTS_V0_6 = (1 << 11) - 1                   # events 1..11 (v0.6.1 ValidEvents); v0.10+: (1 << 14) - 1
+# The v0.12+ runtime's one RPC per event, which falls back to StateChange on Unimplemented (NRI.md 3).
+NRI_EVENT_RPCS = {1: "RunPodSandbox", 2: "StopPodSandbox", 3: "RemovePodSandbox", 5: "PostCreateContainer",
+                  6: "StartContainer", 7: "PostStartContainer", 9: "PostUpdateContainer", 11: "RemoveContainer"}
+NRI_CONTAINER_CREATED, NRI_CONTAINER_RUNNING, NRI_CONTAINER_STOPPED = 1, 3, 4
+GRPC_UNKNOWN, GRPC_INVALID_ARGUMENT, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED = 2, 3, 8, 12
+
+
+def nri_event_mask(*events):
+    """ConfigureResponse.events: bit (e - 1) for each event e (NRI.md 4)."""
+    mask = 0
+    for event in events:
+        mask |= 1 << (event - 1)
+    return mask
+
+
+def mux_frame(conn_id, payload):
+    """u32 BE conn id | u32 BE payload length | payload (NRI.md 1)."""
+    return struct.pack(">II", conn_id, len(payload)) + payload
+
+
+def ttrpc_message(stream_id, message_type, payload, flags=0):
+    """u32 BE length | u32 BE stream id | u8 type | u8 flags | payload (NRI.md 2)."""
+    return struct.pack(">IIBB", len(payload), stream_id, message_type, flags) + payload
+
+
+def nri_id(*parts):
+    """A containerd-like 64-hex-digit ID, stable for its parts."""
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()
+
+
+def nri_linux_resources(cpus="", mems="", shares=1024, quota=None, period=100000, memory_limit=None):
+    """LinuxResources as containerd fills them from a CRI request: shares and
+    period always, quota and a memory limit when the pod has limits."""
+    return {"memory": {"limit": {"value": memory_limit}} if memory_limit else None,
+            "cpu": {"shares": {"value": shares}, "quota": {"value": quota} if quota is not None else None,
+                    "period": {"value": period}, "cpus": cpus, "mems": mems},
+            "unified": {}}
+
+
+def nri_pod(name, namespace="default", uid=None, labels=None, annotations=None):
+    """A PodSandbox as containerd 1.7 sends it, with the kubelet's labels and
+    annotations and a linux part that a cpuset plugin has no use for."""
+    uid = uid or pod_uid(namespace, name)
+    all_labels = {"io.kubernetes.pod.name": name, "io.kubernetes.pod.namespace": namespace,
+                  "io.kubernetes.pod.uid": uid, "app": name.rsplit("-", 1)[0]}
+    all_labels.update(labels or {})
+    all_annotations = {"kubernetes.io/config.seen": "2026-12-01T10:00:00.000000000Z",
+                       "kubernetes.io/config.source": "api"}
+    all_annotations.update(annotations or {})
+    return {"id": nri_id("pod", namespace, name, uid), "name": name, "uid": uid, "namespace": namespace,
+            "labels": all_labels, "annotations": all_annotations, "runtime_handler": "",
+            "linux": {"cgroup_parent": "/kubepods/besteffort/pod" + uid,
+                      "pod_resources": nri_linux_resources(shares=2),
+                      "namespaces": [{"type": "network", "path": "/var/run/netns/cni-%s" % uid[:8]}]},
+            "pid": 0}
+
+
+def nri_container(pod, name, cpus="", env=(), state=NRI_CONTAINER_RUNNING, container_id=None, pid=None,
+                  labels=None, annotations=None):
+    """A Container of `pod` as containerd 1.7 sends it: an environment as the
+    kubelet builds it (`env` "K=V" strings among service variables), mounts,
+    namespaces, rlimits, and two fields of numbers no NRI version defines
+    (fixed32 and fixed64), which a plugin must skip."""
+    container_id = container_id or nri_id("container", pod["id"], name)
+    all_labels = {"io.kubernetes.container.name": name, "io.kubernetes.pod.name": pod["name"],
+                  "io.kubernetes.pod.namespace": pod["namespace"], "io.kubernetes.pod.uid": pod["uid"]}
+    all_labels.update(labels or {})
+    all_annotations = {"io.kubernetes.container.hash": "7f3a9c21", "io.kubernetes.container.restartCount": "0",
+                       "io.kubernetes.container.terminationMessagePath": "/dev/termination-log"}
+    all_annotations.update(annotations or {})
+    environment = (["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOSTNAME=" + pod["name"]]
+                   + list(env) + ["KUBERNETES_SERVICE_HOST=10.96.0.1", "KUBERNETES_SERVICE_PORT=443",
+                                  "KUBERNETES_PORT=tcp://10.96.0.1:443"])
+    return {"id": container_id, "pod_sandbox_id": pod["id"], "name": name, "state": state,
+            "labels": all_labels, "annotations": all_annotations,
+            "args": ["/bin/sh", "-c", "exec sleep infinity"], "env": environment,
+            "mounts": [{"destination": "/etc/hosts", "type": "bind", "options": ["rbind", "rprivate", "rw"],
+                        "source": "/var/lib/kubelet/pods/%s/etc-hosts" % pod["uid"]},
+                       {"destination": "/dev/shm", "type": "bind", "options": ["rbind", "ro"],
+                        "source": "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/%s/shm" % pod["id"]}],
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc", "path": "/proc/4242/ns/ipc"}, {"type": "mount"}],
+                      "resources": nri_linux_resources(cpus),
+                      "oom_score_adj": {"value": 1000},
+                      "cgroups_path": "%s/%s" % (pod["linux"]["cgroup_parent"], container_id)},
+            "pid": pid or 0, "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "_extra": pb_varint(40 << 3 | 5) + struct.pack("<I", 7) + pb_varint(41 << 3 | 1) + struct.pack("<Q", 7)}
+
+
+def nri_container_update(container_id, cpus, ignore_failure=False):
+    """A ContainerUpdate that sets only the cpuset."""
+    return {"container_id": container_id, "linux": {"resources": {"cpu": {"cpus": cpus}}},
+            "ignore_failure": ignore_failure}
+
+
+def nri_cpus(message):
+    """linux.resources.cpu.cpus of a Container, ContainerAdjustment or
+    ContainerUpdate dict, or cpu.cpus of a LinuxResources one ("" where unset)."""
+    resources = message if "cpu" in message else (message.get("linux") or {}).get("resources")
+    return ((resources or {}).get("cpu") or {}).get("cpus") or ""
+
+
+def nri_with_cpus(container, cpus):
+    """A copy of a Container dict with linux.resources.cpu.cpus set."""
+    container, linux = dict(container), dict(container.get("linux") or {})
+    resources = dict(linux.get("resources") or {})
+    resources["cpu"] = dict(resources.get("cpu") or {}, cpus=cpus)
+    linux["resources"] = resources
+    container["linux"] = linux
+    return container
 
 
 class PluginProcess(object):
