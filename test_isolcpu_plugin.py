@@ -1594,6 +1594,763 @@ def nri_with_cpus(container, cpus):
     return container
 
 
+class NriReply(object):
+    """What the runtime made of one call into the plugin.
+
+    outcome: "ok" (the runtime uses `response`); "failed" (an error status or
+    an unreadable reply: the runtime fails the container operation, NRI.md 6);
+    "dropped" (no answer within the request timeout, or the connection broke
+    or spoke out of protocol: the runtime closes the plugin and goes on without
+    it); "skipped" (no plugin, or not subscribed to the event: nothing sent).
+    code/message: the ttrpc status (or why it failed, dropped or skipped);
+    response: the parsed response dict; cpus: for CreateContainer and
+    UpdateContainer, the cpuset the runtime then gives the container (None when
+    it fails the operation); fallback: a v0.12+ per-event RPC answered
+    Unimplemented and StateChange was sent instead."""
+
+    def __init__(self, method, outcome, response=None, code=0, message="", seconds=0.0):
+        self.method, self.outcome, self.response = method, outcome, response
+        self.code, self.message, self.seconds = code, message, seconds
+        self.cpus = None
+        self.fallback = False
+        self.send_seconds = 0.0
+
+    @property
+    def ok(self):
+        return self.outcome == "ok"
+
+    def __repr__(self):
+        return "NriReply(%s: %s, code %d %r, %.3f s, response %r)" % (
+            self.method, self.outcome, self.code, self.message, self.seconds, self.response)
+
+
+_WAITING = object()
+
+
+class NriPluginConnection(object):
+    """One plugin's connection to FakeNriRuntime: the mux, the runtime's ttrpc
+    client on conn 1 and its ttrpc server on conn 2. Guarded by the runtime's cond."""
+
+    def __init__(self, runtime, sock, number):
+        self.runtime, self.sock, self.number = runtime, sock, number
+        self.write_lock = threading.Lock()
+        self.buffers = {NRI_PLUGIN_CONN: bytearray(), NRI_RUNTIME_CONN: bytearray()}
+        self.pending = {}                   # stream id -> response body, _WAITING until it arrives
+        self.next_stream = 1                # the runtime's client: odd ids from 1, step 2 (NRI.md 2)
+        self.last_plugin_stream = 0         # the plugin's client must increase its odd ids
+        self.registration = None            # RegisterPluginRequest dict once accepted
+        self.registration_error = None
+        self.configure_sent = threading.Event()
+        self.events = 0                     # the effective event mask after Configure
+        self.ready = False                  # registered, configured, synchronized
+        self.closed = None                  # why, once closed
+        self.reader = threading.Thread(target=self._read_loop, name="fake-nri-reader-%d" % number, daemon=True)
+
+    # Writing ------------------------------------------------------------------
+
+    def write(self, data):
+        """Raw bytes onto the socket, one byte per write with runtime.byte_writes."""
+        runtime = self.runtime
+        try:
+            if runtime.byte_writes:
+                for i in range(len(data)):
+                    self.sock.sendall(data[i:i + 1])
+                    with runtime.cond:
+                        runtime.socket_writes += 1
+                    if runtime.byte_pause:
+                        time.sleep(runtime.byte_pause)
+            else:
+                self.sock.sendall(data)
+                with runtime.cond:
+                    runtime.socket_writes += 1
+            return True
+        except OSError as e:
+            self.close("write failed: %s" % e)
+            return False
+
+    def send(self, conn_id, message):
+        """One ttrpc message in mux frames: of runtime.frame_size bytes when set,
+        else as Go's 4096-byte bufio.Writer under ttrpc emits them: a message
+        over 4096 bytes as its first 4096, then the rest in one frame (NRI.md 1)."""
+        size = self.runtime.frame_size
+        if size:
+            chunks = [message[i:i + size] for i in range(0, len(message), size)]
+        else:
+            chunks = [message[:4096], message[4096:]] if len(message) > 4096 else [message]
+        with self.write_lock:
+            with self.runtime.cond:
+                self.runtime.frames_sent.extend((conn_id, len(chunk)) for chunk in chunks)
+            return self.write(b"".join(mux_frame(conn_id, chunk) for chunk in chunks))
+
+    def close(self, reason):
+        runtime = self.runtime
+        with runtime.cond:
+            if self.closed:
+                return
+            self.closed = reason
+            runtime.closes.append(reason)
+            if runtime.plugin is self:
+                runtime.plugin = None
+            runtime.cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)        # wakes the reader
+        except OSError:
+            pass
+        self.sock.close()
+
+    # Reading ------------------------------------------------------------------
+
+    def _recv_exact(self, count):
+        data = bytearray()
+        while len(data) < count:
+            chunk = self.sock.recv(min(count - len(data), 1 << 16))
+            if not chunk:
+                return None
+            data += chunk
+        return bytes(data)
+
+    def _read_loop(self):
+        runtime = self.runtime
+        try:
+            while not self.closed:
+                header = self._recv_exact(8)
+                if header is None:
+                    return self.close("connection closed by plugin")
+                conn_id, length = struct.unpack(">II", header)
+                with runtime.cond:
+                    runtime.frames_received.append((conn_id, length))
+                # containerd 1.7 reads through a 4096-byte buffer and fails on a longer frame (NRI.md 1);
+                # stricter than Go for an unknown conn id, whose frame Go reads in full and drops
+                if runtime.max_plugin_frame is not None and length > runtime.max_plugin_frame:
+                    return self.close("frame of %d bytes on conn %d > %d: ttrpc: closed" % (
+                        length, conn_id, runtime.max_plugin_frame))
+                payload = self._recv_exact(length)
+                if payload is None:
+                    return self.close("connection closed by plugin in a frame")
+                if conn_id not in self.buffers:
+                    runtime.violation("frame on unknown conn %d (%d bytes): the Go mux drops it" % (conn_id, length))
+                    continue
+                if not length:
+                    runtime.violation("empty frame on conn %d" % conn_id)
+                    continue
+                buffer = self.buffers[conn_id]
+                buffer += payload
+                while len(buffer) >= 10:                          # a message may span several frames
+                    size, stream, kind, flags = struct.unpack(">IIBB", bytes(buffer[:10]))
+                    if size > TTRPC_MESSAGE_MAX:
+                        return self.close("ttrpc message of %d bytes on conn %d > 4 MiB" % (size, conn_id))
+                    if len(buffer) < 10 + size:
+                        break
+                    body = bytes(buffer[10:10 + size])
+                    del buffer[:10 + size]
+                    if flags:
+                        runtime.violation("ttrpc flags 0x%x on stream %d of conn %d: unary calls use 0" % (
+                            flags, stream, conn_id))
+                    if conn_id == NRI_PLUGIN_CONN:
+                        self._on_response(stream, kind, body)
+                    else:
+                        self._on_request(stream, kind, body)
+                    if self.closed:
+                        return
+        except OSError as e:
+            self.close("connection error: %s" % e)
+
+    def _on_response(self, stream, kind, body):
+        """conn 1: the plugin's answers to the runtime's calls (ttrpc client.go)."""
+        runtime = self.runtime
+        with runtime.cond:
+            if self.pending.get(stream, None) is not _WAITING:
+                runtime.violation("message on inactive stream %d of conn 1: the Go client ignores it" % stream)
+                return
+            if kind != TTRPC_RESPONSE_TYPE:                   # ErrProtocol: fatal, the plugin is closed
+                self.close("message type %d on stream %d of conn 1: ttrpc: protocol error" % (kind, stream))
+                return
+            self.pending[stream] = body
+            runtime.cond.notify_all()
+
+    def _on_request(self, stream, kind, body):
+        """conn 2: the plugin's calls into the runtime (ttrpc server.go)."""
+        runtime = self.runtime
+        if kind != TTRPC_REQUEST_TYPE:
+            runtime.violation("message type %d on stream %d of conn 2" % (kind, stream))
+            return self.close("message type %d from the plugin's client: no such stream" % kind)
+        if stream % 2 != 1:
+            runtime.violation("even stream id %d on conn 2" % stream)
+            return self.respond(stream, code=GRPC_INVALID_ARGUMENT,
+                                message="StreamID must be odd for client initiated streams")
+        if stream <= self.last_plugin_stream:
+            runtime.violation("stream id %d after %d on conn 2" % (stream, self.last_plugin_stream))
+            return self.respond(stream, code=GRPC_INVALID_ARGUMENT,
+                                message="StreamID cannot be re-used and must increment")
+        self.last_plugin_stream = stream
+        try:
+            request = pb_decode_message(TTRPC_REQUEST, body)
+        except ValueError as e:
+            runtime.violation("unreadable ttrpc request on stream %d: %s" % (stream, e))
+            return self.respond(stream, code=GRPC_INVALID_ARGUMENT, message="unmarshal request error: %s" % e)
+        handlers = {"RegisterPlugin": self._register_plugin, "UpdateContainers": self._update_containers}
+        if request["service"] != NRI_RUNTIME_SERVICE:
+            return self.respond(stream, code=GRPC_UNIMPLEMENTED, message="service %s" % request["service"])
+        if request["method"] not in handlers:
+            return self.respond(stream, code=GRPC_UNIMPLEMENTED, message="method %s" % request["method"])
+        # each request in its own thread, as the Go server runs handlers in goroutines
+        threading.Thread(target=handlers[request["method"]], args=(stream, request["payload"]), daemon=True).start()
+
+    def respond(self, stream, payload=b"", code=0, message=""):
+        status = {"code": code, "message": message} if code else None
+        return self.send(NRI_RUNTIME_CONN, ttrpc_message(stream, TTRPC_RESPONSE_TYPE, pb_encode(
+            TTRPC_RESPONSE, {"status": status, "payload": payload})))
+
+    # The Runtime service --------------------------------------------------------
+
+    def _register_plugin(self, stream, payload):
+        """plugin.go RegisterPlugin: a non-empty name, a two-digit index (NRI.md 5)."""
+        runtime = self.runtime
+        try:
+            request = pb_decode_message(NRI_REGISTER_PLUGIN_REQUEST, payload)
+        except ValueError as e:
+            runtime.violation("unreadable RegisterPluginRequest: %s" % e)
+            self.respond(stream, code=GRPC_UNKNOWN, message=str(e))
+            return self.close("failed to register plugin: %s" % e)
+        with runtime.cond:
+            runtime.registrations.append(request)
+            runtime.cond.notify_all()
+            again = self.registration is not None
+        if again:
+            runtime.violation("RegisterPlugin again on one connection")
+            return self.respond(stream)
+        name, index = request["plugin_name"], request["plugin_idx"]
+        error = None
+        if not name:
+            error = "invalid (empty) plugin name"
+        elif len(index) != 2:
+            error = 'invalid plugin index: invalid plugin index "%s", must be 2 digits' % index
+        elif not ("0" <= index[0] <= "9" and "0" <= index[1] <= "9"):
+            error = 'invalid plugin index: invalid plugin index "%s" (not [0-9][0-9])' % index
+        if error:
+            with runtime.cond:
+                self.registration_error = error
+                runtime.cond.notify_all()
+            self.respond(stream, code=GRPC_UNKNOWN, message=error)
+            return self.close("failed to register plugin: " + error)
+        if runtime.configure_before_register_reply:
+            # the runtime calls Configure as soon as the handler signals, racing its own reply (NRI.md 4)
+            self._registered(request)
+            self.configure_sent.wait(runtime.request_timeout)
+            self.respond(stream)
+        else:
+            self.respond(stream)
+            self._registered(request)
+
+    def _registered(self, request):
+        with self.runtime.cond:
+            self.registration = request
+            self.runtime.cond.notify_all()
+
+    def _update_containers(self, stream, payload):
+        """UpdateContainers as containerd 1.7 applies it (pkg/nri/domain.go):
+        unknown containers are skipped; a failed update with ignore_failure is
+        only logged; one without makes the whole call an error status, and the
+        failed list never reaches the plugin (runtime.failed_reply = "list"
+        answers OK with failed[] instead)."""
+        runtime = self.runtime
+        hang = runtime.hang_update_containers       # as it was when the request came
+        try:
+            request = pb_decode_message(NRI_UPDATE_CONTAINERS_REQUEST, payload)
+        except ValueError as e:
+            runtime.violation("unreadable UpdateContainersRequest: %s" % e)
+            return self.respond(stream, code=GRPC_UNKNOWN, message=str(e))
+        with runtime.cond:
+            runtime.update_requests.append(request)
+            runtime.cond.notify_all()
+        if hang:
+            return
+        with runtime.runtime_lock:          # containerd's one NRI lock, held across every call into a plugin (NRI.md 6)
+            with runtime.cond:
+                failed = [u for u in request["update"] if u["container_id"] in runtime.failed_updates]
+                runtime.apply_updates(request["update"])
+        if runtime.failed_reply == "list":
+            return self.respond(stream, pb_encode(NRI_UPDATE_CONTAINERS_RESPONSE, {"failed": failed}))
+        if any(not u["ignore_failure"] for u in failed):
+            return self.respond(stream, code=GRPC_UNKNOWN, message="NRI update of some containers failed")
+        return self.respond(stream, pb_encode(NRI_UPDATE_CONTAINERS_RESPONSE, {}))
+
+    # The runtime's calls into the Plugin service --------------------------------
+
+    def call(self, method, payload, deadline, response_schema):
+        """One unary call on conn 1, as plugin.go makes it: within the request
+        timeout, else the plugin is closed (a slow plugin is dropped, NRI.md 6)."""
+        runtime = self.runtime
+        started = time.monotonic()
+        with runtime.cond:
+            if self.closed:
+                return NriReply(method, "dropped", message="ttrpc: closed (%s)" % self.closed)
+            stream = self.next_stream
+            self.next_stream += 2
+            self.pending[stream] = _WAITING
+        request = pb_encode(TTRPC_REQUEST, {"service": NRI_PLUGIN_SERVICE, "method": method, "payload": payload,
+                                            "timeout_nano": max(1, int((deadline - started) * 1e9))})
+        self.send(NRI_PLUGIN_CONN, ttrpc_message(stream, TTRPC_REQUEST_TYPE, request))
+        if method == "Configure":
+            self.configure_sent.set()
+        send_seconds = time.monotonic() - started
+        if runtime.byte_writes:
+            deadline += send_seconds          # the time spent writing byte by byte is the test's, not the plugin's
+        with runtime.cond:
+            runtime.cond.wait_for(lambda: self.pending[stream] is not _WAITING or self.closed,
+                                  max(0.0, deadline - time.monotonic()))
+            body = self.pending.pop(stream)
+            closed = self.closed
+        seconds = time.monotonic() - started
+        if body is _WAITING:
+            if not closed:
+                self.close("closing plugin, failed to handle %s request: context deadline exceeded" % method)
+                return self._reply(method, "dropped", seconds, send_seconds, message="context deadline exceeded")
+            return self._reply(method, "dropped", seconds, send_seconds, message="ttrpc: closed (%s)" % closed)
+        try:
+            response = pb_decode_message(TTRPC_RESPONSE, body)
+            status = response["status"] or {"code": 0, "message": ""}
+            result = pb_decode_message(response_schema, response["payload"])
+        except ValueError as e:                       # a proto error is not fatal: the operation fails
+            runtime.violation("unreadable %s reply: %s" % (method, e))
+            return self._reply(method, "failed", seconds, send_seconds, code=GRPC_UNKNOWN,
+                               message="unreadable reply: %s" % e)
+        if status["code"]:
+            return self._reply(method, "failed", seconds, send_seconds, code=status["code"],
+                               message=status["message"])
+        return self._reply(method, "ok", seconds, send_seconds, response=result)
+
+    @staticmethod
+    def _reply(method, outcome, seconds, send_seconds, **fields):
+        reply = NriReply(method, outcome, seconds=seconds, **fields)
+        reply.send_seconds = send_seconds
+        return reply
+
+
+class FakeNriRuntime(object):
+    """containerd 1.7's NRI adaptation (NRI v0.6.1, ttrpc v1.2.4) toward one
+    plugin socket: what a plugin meets on /var/run/nri/nri.sock (NRI.md).
+
+    start() removes a stale socket at `path`, listens, and accepts plugins one
+    after another, as the runtime does (NRI.md 6). For each: wait up to
+    `registration_timeout` for RegisterPlugin on conn 2 (name non-empty, index
+    two ASCII digits, else an error status and the connection closed), answer
+    it, call Configure (before that answer with configure_before_register_reply,
+    as seen), accept the event mask only within `valid_events` (0 = all), then
+    Synchronize with `pods` and `containers`, in chunks of `sync_chunk` objects
+    each with `more` set (v0.7+) when given; the plugin must echo more=true
+    with no updates until the last chunk, else it is closed ("plugin does not
+    handle split sync requests"). The plugin is then `plugin`, which requests go
+    to. Every call into it has `request_timeout`; one it does not answer in time
+    closes it. stop() closes all; restart() = stop() + start(): a plugin must
+    reconnect, and is registered, configured and synchronized afresh.
+
+    Calls a test makes (synchronous; each returns an NriReply, and records it
+    in `calls`; an event the plugin did not subscribe to is "skipped"):
+      create_container(pod, container), update_container(pod, container,
+      linux_resources), stop_container(pod, container), remove_container(pod,
+      container, per_event_rpc=False), run_pod_sandbox(pod, per_event_rpc=True),
+      state_change(event, pod, container) (v0.6 style), and call(method,
+      payload, response_schema) for any method, subscribed or not (e.g. one a
+      newer runtime has). per_event_rpc: as v0.12+, the event's own RPC first,
+      StateChange after an Unimplemented (12) answer.
+    The runtime's model: `pods`, `containers` (OrderedDicts by id; set them
+    before the plugin connects for Synchronize); cpuset(container_id). It
+    applies adjustments and updates as containerd does (an update for an id in
+    `failed_updates` fails; one naming the container being created fails the
+    creation).
+
+    Records, all guarded by `cond` and kept across restarts: accepted (count),
+    registrations (RegisterPluginRequest dicts, valid or not), configures
+    (ConfigureResponse dicts), syncs (per Synchronize a list of (request,
+    response) chunks), sync_updates (per completed one, its updates), ready
+    (count of plugins synchronized), update_requests (UpdateContainersRequest
+    dicts), calls, closes (why each connection ended), violations (what a real
+    runtime tolerates but a correct plugin never does: frames on unknown conns,
+    answers on inactive streams, non-zero flags, even or reused stream ids,
+    unreadable messages), frames_received / frames_sent ((conn id, payload
+    length) of every mux frame), socket_writes. Wait helpers raise
+    AssertionError on timeout: wait(predicate, timeout, what), wait_ready(count),
+    wait_closed(count), wait_update_requests(count), wait_accepted(count).
+
+    Knobs, settable any time: byte_writes (every byte its own write, byte_pause
+    seconds apart), frame_size (the fake's messages in mux frames of that
+    many bytes), max_plugin_frame (default 4096: a longer frame from the plugin
+    closes it, as containerd 1.7 does; None accepts any), failed_updates,
+    failed_reply ("containerd" or "list"), hang_update_containers (never answer
+    it), valid_events, nri_version (None: v0.6.1's ConfigureRequest; else also
+    its timeouts and this version). Hostile sends to the current plugin:
+    send_raw(data), send_frame(conn_id, payload), send_oversized_frame(),
+    send_oversized_message(), hang_up_mid_request(method, payload)."""
+
+    def __init__(self, path, pods=(), containers=(), registration_timeout=5.0, request_timeout=2.0,
+                 sync_chunk=None, configure_before_register_reply=False, nri_version=None):
+        self.path = path
+        self.pods = collections.OrderedDict((pod["id"], pod) for pod in pods)
+        self.containers = collections.OrderedDict((c["id"], c) for c in containers)
+        self.registration_timeout, self.request_timeout = registration_timeout, request_timeout
+        self.sync_chunk = sync_chunk
+        self.configure_before_register_reply = configure_before_register_reply
+        self.nri_version = nri_version
+        self.runtime_name, self.runtime_version, self.config = "containerd", "1.7.24~ds1", ""
+        self.valid_events = NRI_VALID_EVENTS_V0_6
+        self.byte_writes, self.byte_pause = False, 0.0001
+        self.frame_size = None
+        self.max_plugin_frame = NRI_FRAME_MAX
+        self.failed_updates = set()
+        self.failed_reply = "containerd"
+        self.hang_update_containers = False
+        self.cond = threading.Condition()
+        self.runtime_lock = threading.Lock()
+        self.accepted = self.ready = self.socket_writes = 0
+        self.registrations, self.configures, self.syncs, self.sync_updates = [], [], [], []
+        self.update_requests, self.calls, self.closes, self.violations = [], [], [], []
+        self.frames_received, self.frames_sent = [], []
+        self.connections = []
+        self.plugin = None
+        self.listener = self.accept_thread = None
+        self.stopping = False
+
+    # Serving ------------------------------------------------------------------------
+
+    def start(self):
+        if os.path.lexists(self.path):            # the runtime removes and re-creates it (NRI.md 1)
+            os.unlink(self.path)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(8)
+        listener.settimeout(0.05)                 # so that stop() is seen promptly
+        self.listener, self.stopping = listener, False
+        self.accept_thread = threading.Thread(target=self._accept_loop, args=(listener,),
+                                              name="fake-nri-accept", daemon=True)
+        self.accept_thread.start()
+        return self
+
+    def stop(self):
+        self.stopping = True
+        with self.cond:
+            connections = list(self.connections)
+        for connection in connections:
+            connection.close("runtime stopped")
+        if self.accept_thread is not None:
+            self.accept_thread.join(10)
+            self.accept_thread = None
+        for connection in connections:
+            connection.reader.join(5)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            if os.path.lexists(self.path):
+                os.unlink(self.path)
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def _accept_loop(self, listener):
+        while not self.stopping:
+            try:
+                sock, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            sock.settimeout(None)
+            with self.cond:
+                self.accepted += 1
+                connection = NriPluginConnection(self, sock, self.accepted)
+                self.connections.append(connection)
+                self.cond.notify_all()
+            connection.reader.start()
+            self._start_plugin(connection)        # sequential: the next plugin waits (NRI.md 6)
+
+    def _start_plugin(self, connection):
+        with self.cond:
+            registered = self.cond.wait_for(
+                lambda: connection.registration or connection.registration_error or connection.closed,
+                self.registration_timeout)
+        if connection.closed or connection.registration_error:
+            return
+        if not registered:
+            return connection.close("plugin registration timed out")
+        if not self._configure(connection) or not self._synchronize(connection):
+            return
+        with self.cond:
+            if connection.closed:
+                return
+            connection.ready = True
+            self.plugin = connection
+            self.ready += 1
+            self.cond.notify_all()
+
+    def _configure(self, connection):
+        """plugin.go configure(): Configure within the request timeout; the mask
+        within valid_events, 0 meaning all of them (NRI.md 4)."""
+        request = {"config": self.config, "runtime_name": self.runtime_name, "runtime_version": self.runtime_version}
+        if self.nri_version:
+            request.update(registration_timeout=int(self.registration_timeout * 1000),
+                           request_timeout=int(self.request_timeout * 1000), NRI_version=self.nri_version)
+        reply = connection.call("Configure", pb_encode(NRI_CONFIGURE_REQUEST, request),
+                                time.monotonic() + self.request_timeout, NRI_CONFIGURE_RESPONSE)
+        with self.cond:
+            self.calls.append(reply)
+        if not reply.ok:
+            connection.close("failed to configure plugin: %s" % reply.message)
+            return False
+        events = reply.response["events"]
+        if events & ~self.valid_events:
+            connection.close("invalid plugin events: 0x%x" % (events & ~self.valid_events & 0xFFFFFFFF))
+            return False
+        with self.cond:
+            self.configures.append(reply.response)
+            connection.events = events or self.valid_events
+        return True
+
+    def _synchronize(self, connection):
+        """plugin.go synchronize() (HEAD, split as v0.7+ splits): one request
+        timeout for all chunks; containerd holds its NRI lock throughout."""
+        with self.runtime_lock:
+            with self.cond:
+                pods, containers = list(self.pods.values()), list(self.containers.values())
+                chunks = []
+                self.syncs.append(chunks)
+            pods_per, containers_per = len(pods), len(containers)
+            if self.sync_chunk:
+                pods_per, containers_per = min(self.sync_chunk, pods_per), min(self.sync_chunk, containers_per)
+            deadline = time.monotonic() + self.request_timeout
+            while True:
+                request = {"pods": pods[:pods_per], "containers": containers[:containers_per],
+                           "more": len(pods) > pods_per or len(containers) > containers_per}
+                reply = connection.call("Synchronize", pb_encode(NRI_SYNCHRONIZE_REQUEST, request), deadline,
+                                        NRI_SYNCHRONIZE_RESPONSE)
+                if self.byte_writes:
+                    deadline += reply.send_seconds
+                with self.cond:
+                    self.calls.append(reply)
+                    chunks.append((request, reply.response))
+                if not reply.ok:
+                    connection.close("failed to synchronize plugin: %s" % reply.message)
+                    return False
+                if not request["more"]:
+                    break
+                if reply.response["update"] or not reply.response["more"]:
+                    connection.close("failed to synchronize plugin: plugin does not handle split sync requests")
+                    return False
+                pods, containers = pods[pods_per:], containers[containers_per:]
+                pods_per, containers_per = min(pods_per, len(pods)), min(containers_per, len(containers))
+            with self.cond:
+                self.sync_updates.append(reply.response["update"])
+                self.apply_updates(reply.response["update"])
+        return True
+
+    def apply_updates(self, updates):
+        """Into the model, as containerd applies ContainerUpdates: unknown ids
+        skipped, ids in failed_updates left as they are. Call with cond held."""
+        for update in updates:
+            container = self.containers.get(update["container_id"])
+            cpus = nri_cpus(update)
+            if container is not None and cpus and update["container_id"] not in self.failed_updates:
+                self.containers[update["container_id"]] = nri_with_cpus(container, cpus)
+
+    def violation(self, text):
+        with self.cond:
+            self.violations.append(text)
+            self.cond.notify_all()
+
+    # Calls into the plugin ------------------------------------------------------------
+
+    def _event_call(self, event, method, request_schema, request, response_schema, connection=None,
+                    deadline=None):
+        connection = connection or self.plugin
+        if connection is None or connection.closed:
+            reply = NriReply(method, "skipped", message="no plugin")
+        elif event and not connection.events & nri_event_mask(event):
+            reply = NriReply(method, "skipped", message="not subscribed to event %d" % event)
+        else:
+            with self.runtime_lock:
+                reply = connection.call(method, pb_encode(request_schema, request),
+                                        deadline or time.monotonic() + self.request_timeout, response_schema)
+        with self.cond:
+            self.calls.append(reply)
+        return reply
+
+    def call(self, method, payload=b"", response_schema=NRI_EMPTY, timeout=None):
+        """Any method of the Plugin service, subscribed or not, `payload` as bytes."""
+        connection = self.plugin
+        if connection is None:
+            reply = NriReply(method, "skipped", message="no plugin")
+        else:
+            with self.runtime_lock:
+                reply = connection.call(method, payload, time.monotonic() + (timeout or self.request_timeout),
+                                        response_schema)
+        with self.cond:
+            self.calls.append(reply)
+        return reply
+
+    def create_container(self, pod, container):
+        """CreateContainer; the container joins the model with the cpuset the
+        runtime gives it, unless the creation fails (NRI.md 6)."""
+        reply = self._event_call(4, "CreateContainer", NRI_CREATE_CONTAINER_REQUEST,
+                                 {"pod": pod, "container": container}, NRI_CREATE_CONTAINER_RESPONSE)
+        with self.cond:
+            if reply.ok:
+                for update in reply.response["update"]:
+                    if update["container_id"] == container["id"]:
+                        reply.outcome, reply.code = "failed", GRPC_UNKNOWN
+                        reply.message = "plugin asked update of %r during creation" % container["id"]
+            if reply.outcome == "failed":
+                return reply
+            reply.cpus = nri_cpus(container)
+            if reply.ok:
+                reply.cpus = nri_cpus(reply.response["adjust"] or {}) or reply.cpus
+                self.apply_updates(reply.response["update"])
+            self.containers[container["id"]] = nri_with_cpus(container, reply.cpus)
+        return reply
+
+    def update_container(self, pod, container, linux_resources):
+        """UpdateContainer (a CRI UpdateContainerResources): the plugin may rewrite
+        the pending update by returning one for the same container (NRI.md 6, 7)."""
+        reply = self._event_call(8, "UpdateContainer", NRI_UPDATE_CONTAINER_REQUEST,
+                                 {"pod": pod, "container": container, "linux_resources": linux_resources},
+                                 NRI_UPDATE_CONTAINER_RESPONSE)
+        with self.cond:
+            if reply.outcome == "failed":
+                return reply
+            reply.cpus = nri_cpus(linux_resources)
+            if reply.ok:
+                for update in reply.response["update"]:
+                    if update["container_id"] == container["id"] and nri_cpus(update):
+                        reply.cpus = nri_cpus(update)
+                self.apply_updates([u for u in reply.response["update"] if u["container_id"] != container["id"]])
+            if reply.cpus and container["id"] in self.containers:
+                self.containers[container["id"]] = nri_with_cpus(self.containers[container["id"]], reply.cpus)
+        return reply
+
+    def stop_container(self, pod, container):
+        reply = self._event_call(10, "StopContainer", NRI_STOP_CONTAINER_REQUEST,
+                                 {"pod": pod, "container": container}, NRI_STOP_CONTAINER_RESPONSE)
+        with self.cond:
+            if reply.ok:
+                self.apply_updates(reply.response["update"])
+            if container["id"] in self.containers:
+                self.containers[container["id"]] = dict(self.containers[container["id"]], state=NRI_CONTAINER_STOPPED)
+        return reply
+
+    def state_change(self, event, pod=None, container=None):
+        """StateChange(event), as v0.6.1 relays every other event."""
+        return self._event_call(event, "StateChange", NRI_STATE_CHANGE_EVENT,
+                                {"event": event, "pod": pod, "container": container}, NRI_EMPTY)
+
+    def _per_event(self, event, pod, container, per_event_rpc):
+        if not per_event_rpc:
+            return self.state_change(event, pod, container)
+        connection = self.plugin
+        deadline = time.monotonic() + self.request_timeout          # one deadline for both attempts (HEAD)
+        schema, request = NRI_POD_EVENT_REQUEST, {"pod": pod}
+        if container is not None:
+            schema, request = NRI_CONTAINER_EVENT_REQUEST, {"pod": pod, "container": container}
+        reply = self._event_call(event, NRI_EVENT_RPCS[event], schema, request, NRI_EMPTY, connection, deadline)
+        if reply.outcome == "failed" and reply.code == GRPC_UNIMPLEMENTED:
+            reply = self._event_call(event, "StateChange", NRI_STATE_CHANGE_EVENT,
+                                     {"event": event, "pod": pod, "container": container}, NRI_EMPTY,
+                                     connection, deadline)
+            reply.fallback = True
+        return reply
+
+    def remove_container(self, pod, container, per_event_rpc=False):
+        """REMOVE_CONTAINER (11): StateChange, or with per_event_rpc RemoveContainer
+        first; the container leaves the model either way."""
+        reply = self._per_event(11, pod, container, per_event_rpc)
+        with self.cond:
+            self.containers.pop(container["id"], None)
+        return reply
+
+    def run_pod_sandbox(self, pod, per_event_rpc=True):
+        reply = self._per_event(1, pod, None, per_event_rpc)
+        with self.cond:
+            self.pods[pod["id"]] = pod
+        return reply
+
+    def cpuset(self, container_id):
+        with self.cond:
+            return nri_cpus(self.containers[container_id])
+
+    # Hostile sends -------------------------------------------------------------------
+
+    def current_connection(self, timeout=5.0):
+        """The plugin requests go to, else the newest open connection."""
+        def find():
+            if self.plugin is not None:
+                return self.plugin
+            return next((c for c in reversed(self.connections) if not c.closed), None)
+        self.wait(find, timeout, "a plugin connection")
+        with self.cond:
+            return find()
+
+    def send_raw(self, data=b"GET / HTTP/1.1\r\nHost: nri\r\n\r\n"):
+        """Bytes as they are; the default reads as conn 0x47455420 with a ~790 MB frame."""
+        return self.current_connection().write(data)
+
+    def send_frame(self, conn_id, payload):
+        """One mux frame, e.g. on a conn id nobody uses (the Go mux drops those)."""
+        return self.current_connection().write(mux_frame(conn_id, payload))
+
+    def send_oversized_frame(self):
+        """A frame header on conn 1 announcing 4 MiB + 11 bytes (one more than a
+        maximal ttrpc message), and a little of it."""
+        return self.current_connection().write(struct.pack(">II", NRI_PLUGIN_CONN, TTRPC_MESSAGE_MAX + 11) + bytes(64))
+
+    def send_oversized_message(self):
+        """A ttrpc request header announcing 4 MiB + 1 bytes, in a small frame."""
+        connection = self.current_connection()
+        with self.cond:
+            stream = connection.next_stream
+            connection.next_stream += 2
+        return connection.write(mux_frame(NRI_PLUGIN_CONN, struct.pack(
+            ">IIBB", TTRPC_MESSAGE_MAX + 1, stream, TTRPC_REQUEST_TYPE, 0)))
+
+    def hang_up_mid_request(self, method="CreateContainer", payload=None):
+        """Half of a request's frame, then the connection closed."""
+        connection = self.current_connection()
+        if payload is None:
+            pod = nri_pod("half-0")
+            payload = pb_encode(NRI_CREATE_CONTAINER_REQUEST, {"pod": pod, "container": nri_container(pod, "c")})
+        with self.cond:
+            stream = connection.next_stream
+            connection.next_stream += 2
+        frame = mux_frame(NRI_PLUGIN_CONN, ttrpc_message(stream, TTRPC_REQUEST_TYPE, pb_encode(
+            TTRPC_REQUEST, {"service": NRI_PLUGIN_SERVICE, "method": method, "payload": payload})))
+        connection.write(frame[:len(frame) // 2])
+        connection.close("runtime hung up mid-request")
+
+    # Waiting ---------------------------------------------------------------------------
+
+    def wait(self, predicate, timeout=10.0, what="condition"):
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout):
+                raise AssertionError("fake NRI runtime: timed out after %.1f s waiting for %s; closes %r, "
+                                     "violations %r" % (timeout, what, self.closes, self.violations))
+
+    def wait_accepted(self, count=1, timeout=10.0):
+        self.wait(lambda: self.accepted >= count, timeout, "connection %d" % count)
+
+    def wait_ready(self, count=1, timeout=10.0):
+        """The registration of the count-th plugin synchronized."""
+        self.wait(lambda: self.ready >= count, timeout, "plugin %d registered, configured, synchronized" % count)
+        with self.cond:
+            return [c for c in self.connections if c.ready][count - 1].registration
+
+    def wait_closed(self, count=1, timeout=10.0):
+        """Why the count-th connection to end did."""
+        self.wait(lambda: len(self.closes) >= count, timeout, "connection close %d" % count)
+        return self.closes[count - 1]
+
+    def wait_update_requests(self, count=1, timeout=10.0):
+        self.wait(lambda: len(self.update_requests) >= count, timeout, "UpdateContainers request %d" % count)
+        return self.update_requests[count - 1]
+
+
 class PluginProcess(object):
     """isolcpu_plugin.py as a real process; its log goes to a file. As a
     script (the README's way), or with module=True as the package and the
