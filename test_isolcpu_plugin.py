@@ -2351,6 +2351,413 @@ class FakeNriRuntime(object):
         return self.update_requests[count - 1]
 
 
+class FakeNriRuntimeTests(TempDirTest):
+    """FakeNriRuntime driven by the smallest plugin that speaks its protocol."""
+
+    class MiniPlugin(object):
+        """The plugin side, minimal: mux + ttrpc + the dict encoders. The test
+        thread reads and answers the runtime's requests one by one."""
+
+        def __init__(self, path, timeout=5.0):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+            self.buffers = {NRI_PLUGIN_CONN: b"", NRI_RUNTIME_CONN: b""}
+            self.next_stream, self.responses, self.calls = 1, {}, collections.deque()
+
+        def send(self, conn_id, stream, kind, payload):
+            self.sock.sendall(mux_frame(conn_id, ttrpc_message(stream, kind, payload)))
+
+        def request(self, method, schema, message):
+            """A call into the Runtime service on conn 2: its stream id."""
+            stream, self.next_stream = self.next_stream, self.next_stream + 2
+            self.send(NRI_RUNTIME_CONN, stream, TTRPC_REQUEST_TYPE, pb_encode(TTRPC_REQUEST, {
+                "service": NRI_RUNTIME_SERVICE, "method": method, "payload": pb_encode(schema, message)}))
+            return stream
+
+        def answer(self, stream, schema=NRI_EMPTY, message=None, code=0, text=""):
+            status = {"code": code, "message": text} if code else None
+            self.send(NRI_PLUGIN_CONN, stream, TTRPC_RESPONSE_TYPE, pb_encode(TTRPC_RESPONSE, {
+                "status": status, "payload": pb_encode(schema, message or {})}))
+
+        def exact(self, count):
+            """count bytes; None at EOF, or at a reset (the runtime closed with our bytes unread)."""
+            data = b""
+            while len(data) < count:
+                try:
+                    chunk = self.sock.recv(count - len(data))
+                except ConnectionResetError:
+                    return None
+                if not chunk:
+                    return None
+                data += chunk
+            return data
+
+        def read(self):
+            """The next whole ttrpc message: (conn id, stream id, type, body); None at EOF."""
+            while True:
+                for conn_id, data in self.buffers.items():
+                    if len(data) >= 10:
+                        size, stream, kind, _ = struct.unpack(">IIBB", data[:10])
+                        if len(data) >= 10 + size:
+                            self.buffers[conn_id] = data[10 + size:]
+                            return conn_id, stream, kind, data[10:10 + size]
+                header = self.exact(8)
+                if header is None:
+                    return None
+                conn_id, length = struct.unpack(">II", header)
+                payload = self.exact(length)
+                if payload is None:
+                    return None
+                self.buffers[conn_id] = self.buffers.get(conn_id, b"") + payload
+
+        def pump(self):
+            """Read one message: an answer to our calls goes to `responses`, a
+            call of the runtime to `calls` (the two race, as in containerd). False at EOF."""
+            message = self.read()
+            if message is None:
+                return False
+            conn_id, stream, kind, body = message
+            if conn_id == NRI_RUNTIME_CONN:
+                self.responses[stream] = pb_decode_message(TTRPC_RESPONSE, body)
+            else:
+                request = pb_decode_message(TTRPC_REQUEST, body)
+                assert request["service"] == NRI_PLUGIN_SERVICE and kind == TTRPC_REQUEST_TYPE, request
+                self.calls.append((stream, request["method"], request["payload"]))
+            return True
+
+        def next_call(self, method=None):
+            """The runtime's next call on conn 1: (stream, method, payload); None at EOF."""
+            while not self.calls:
+                if not self.pump():
+                    return None
+            call = self.calls.popleft()
+            assert method is None or call[1] == method, (method, call[1])
+            return call
+
+        def response(self, stream):
+            while stream not in self.responses:
+                assert self.pump(), "EOF before the answer on stream %d" % stream
+            return self.responses.pop(stream)
+
+        def register(self, name="isolcpu-plugin", index="50", events=0, updates=()):
+            """RegisterPlugin, Configure with `events`, Synchronize (chunk by chunk) with `updates`."""
+            stream = self.request("RegisterPlugin", NRI_REGISTER_PLUGIN_REQUEST,
+                                  {"plugin_name": name, "plugin_idx": index})
+            call, _, _ = self.next_call("Configure")
+            self.answer(call, NRI_CONFIGURE_RESPONSE, {"events": events})
+            assert self.response(stream)["status"] is None
+            while True:
+                call, _, payload = self.next_call("Synchronize")
+                more = pb_decode_message(NRI_SYNCHRONIZE_REQUEST, payload)["more"]
+                self.answer(call, NRI_SYNCHRONIZE_RESPONSE, {"more": True} if more else {"update": list(updates)})
+                if not more:
+                    return
+
+        def close(self):
+            self.sock.close()
+
+    def setUp(self):
+        super().setUp()
+        self.socket_path = os.path.join(self.tmp, "nri", "nri.sock")
+
+    def runtime(self, **options):
+        runtime = FakeNriRuntime(self.socket_path, **options).start()
+        self.addCleanup(runtime.stop)
+        return runtime
+
+    def plugin(self):
+        client = self.MiniPlugin(self.socket_path)
+        self.addCleanup(client.close)
+        return client
+
+    def in_thread(self, function, *args):
+        """function(*args) in a thread: join() returns its result."""
+        result = []
+        thread = threading.Thread(target=lambda: result.append(function(*args)), daemon=True)
+        thread.start()
+
+        def join():
+            thread.join(10)
+            self.assertFalse(thread.is_alive(), "%s never returned" % function.__name__)
+            return result[0]
+        return join
+
+    def test_codec_reads_what_it_writes_skips_unknown_fields_and_rejects_malformed(self):
+        pod = nri_pod("web-0", "shop")
+        container = nri_container(pod, "app", cpus="0-3", env=["ISOLCPUS=2-3"])
+        decoded = pb_decode_message(NRI_CONTAINER, pb_encode(NRI_CONTAINER, container))
+        self.assertEqual((decoded["id"], decoded["name"], decoded["state"], nri_cpus(decoded)),
+                         (container["id"], "app", NRI_CONTAINER_RUNNING, "0-3"))
+        self.assertIn("ISOLCPUS=2-3", decoded["env"])
+        self.assertEqual(decoded["labels"]["io.kubernetes.pod.uid"], pod["uid"])
+        self.assertEqual(decoded["linux"]["resources"]["cpu"]["shares"], {"value": 1024})
+        self.assertEqual(pb_decode_message(NRI_CONFIGURE_RESPONSE, pb_encode(NRI_CONFIGURE_RESPONSE, {"events": -1})),
+                         {"events": -1})
+        self.assertEqual(pb_decode_message(NRI_CONTAINER, b""), pb_decode_message(NRI_CONTAINER, pb_encode(
+            NRI_CONTAINER, {"name": "", "state": 0, "linux": None})))
+        wire_types = {wire for _, wire, _ in pb_decode(pb_encode(NRI_CONTAINER, container))}
+        self.assertEqual(wire_types, {0, 1, 2, 5})                      # the unknown fields 40 and 41
+        self.assertEqual(pb_decode_message({1: ("a", NRI_KEY_VALUE)},    # a message seen twice is merged
+                                           pb_field(1, pb_field(1, "k")) + pb_field(1, pb_field(2, "v")))["a"],
+                         {"key": "k", "value": "v"})
+        for bad in (b"\x08", b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x02", b"\x12\x05abc", b"\x0b", b"\x0c",
+                    b"\x0e", b"\x0f", b"\x00\x00", b"\x0d\x00\x00", b"\x09\x00", b"\x0a\x02\xc3\x28",
+                    pb_varint(1 << 32 | 2) + b"\x00"):
+            with self.subTest(data=bad):
+                with self.assertRaises(ValueError):
+                    pb_decode_message(NRI_POD_SANDBOX, bad)
+        with self.assertRaises(ValueError):                             # a known field of the wrong wire type
+            pb_decode_message(NRI_POD_SANDBOX, pb_field(1, 5))
+
+    def test_schemas_match_the_reference(self):
+        for name, schemas in (("nri-v1alpha1.proto", NRI_SCHEMAS), ("ttrpc.proto", TTRPC_SCHEMAS)):
+            reference = reference_proto(name)
+            if reference is None:
+                self.skipTest("../shared/reference absent")
+            messages = reference[1]
+            for message, schema in schemas.items():
+                for number, (field, kind) in schema.items():
+                    with self.subTest(file=name, message=message, field=field):
+                        if field in messages[message]:
+                            self.assertEqual(messages[message][field][0], number)
+                            self.assertEqual(messages[message][field][2], isinstance(kind, list))
+                        else:                   # maps (which reference_proto does not read) or upstream-only fields
+                            numbers = [n for n, _, _ in messages[message].values()]
+                            self.assertTrue(kind == "map" or number not in numbers)
+        services = reference_proto("nri-v1alpha1.proto")[2]
+        self.assertEqual(sorted(services["Runtime"]), ["RegisterPlugin", "UpdateContainers"])
+        self.assertLessEqual({"Configure", "Synchronize", "CreateContainer", "UpdateContainer", "StopContainer",
+                              "StateChange"}, set(services["Plugin"]))
+
+    def test_registration_configure_split_sync_requests_and_updates(self):
+        pods = [nri_pod("web-0"), nri_pod("db-0")]
+        first, second, third = (nri_container(pods[0], "app", cpus="0-7"),
+                                nri_container(pods[0], "sidecar", cpus="0-7"), nri_container(pods[1], "db", cpus="0-7"))
+        runtime = self.runtime(pods=pods, containers=[first, second, third], sync_chunk=2,
+                               configure_before_register_reply=True, nri_version="v0.12.0")
+        client = self.plugin()
+        register = client.request("RegisterPlugin", NRI_REGISTER_PLUGIN_REQUEST,
+                                  {"plugin_name": "isolcpu-plugin", "plugin_idx": "50"})
+        call, _, payload = client.next_call("Configure")
+        self.assertNotIn(register, client.responses)                    # Configure came first
+        configure = pb_decode_message(NRI_CONFIGURE_REQUEST, payload)
+        self.assertEqual((configure["runtime_name"], configure["request_timeout"]), ("containerd", 2000))
+        events = nri_event_mask(4, 8, 11)
+        client.answer(call, NRI_CONFIGURE_RESPONSE, {"events": events, "_extra": pb_field(9, "a field to skip")})
+        self.assertIsNone(client.response(register)["status"])
+        chunks = []
+        for answer in ({"more": True}, {"update": [nri_container_update(first["id"], "0-1,4-7", True)]}):
+            call, _, payload = client.next_call("Synchronize")
+            chunks.append(pb_decode_message(NRI_SYNCHRONIZE_REQUEST, payload))
+            client.answer(call, NRI_SYNCHRONIZE_RESPONSE, answer)
+        self.assertEqual([(len(c["pods"]), len(c["containers"]), c["more"]) for c in chunks],
+                         [(2, 2, True), (0, 1, False)])
+        self.assertEqual(chunks[1]["containers"][0]["linux"]["cgroups_path"], third["linux"]["cgroups_path"])
+        self.assertEqual(runtime.wait_ready(), {"plugin_name": "isolcpu-plugin", "plugin_idx": "50", "NRI_version": ""})
+        self.assertEqual((runtime.configures, runtime.plugin.events), ([{"events": events}], events))
+        self.assertEqual(runtime.cpuset(first["id"]), "0-1,4-7")
+        self.assertEqual([len(chunks) for chunks in runtime.syncs], [2])
+
+        holder = nri_container(pods[1], "holder", cpus="0-7", env=["ISOLCPUS=2-3"])
+        join = self.in_thread(runtime.create_container, pods[1], holder)
+        call, _, payload = client.next_call("CreateContainer")
+        request = pb_decode_message(NRI_CREATE_CONTAINER_REQUEST, payload)
+        self.assertEqual((request["pod"]["uid"], request["container"]["name"]), (pods[1]["uid"], "holder"))
+        self.assertIn("ISOLCPUS=2-3", request["container"]["env"])
+        client.answer(call, NRI_CREATE_CONTAINER_RESPONSE,
+                      {"adjust": {"linux": {"resources": {"cpu": {"cpus": "2-3"}}}}})
+        reply = join()
+        self.assertEqual((reply.outcome, reply.cpus, runtime.cpuset(holder["id"])), ("ok", "2-3", "2-3"))
+
+        join = self.in_thread(runtime.update_container, pods[1], holder, nri_linux_resources("0-1"))
+        call, _, payload = client.next_call("UpdateContainer")
+        self.assertEqual(nri_cpus(pb_decode_message(NRI_UPDATE_CONTAINER_REQUEST, payload)["linux_resources"]), "0-1")
+        client.answer(call, NRI_UPDATE_CONTAINER_RESPONSE, {"update": [nri_container_update(holder["id"], "0-3")]})
+        self.assertEqual((join().cpus, runtime.cpuset(holder["id"])), ("0-3", "0-3"))
+        self.assertEqual(runtime.stop_container(pods[1], holder).outcome, "skipped")      # not subscribed
+
+        runtime.failed_updates = {second["id"]}
+        stream = client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST, {"update": [
+            nri_container_update(first["id"], "0-3", True), nri_container_update(second["id"], "1", True),
+            nri_container_update("gone", "1", True)]})
+        self.assertEqual(client.response(stream), {"status": None, "payload": b""})
+        self.assertEqual(len(runtime.wait_update_requests()["update"]), 3)
+        self.assertEqual((runtime.cpuset(first["id"]), runtime.cpuset(second["id"])), ("0-3", "0-7"))
+        stream = client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST,
+                                {"update": [nri_container_update(second["id"], "1")]})
+        self.assertEqual(client.response(stream)["status"],
+                         {"code": GRPC_UNKNOWN, "message": "NRI update of some containers failed"})
+        runtime.failed_reply = "list"
+        stream = client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST,
+                                {"update": [nri_container_update(second["id"], "1")]})
+        failed = pb_decode_message(NRI_UPDATE_CONTAINERS_RESPONSE, client.response(stream)["payload"])["failed"]
+        self.assertEqual([u["container_id"] for u in failed], [second["id"]])
+        runtime.hang_update_containers = True
+        hung = client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST, {})
+        runtime.wait_update_requests(4)
+        runtime.hang_update_containers = False
+        stream = client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST, {})
+        self.assertIsNone(client.response(stream)["status"])
+        self.assertNotIn(hung, client.responses)
+
+        join = self.in_thread(runtime.remove_container, pods[1], holder, True)
+        call, _, _ = client.next_call("RemoveContainer")
+        client.answer(call, code=GRPC_UNIMPLEMENTED, text="method RemoveContainer")
+        call, _, payload = client.next_call("StateChange")
+        self.assertEqual(pb_decode_message(NRI_STATE_CHANGE_EVENT, payload)["event"], 11)
+        client.answer(call)
+        reply = join()
+        self.assertEqual((reply.outcome, reply.fallback, holder["id"] in runtime.containers), ("ok", True, False))
+
+        join = self.in_thread(runtime.call, "RunPodSandbox", pb_encode(NRI_POD_EVENT_REQUEST, {"pod": pods[0]}))
+        call, _, _ = client.next_call("RunPodSandbox")
+        client.answer(call, code=GRPC_UNIMPLEMENTED, text="method RunPodSandbox")
+        self.assertEqual((join().outcome, runtime.calls[-1].code), ("failed", GRPC_UNIMPLEMENTED))
+        self.assertTrue(runtime.frames_received and all(n <= 4096 for _, n in runtime.frames_received))
+        self.assertEqual({conn for conn, _ in runtime.frames_received}, {1, 2})
+        self.assertEqual((runtime.violations, runtime.closes), ([], []))
+
+    def test_a_failing_plugin_fails_the_creation_a_slow_one_is_dropped(self):
+        runtime = self.runtime(request_timeout=0.3)
+        client = self.plugin()
+        client.register(events=nri_event_mask(4))
+        runtime.wait_ready()
+        pod = nri_pod("web-0")
+        join = self.in_thread(runtime.create_container, pod, nri_container(pod, "app"))
+        call, _, _ = client.next_call("CreateContainer")
+        client.answer(call, code=GRPC_UNKNOWN, text="no")
+        reply = join()
+        self.assertEqual((reply.outcome, reply.code, reply.message, reply.cpus), ("failed", GRPC_UNKNOWN, "no", None))
+        self.assertEqual(list(runtime.containers), [])
+
+        # awaiting UpdateContainers inside a request deadlocks on the runtime's lock until the timeout
+        container = nri_container(pod, "app", cpus="0-7")
+        join = self.in_thread(runtime.create_container, pod, container)
+        client.next_call("CreateContainer")
+        client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST, {"update": [nri_container_update("x", "1")]})
+        self.assertIsNone(client.next_call())                         # no answer to either: the connection ends
+        reply = join()
+        self.assertEqual((reply.outcome, reply.cpus, runtime.cpuset(container["id"])), ("dropped", "0-7", "0-7"))
+        self.assertGreaterEqual(reply.seconds, 0.3)
+        self.assertIn("context deadline exceeded", runtime.wait_closed())
+        self.assertEqual(runtime.create_container(pod, nri_container(pod, "late")).outcome, "skipped")
+
+    def test_registration_rules(self):
+        runtime = self.runtime(registration_timeout=0.2)
+        silent = self.plugin()
+        self.assertIsNone(silent.read())
+        self.assertEqual(runtime.wait_closed(1), "plugin registration timed out")
+        for number, (name, index, message) in enumerate((
+                ("isolcpu-plugin", "5", 'invalid plugin index "5", must be 2 digits'),
+                ("isolcpu-plugin", "5a", 'invalid plugin index "5a" (not [0-9][0-9])'),
+                ("", "50", "invalid (empty) plugin name")), 2):
+            with self.subTest(name=name, index=index):
+                client = self.plugin()
+                stream = client.request("RegisterPlugin", NRI_REGISTER_PLUGIN_REQUEST,
+                                        {"plugin_name": name, "plugin_idx": index})
+                status = client.response(stream)["status"]
+                self.assertEqual(status["code"], GRPC_UNKNOWN)
+                self.assertIn(message, status["message"])
+                self.assertIsNone(client.read())
+                self.assertIn(message, runtime.wait_closed(number))
+        client = self.plugin()
+        client.request("RegisterPlugin", NRI_REGISTER_PLUGIN_REQUEST, {"plugin_name": "p", "plugin_idx": "10"})
+        call, _, _ = client.next_call("Configure")
+        client.answer(call, NRI_CONFIGURE_RESPONSE, {"events": nri_event_mask(4, 12)})
+        self.assertEqual(runtime.wait_closed(5), "invalid plugin events: 0x800")
+        self.assertEqual(runtime.ready, 0)
+
+    def test_a_split_sync_must_be_echoed(self):
+        pod = nri_pod("web-0")
+        runtime = self.runtime(pods=[pod], containers=[nri_container(pod, "a"), nri_container(pod, "b")], sync_chunk=1)
+        answers = ({"more": False}, {"more": True, "update": [nri_container_update("a", "1")]})
+        for number, answer in enumerate(answers, 1):
+            with self.subTest(answer=answer):
+                client = self.plugin()
+                client.request("RegisterPlugin", NRI_REGISTER_PLUGIN_REQUEST, {"plugin_name": "p", "plugin_idx": "10"})
+                call, _, _ = client.next_call("Configure")
+                client.answer(call, NRI_CONFIGURE_RESPONSE, {})
+                call, _, _ = client.next_call("Synchronize")
+                client.answer(call, NRI_SYNCHRONIZE_RESPONSE, answer)
+                self.assertIsNone(client.next_call())
+                self.assertIn("plugin does not handle split sync requests", runtime.wait_closed(number))
+        self.assertEqual(runtime.ready, 0)
+
+    def test_bytes_written_one_by_one_and_messages_in_small_or_go_sized_frames(self):
+        pod = nri_pod("web-0")
+        runtime = self.runtime(pods=[pod], containers=[nri_container(pod, "c%d" % i) for i in range(12)])
+        runtime.byte_writes, runtime.byte_pause = True, 0.0      # no pause: 13 KiB of Synchronize
+        client = self.plugin()
+        client.register(events=nri_event_mask(4))
+        runtime.wait_ready()
+        self.assertEqual(runtime.socket_writes, sum(8 + n for _, n in runtime.frames_sent))
+        sync_frames = [n for _, n in runtime.frames_sent[2:4]]        # Configure, RegisterPlugin's answer, Synchronize
+        self.assertEqual(sync_frames[0], 4096)                          # Go's bufio.Writer: 4096, then the rest
+        self.assertGreater(sync_frames[1], 4096)
+        runtime.byte_writes, runtime.frame_size = False, 5
+        sent = len(runtime.frames_sent)
+        join = self.in_thread(runtime.create_container, pod, nri_container(pod, "new"))
+        call, _, payload = client.next_call("CreateContainer")
+        self.assertEqual(pb_decode_message(NRI_CREATE_CONTAINER_REQUEST, payload)["container"]["name"], "new")
+        client.answer(call, NRI_CREATE_CONTAINER_RESPONSE, {})
+        self.assertEqual(join().outcome, "ok")
+        self.assertEqual(max(n for _, n in runtime.frames_sent[sent:]), 5)
+
+    def test_garbage_oversized_frames_and_unknown_conns_from_the_plugin(self):
+        runtime = self.runtime()
+        client = self.plugin()
+        client.register()
+        runtime.wait_ready()
+        client.sock.sendall(mux_frame(7, b"hello"))                      # the Go mux drops it
+        client.sock.sendall(mux_frame(1, ttrpc_message(99, TTRPC_RESPONSE_TYPE, b"")))    # an inactive stream
+        runtime.wait(lambda: len(runtime.violations) == 2, 5, "two violations")
+        self.assertIn("unknown conn 7", runtime.violations[0])
+        self.assertIn("inactive stream 99", runtime.violations[1])
+        client.sock.sendall(mux_frame(2, bytes(6144)))                   # one 6 KiB frame, as seen to fail
+        self.assertIsNone(client.read())
+        self.assertIn("frame of 6144 bytes on conn 2 > 4096", runtime.wait_closed(1))
+        garbage = self.plugin()
+        garbage.sock.sendall(b"GET / HTTP/1.1\r\nHost: nri\r\n\r\n")
+        self.assertIsNone(garbage.read())
+        self.assertIn("frame of", runtime.wait_closed(2))
+        runtime.max_plugin_frame = None
+        message = self.plugin()
+        message.sock.sendall(mux_frame(2, struct.pack(">IIBB", TTRPC_MESSAGE_MAX + 1, 1, 1, 0)))
+        self.assertIsNone(message.read())
+        self.assertIn("> 4 MiB", runtime.wait_closed(3))
+
+    def test_hostile_sends_reach_the_plugin_and_a_restarted_runtime_configures_afresh(self):
+        runtime = self.runtime()
+        client = self.plugin()
+        client.register()                                               # events 0: all of them
+        runtime.wait_ready()
+        self.assertEqual(runtime.plugin.events, NRI_VALID_EVENTS_V0_6)
+        runtime.send_frame(9, b"x")
+        runtime.send_oversized_frame()
+        self.assertEqual(struct.unpack(">II", client.exact(8)), (9, 1))
+        client.exact(1)
+        self.assertEqual(struct.unpack(">II", client.exact(8)), (1, TTRPC_MESSAGE_MAX + 11))
+        client.exact(64)
+        runtime.send_raw(b"\x00garbage")
+        self.assertEqual(client.exact(8), b"\x00garbage")
+        runtime.send_oversized_message()
+        self.assertEqual(struct.unpack(">IIIIBB", client.exact(18))[2:5], (TTRPC_MESSAGE_MAX + 1, 5, 1))
+        runtime.hang_up_mid_request()
+        conn_id, length = struct.unpack(">II", client.exact(8))
+        self.assertEqual(conn_id, 1)
+        data = client.sock.recv(length)
+        self.assertLess(len(data), length)
+        self.assertIsNone(client.exact(length - len(data)))
+        self.assertEqual(runtime.wait_closed(), "runtime hung up mid-request")
+        runtime.restart()
+        again = self.plugin()
+        again.register(index="51")
+        self.assertEqual(runtime.wait_ready(2)["plugin_idx"], "51")
+        self.assertEqual([len(chunks) for chunks in runtime.syncs], [1, 1])
+        self.assertEqual(len(runtime.configures), 2)
+
+
 class PluginProcess(object):
     """isolcpu_plugin.py as a real process; its log goes to a file. As a
     script (the README's way), or with module=True as the package and the
