@@ -10,6 +10,7 @@ kubelet that does what the kubelet's device manager does.
 import asyncio
 import collections
 import contextlib
+import hashlib
 import io
 import itertools
 import json
@@ -21,6 +22,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -1273,6 +1275,1515 @@ class FakeKubelet(object):
         request = pb.PreferredAllocationRequest(container_requests=[pb.ContainerPreferredAllocationRequest(
             available_deviceIDs=available, must_include_deviceIDs=must, allocation_size=size)])
         return list(self.stub.GetPreferredAllocation(request, timeout=5).container_responses[0].deviceIDs)
+
+
+# ---------------------------------------------------------------------------
+# An NRI runtime, as containerd's NRI adaptation behaves
+# ---------------------------------------------------------------------------
+
+# Reading protobuf, beside pb_varint/pb_field above, and as strict as Go's
+# protobuf where a plugin could get it wrong: a truncated or over-long varint,
+# a length past the end, wire types 3/4 (groups) or 6/7, field number 0, a
+# proto3 string that is not UTF-8 all raise ValueError. Unknown fields of wire
+# types 0, 1, 2 and 5 are skipped, as every protobuf reader does.
+
+def pb_read_varint(data, pos):
+    """(value, next position) of the varint at data[pos]."""
+    result = 0
+    for i in range(10):
+        if pos >= len(data):
+            raise ValueError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            if i == 9 and byte > 1:
+                raise ValueError("varint overflows 64 bits")
+            return result, pos
+    raise ValueError("varint longer than 10 bytes")
+
+
+def pb_decode(data):
+    """[(field number, wire type, value)] of one message: an int for wire
+    types 0, 1 and 5, bytes for 2."""
+    fields, pos = [], 0
+    while pos < len(data):
+        key, pos = pb_read_varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if not 0 < number < 1 << 29:
+            raise ValueError("field number %d" % number)
+        if wire == 0:
+            value, pos = pb_read_varint(data, pos)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            if pos + size > len(data):
+                raise ValueError("truncated fixed%d field %d" % (size * 8, number))
+            value, pos = int.from_bytes(data[pos:pos + size], "little"), pos + size
+        elif wire == 2:
+            length, pos = pb_read_varint(data, pos)
+            if pos + length > len(data):
+                raise ValueError("field %d: %d bytes past the end" % (number, pos + length - len(data)))
+            value, pos = bytes(data[pos:pos + length]), pos + length
+        else:
+            raise ValueError("field %d: wire type %d" % (number, wire))
+        fields.append((number, wire, value))
+    return fields
+
+
+# Message schemas: {number: (name, kind)}. A kind is "string", "bytes",
+# "int32", "int64", "uint32", "uint64", "bool", "map" (map<string, string>),
+# another schema (a message), or a one-element list of one of those (repeated).
+# A message is a plain dict by field name; "_extra" holds raw bytes appended
+# when encoding (fields of numbers the schema does not know).
+
+PB_MAP_ENTRY = {1: ("key", "string"), 2: ("value", "string")}
+PB_SCALAR_DEFAULTS = {"string": "", "bytes": b"", "int32": 0, "int64": 0, "uint32": 0, "uint64": 0, "bool": False}
+
+
+def pb_encode(schema, message):
+    """The wire form of `message` (a dict) after `schema`. As proto3 does, a
+    scalar at its default is left out; a message that is there (even {}) is not."""
+    out = []
+    for number in sorted(schema):
+        name, kind = schema[number]
+        value = message.get(name)
+        if value is None:
+            continue
+        if isinstance(kind, list):
+            out.extend(pb_encode_value(number, kind[0], item) for item in value)
+        elif kind == "map":
+            out.extend(pb_field(number, pb_field(1, key) + pb_field(2, item)) for key, item in sorted(value.items()))
+        elif isinstance(kind, dict) or value:
+            out.append(pb_encode_value(number, kind, value))
+    out.append(message.get("_extra", b""))
+    return b"".join(out)
+
+
+def pb_encode_value(number, kind, value):
+    if isinstance(kind, dict):
+        return pb_field(number, pb_encode(kind, value))
+    return pb_field(number, int(value) if kind == "bool" else value)
+
+
+def pb_decode_message(schema, data):
+    """`data` read after `schema` into a dict holding every field of the schema
+    (absent ones at their default; an absent message is None)."""
+    message, parts = {}, collections.OrderedDict()
+    for number, wire, value in pb_decode(data):
+        if number not in schema:
+            continue
+        name, kind = schema[number]
+        if kind == "map":
+            entry = pb_decode_message(PB_MAP_ENTRY, pb_expect_bytes(name, wire, value))
+            message.setdefault(name, {})[entry["key"]] = entry["value"]
+        elif isinstance(kind, list):
+            message.setdefault(name, []).append(pb_decode_value(name, kind[0], wire, value))
+        elif isinstance(kind, dict):                  # a message seen twice is merged: decode the concatenation
+            parts.setdefault(name, (kind, []))[1].append(pb_expect_bytes(name, wire, value))
+        else:
+            message[name] = pb_decode_value(name, kind, wire, value)
+    for name, (kind, chunks) in parts.items():
+        message[name] = pb_decode_message(kind, b"".join(chunks))
+    for name, kind in schema.values():
+        if name not in message:
+            message[name] = ([] if isinstance(kind, list) else {} if kind == "map"
+                             else None if isinstance(kind, dict) else PB_SCALAR_DEFAULTS[kind])
+    return message
+
+
+def pb_expect_bytes(name, wire, value):
+    if wire != 2:
+        raise ValueError("field %s: wire type %d, expected 2" % (name, wire))
+    return value
+
+
+def pb_decode_value(name, kind, wire, value):
+    if isinstance(kind, dict):
+        return pb_decode_message(kind, pb_expect_bytes(name, wire, value))
+    if kind == "string":
+        return pb_expect_bytes(name, wire, value).decode("utf-8")     # UnicodeDecodeError is a ValueError
+    if kind == "bytes":
+        return pb_expect_bytes(name, wire, value)
+    if wire != 0:
+        raise ValueError("field %s: wire type %d, expected 0" % (name, wire))
+    if kind == "bool":
+        return value != 0
+    if kind in ("int32", "uint32"):
+        value &= 0xFFFFFFFF
+        return value - (1 << 32) if kind == "int32" and value >= 1 << 31 else value
+    return value - (1 << 64) if kind == "int64" and value >= 1 << 63 else value
+
+
+# The ttrpc envelopes (../shared/reference/ttrpc.proto) and the NRI messages
+# (../shared/reference/nri-v1alpha1.proto). Fields the reference trims away
+# (memory, mounts, hooks, namespaces, rlimits, a pod's linux part...) carry
+# their numbers from upstream api.proto at v0.6.1 (NRI.md's table): a runtime
+# sends them, a plugin must skip them.
+
+TTRPC_KEY_VALUE = {1: ("key", "string"), 2: ("value", "string")}
+TTRPC_REQUEST = {1: ("service", "string"), 2: ("method", "string"), 3: ("payload", "bytes"),
+                 4: ("timeout_nano", "int64"), 5: ("metadata", [TTRPC_KEY_VALUE])}
+TTRPC_STATUS = {1: ("code", "int32"), 2: ("message", "string")}
+TTRPC_RESPONSE = {1: ("status", TTRPC_STATUS), 2: ("payload", "bytes")}
+
+NRI_EMPTY = {}
+NRI_OPTIONAL_INT64 = {1: ("value", "int64")}
+NRI_OPTIONAL_UINT64 = {1: ("value", "uint64")}
+NRI_LINUX_CPU = {1: ("shares", NRI_OPTIONAL_UINT64), 2: ("quota", NRI_OPTIONAL_INT64), 3: ("period", NRI_OPTIONAL_UINT64),
+                 4: ("realtime_runtime", NRI_OPTIONAL_INT64), 5: ("realtime_period", NRI_OPTIONAL_UINT64),
+                 6: ("cpus", "string"), 7: ("mems", "string")}
+NRI_LINUX_MEMORY = {1: ("limit", NRI_OPTIONAL_INT64), 2: ("reservation", NRI_OPTIONAL_INT64),
+                    3: ("swap", NRI_OPTIONAL_INT64)}
+NRI_LINUX_RESOURCES = {1: ("memory", NRI_LINUX_MEMORY), 2: ("cpu", NRI_LINUX_CPU), 6: ("unified", "map")}
+NRI_LINUX_NAMESPACE = {1: ("type", "string"), 2: ("path", "string")}
+NRI_LINUX_POD_SANDBOX = {1: ("pod_overhead", NRI_LINUX_RESOURCES), 2: ("pod_resources", NRI_LINUX_RESOURCES),
+                         3: ("cgroup_parent", "string"), 4: ("cgroups_path", "string"),
+                         5: ("namespaces", [NRI_LINUX_NAMESPACE]), 6: ("resources", NRI_LINUX_RESOURCES)}
+NRI_POD_SANDBOX = {1: ("id", "string"), 2: ("name", "string"), 3: ("uid", "string"), 4: ("namespace", "string"),
+                   5: ("labels", "map"), 6: ("annotations", "map"), 7: ("runtime_handler", "string"),
+                   8: ("linux", NRI_LINUX_POD_SANDBOX), 9: ("pid", "uint32")}
+NRI_MOUNT = {1: ("destination", "string"), 2: ("type", "string"), 3: ("source", "string"), 4: ("options", ["string"])}
+NRI_HOOK = {1: ("path", "string"), 2: ("args", ["string"]), 3: ("env", ["string"])}
+NRI_HOOKS = {1: ("prestart", [NRI_HOOK]), 5: ("poststart", [NRI_HOOK])}
+NRI_POSIX_RLIMIT = {1: ("type", "string"), 2: ("hard", "uint64"), 3: ("soft", "uint64")}
+NRI_LINUX_CONTAINER = {1: ("namespaces", [NRI_LINUX_NAMESPACE]), 3: ("resources", NRI_LINUX_RESOURCES),
+                       4: ("oom_score_adj", NRI_OPTIONAL_INT64), 5: ("cgroups_path", "string")}
+NRI_CONTAINER = {1: ("id", "string"), 2: ("pod_sandbox_id", "string"), 3: ("name", "string"), 4: ("state", "int32"),
+                 5: ("labels", "map"), 6: ("annotations", "map"), 7: ("args", ["string"]), 8: ("env", ["string"]),
+                 9: ("mounts", [NRI_MOUNT]), 10: ("hooks", NRI_HOOKS), 11: ("linux", NRI_LINUX_CONTAINER),
+                 12: ("pid", "uint32"), 13: ("rlimits", [NRI_POSIX_RLIMIT])}
+NRI_KEY_VALUE = {1: ("key", "string"), 2: ("value", "string")}
+NRI_LINUX_CONTAINER_ADJUSTMENT = {2: ("resources", NRI_LINUX_RESOURCES), 3: ("cgroups_path", "string")}
+NRI_CONTAINER_ADJUSTMENT = {2: ("annotations", "map"), 3: ("mounts", [NRI_MOUNT]), 4: ("env", [NRI_KEY_VALUE]),
+                            5: ("hooks", NRI_HOOKS), 6: ("linux", NRI_LINUX_CONTAINER_ADJUSTMENT),
+                            7: ("rlimits", [NRI_POSIX_RLIMIT])}
+NRI_LINUX_CONTAINER_UPDATE = {1: ("resources", NRI_LINUX_RESOURCES)}
+NRI_CONTAINER_UPDATE = {1: ("container_id", "string"), 2: ("linux", NRI_LINUX_CONTAINER_UPDATE),
+                        3: ("ignore_failure", "bool")}
+NRI_CONTAINER_EVICTION = {1: ("container_id", "string"), 2: ("reason", "string")}
+
+NRI_REGISTER_PLUGIN_REQUEST = {1: ("plugin_name", "string"), 2: ("plugin_idx", "string"), 3: ("NRI_version", "string")}
+NRI_UPDATE_CONTAINERS_REQUEST = {1: ("update", [NRI_CONTAINER_UPDATE]), 2: ("evict", [NRI_CONTAINER_EVICTION])}
+NRI_UPDATE_CONTAINERS_RESPONSE = {1: ("failed", [NRI_CONTAINER_UPDATE])}
+NRI_CONFIGURE_REQUEST = {1: ("config", "string"), 2: ("runtime_name", "string"), 3: ("runtime_version", "string"),
+                         4: ("registration_timeout", "int64"), 5: ("request_timeout", "int64"),
+                         6: ("NRI_version", "string")}
+NRI_CONFIGURE_RESPONSE = {2: ("events", "int32")}
+NRI_SYNCHRONIZE_REQUEST = {1: ("pods", [NRI_POD_SANDBOX]), 2: ("containers", [NRI_CONTAINER]), 3: ("more", "bool")}
+NRI_SYNCHRONIZE_RESPONSE = {1: ("update", [NRI_CONTAINER_UPDATE]), 2: ("more", "bool")}
+NRI_CREATE_CONTAINER_REQUEST = {1: ("pod", NRI_POD_SANDBOX), 2: ("container", NRI_CONTAINER)}
+NRI_CREATE_CONTAINER_RESPONSE = {1: ("adjust", NRI_CONTAINER_ADJUSTMENT), 2: ("update", [NRI_CONTAINER_UPDATE]),
+                                 3: ("evict", [NRI_CONTAINER_EVICTION])}
+NRI_UPDATE_CONTAINER_REQUEST = {1: ("pod", NRI_POD_SANDBOX), 2: ("container", NRI_CONTAINER),
+                                3: ("linux_resources", NRI_LINUX_RESOURCES)}
+NRI_UPDATE_CONTAINER_RESPONSE = {1: ("update", [NRI_CONTAINER_UPDATE]), 2: ("evict", [NRI_CONTAINER_EVICTION])}
+NRI_STOP_CONTAINER_REQUEST = {1: ("pod", NRI_POD_SANDBOX), 2: ("container", NRI_CONTAINER)}
+NRI_STOP_CONTAINER_RESPONSE = {1: ("update", [NRI_CONTAINER_UPDATE])}
+NRI_STATE_CHANGE_EVENT = {1: ("event", "int32"), 2: ("pod", NRI_POD_SANDBOX), 3: ("container", NRI_CONTAINER)}
+NRI_POD_EVENT_REQUEST = {1: ("pod", NRI_POD_SANDBOX)}                       # v0.12+ RunPodSandboxRequest & co
+NRI_CONTAINER_EVENT_REQUEST = {1: ("pod", NRI_POD_SANDBOX), 2: ("container", NRI_CONTAINER)}  # RemoveContainerRequest & co
+
+# By their names in the reference .proto, for FakeNriRuntimeTests to check the numbers against it.
+NRI_SCHEMAS = {
+    "RegisterPluginRequest": NRI_REGISTER_PLUGIN_REQUEST, "UpdateContainersRequest": NRI_UPDATE_CONTAINERS_REQUEST,
+    "UpdateContainersResponse": NRI_UPDATE_CONTAINERS_RESPONSE, "ConfigureRequest": NRI_CONFIGURE_REQUEST,
+    "ConfigureResponse": NRI_CONFIGURE_RESPONSE, "SynchronizeRequest": NRI_SYNCHRONIZE_REQUEST,
+    "SynchronizeResponse": NRI_SYNCHRONIZE_RESPONSE, "CreateContainerRequest": NRI_CREATE_CONTAINER_REQUEST,
+    "CreateContainerResponse": NRI_CREATE_CONTAINER_RESPONSE, "UpdateContainerRequest": NRI_UPDATE_CONTAINER_REQUEST,
+    "UpdateContainerResponse": NRI_UPDATE_CONTAINER_RESPONSE, "StopContainerRequest": NRI_STOP_CONTAINER_REQUEST,
+    "StopContainerResponse": NRI_STOP_CONTAINER_RESPONSE, "StateChangeEvent": NRI_STATE_CHANGE_EVENT,
+    "PodSandbox": NRI_POD_SANDBOX, "Container": NRI_CONTAINER, "LinuxContainer": NRI_LINUX_CONTAINER,
+    "OptionalInt64": NRI_OPTIONAL_INT64, "OptionalUInt64": NRI_OPTIONAL_UINT64, "LinuxCPU": NRI_LINUX_CPU,
+    "LinuxResources": NRI_LINUX_RESOURCES, "KeyValue": NRI_KEY_VALUE, "ContainerAdjustment": NRI_CONTAINER_ADJUSTMENT,
+    "LinuxContainerAdjustment": NRI_LINUX_CONTAINER_ADJUSTMENT, "ContainerUpdate": NRI_CONTAINER_UPDATE,
+    "LinuxContainerUpdate": NRI_LINUX_CONTAINER_UPDATE, "ContainerEviction": NRI_CONTAINER_EVICTION,
+}
+TTRPC_SCHEMAS = {"KeyValue": TTRPC_KEY_VALUE, "Request": TTRPC_REQUEST, "Status": TTRPC_STATUS,
+                 "Response": TTRPC_RESPONSE}
+
+NRI_PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"      # served by the plugin on mux conn 1 (NRI.md 1, 3)
+NRI_RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"    # served by the runtime on mux conn 2
+NRI_PLUGIN_CONN, NRI_RUNTIME_CONN = 1, 2
+TTRPC_REQUEST_TYPE, TTRPC_RESPONSE_TYPE = 1, 2
+TTRPC_MESSAGE_MAX = 4 << 20                             # ttrpc channel.go messageLengthMax
+NRI_FRAME_MAX = 4096                                    # what containerd 1.7 takes from a plugin in one frame (NRI.md 1)
+NRI_EVENTS = {"RUN_POD_SANDBOX": 1, "STOP_POD_SANDBOX": 2, "REMOVE_POD_SANDBOX": 3, "CREATE_CONTAINER": 4,
+              "POST_CREATE_CONTAINER": 5, "START_CONTAINER": 6, "POST_START_CONTAINER": 7, "UPDATE_CONTAINER": 8,
+              "POST_UPDATE_CONTAINER": 9, "STOP_CONTAINER": 10, "REMOVE_CONTAINER": 11}
+NRI_VALID_EVENTS_V0_6 = (1 << 11) - 1                   # events 1..11 (v0.6.1 ValidEvents); v0.10+: (1 << 14) - 1
+# The v0.12+ runtime's one RPC per event, which falls back to StateChange on Unimplemented (NRI.md 3).
+NRI_EVENT_RPCS = {1: "RunPodSandbox", 2: "StopPodSandbox", 3: "RemovePodSandbox", 5: "PostCreateContainer",
+                  6: "StartContainer", 7: "PostStartContainer", 9: "PostUpdateContainer", 11: "RemoveContainer"}
+NRI_CONTAINER_CREATED, NRI_CONTAINER_RUNNING, NRI_CONTAINER_STOPPED = 1, 3, 4
+GRPC_UNKNOWN, GRPC_INVALID_ARGUMENT, GRPC_RESOURCE_EXHAUSTED, GRPC_UNIMPLEMENTED = 2, 3, 8, 12
+
+
+def nri_event_mask(*events):
+    """ConfigureResponse.events: bit (e - 1) for each event e (NRI.md 4)."""
+    mask = 0
+    for event in events:
+        mask |= 1 << (event - 1)
+    return mask
+
+
+def mux_frame(conn_id, payload):
+    """u32 BE conn id | u32 BE payload length | payload (NRI.md 1)."""
+    return struct.pack(">II", conn_id, len(payload)) + payload
+
+
+def ttrpc_message(stream_id, message_type, payload, flags=0):
+    """u32 BE length | u32 BE stream id | u8 type | u8 flags | payload (NRI.md 2)."""
+    return struct.pack(">IIBB", len(payload), stream_id, message_type, flags) + payload
+
+
+def nri_id(*parts):
+    """A containerd-like 64-hex-digit ID, stable for its parts."""
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()
+
+
+def nri_linux_resources(cpus="", mems="", shares=1024, quota=None, period=100000, memory_limit=None):
+    """LinuxResources as containerd fills them from a CRI request: shares and
+    period always, quota and a memory limit when the pod has limits."""
+    return {"memory": {"limit": {"value": memory_limit}} if memory_limit else None,
+            "cpu": {"shares": {"value": shares}, "quota": {"value": quota} if quota is not None else None,
+                    "period": {"value": period}, "cpus": cpus, "mems": mems},
+            "unified": {}}
+
+
+def nri_pod(name, namespace="default", uid=None, labels=None, annotations=None):
+    """A PodSandbox as containerd 1.7 sends it, with the kubelet's labels and
+    annotations and a linux part that a cpuset plugin has no use for."""
+    uid = uid or pod_uid(namespace, name)
+    all_labels = {"io.kubernetes.pod.name": name, "io.kubernetes.pod.namespace": namespace,
+                  "io.kubernetes.pod.uid": uid, "app": name.rsplit("-", 1)[0]}
+    all_labels.update(labels or {})
+    all_annotations = {"kubernetes.io/config.seen": "2026-12-01T10:00:00.000000000Z",
+                       "kubernetes.io/config.source": "api"}
+    all_annotations.update(annotations or {})
+    return {"id": nri_id("pod", namespace, name, uid), "name": name, "uid": uid, "namespace": namespace,
+            "labels": all_labels, "annotations": all_annotations, "runtime_handler": "",
+            "linux": {"cgroup_parent": "/kubepods/besteffort/pod" + uid,
+                      "pod_resources": nri_linux_resources(shares=2),
+                      "namespaces": [{"type": "network", "path": "/var/run/netns/cni-%s" % uid[:8]}]},
+            "pid": 0}
+
+
+def nri_container(pod, name, cpus="", env=(), state=NRI_CONTAINER_RUNNING, container_id=None, pid=None,
+                  labels=None, annotations=None):
+    """A Container of `pod` as containerd 1.7 sends it: an environment as the
+    kubelet builds it (`env` "K=V" strings among service variables), mounts,
+    namespaces, rlimits, and two fields of numbers no NRI version defines
+    (fixed32 and fixed64), which a plugin must skip."""
+    container_id = container_id or nri_id("container", pod["id"], name)
+    all_labels = {"io.kubernetes.container.name": name, "io.kubernetes.pod.name": pod["name"],
+                  "io.kubernetes.pod.namespace": pod["namespace"], "io.kubernetes.pod.uid": pod["uid"]}
+    all_labels.update(labels or {})
+    all_annotations = {"io.kubernetes.container.hash": "7f3a9c21", "io.kubernetes.container.restartCount": "0",
+                       "io.kubernetes.container.terminationMessagePath": "/dev/termination-log"}
+    all_annotations.update(annotations or {})
+    environment = (["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOSTNAME=" + pod["name"]]
+                   + list(env) + ["KUBERNETES_SERVICE_HOST=10.96.0.1", "KUBERNETES_SERVICE_PORT=443",
+                                  "KUBERNETES_PORT=tcp://10.96.0.1:443"])
+    return {"id": container_id, "pod_sandbox_id": pod["id"], "name": name, "state": state,
+            "labels": all_labels, "annotations": all_annotations,
+            "args": ["/bin/sh", "-c", "exec sleep infinity"], "env": environment,
+            "mounts": [{"destination": "/etc/hosts", "type": "bind", "options": ["rbind", "rprivate", "rw"],
+                        "source": "/var/lib/kubelet/pods/%s/etc-hosts" % pod["uid"]},
+                       {"destination": "/dev/shm", "type": "bind", "options": ["rbind", "ro"],
+                        "source": "/run/containerd/io.containerd.grpc.v1.cri/sandboxes/%s/shm" % pod["id"]}],
+            "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc", "path": "/proc/4242/ns/ipc"}, {"type": "mount"}],
+                      "resources": nri_linux_resources(cpus),
+                      "oom_score_adj": {"value": 1000},
+                      "cgroups_path": "%s/%s" % (pod["linux"]["cgroup_parent"], container_id)},
+            "pid": pid or 0, "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1048576, "soft": 1048576}],
+            "_extra": pb_varint(40 << 3 | 5) + struct.pack("<I", 7) + pb_varint(41 << 3 | 1) + struct.pack("<Q", 7)}
+
+
+def nri_container_update(container_id, cpus, ignore_failure=False):
+    """A ContainerUpdate that sets only the cpuset."""
+    return {"container_id": container_id, "linux": {"resources": {"cpu": {"cpus": cpus}}},
+            "ignore_failure": ignore_failure}
+
+
+def nri_cpus(message):
+    """linux.resources.cpu.cpus of a Container, ContainerAdjustment or
+    ContainerUpdate dict, or cpu.cpus of a LinuxResources one ("" where unset)."""
+    resources = message if "cpu" in message else (message.get("linux") or {}).get("resources")
+    return ((resources or {}).get("cpu") or {}).get("cpus") or ""
+
+
+def nri_with_cpus(container, cpus):
+    """A copy of a Container dict with linux.resources.cpu.cpus set."""
+    container, linux = dict(container), dict(container.get("linux") or {})
+    resources = dict(linux.get("resources") or {})
+    resources["cpu"] = dict(resources.get("cpu") or {}, cpus=cpus)
+    linux["resources"] = resources
+    container["linux"] = linux
+    return container
+
+
+class NriReply(object):
+    """What the runtime made of one call into the plugin.
+
+    outcome: "ok" (the runtime uses `response`); "failed" (an error status or
+    an unreadable reply: the runtime fails the container operation, NRI.md 6);
+    "dropped" (no answer within the request timeout, or the connection broke
+    or spoke out of protocol: the runtime closes the plugin and goes on without
+    it); "skipped" (no plugin, or not subscribed to the event: nothing sent).
+    code/message: the ttrpc status (or why it failed, dropped or skipped);
+    response: the parsed response dict; cpus: for CreateContainer and
+    UpdateContainer, the cpuset the runtime then gives the container (None when
+    it fails the operation); fallback: a v0.12+ per-event RPC answered
+    Unimplemented and StateChange was sent instead."""
+
+    def __init__(self, method, outcome, response=None, code=0, message="", seconds=0.0):
+        self.method, self.outcome, self.response = method, outcome, response
+        self.code, self.message, self.seconds = code, message, seconds
+        self.cpus = None
+        self.fallback = False
+        self.send_seconds = 0.0
+
+    @property
+    def ok(self):
+        return self.outcome == "ok"
+
+    def __repr__(self):
+        return "NriReply(%s: %s, code %d %r, %.3f s, response %r)" % (
+            self.method, self.outcome, self.code, self.message, self.seconds, self.response)
+
+
+_WAITING = object()
+
+
+class NriPluginConnection(object):
+    """One plugin's connection to FakeNriRuntime: the mux, the runtime's ttrpc
+    client on conn 1 and its ttrpc server on conn 2. Guarded by the runtime's cond."""
+
+    def __init__(self, runtime, sock, number):
+        self.runtime, self.sock, self.number = runtime, sock, number
+        self.write_lock = threading.Lock()
+        self.buffers = {NRI_PLUGIN_CONN: bytearray(), NRI_RUNTIME_CONN: bytearray()}
+        self.pending = {}                   # stream id -> response body, _WAITING until it arrives
+        self.next_stream = 1                # the runtime's client: odd ids from 1, step 2 (NRI.md 2)
+        self.last_plugin_stream = 0         # the plugin's client must increase its odd ids
+        self.registration = None            # RegisterPluginRequest dict once accepted
+        self.registration_error = None
+        self.configure_sent = threading.Event()
+        self.events = 0                     # the effective event mask after Configure
+        self.ready = False                  # registered, configured, synchronized
+        self.closed = None                  # why, once closed
+        self.reader = threading.Thread(target=self._read_loop, name="fake-nri-reader-%d" % number, daemon=True)
+
+    # Writing ------------------------------------------------------------------
+
+    def write(self, data):
+        """Raw bytes onto the socket, one byte per write with runtime.byte_writes."""
+        runtime = self.runtime
+        try:
+            if runtime.byte_writes:
+                for i in range(len(data)):
+                    self.sock.sendall(data[i:i + 1])
+                    with runtime.cond:
+                        runtime.socket_writes += 1
+                    if runtime.byte_pause:
+                        time.sleep(runtime.byte_pause)
+            else:
+                self.sock.sendall(data)
+                with runtime.cond:
+                    runtime.socket_writes += 1
+            return True
+        except OSError as e:
+            self.close("write failed: %s" % e)
+            return False
+
+    def send(self, conn_id, message):
+        """One ttrpc message in mux frames: of runtime.frame_size bytes when set,
+        else as Go's 4096-byte bufio.Writer under ttrpc emits them: a message
+        over 4096 bytes as its first 4096, then the rest in one frame (NRI.md 1)."""
+        size = self.runtime.frame_size
+        if size:
+            chunks = [message[i:i + size] for i in range(0, len(message), size)]
+        else:
+            chunks = [message[:4096], message[4096:]] if len(message) > 4096 else [message]
+        with self.write_lock:
+            with self.runtime.cond:
+                self.runtime.frames_sent.extend((conn_id, len(chunk)) for chunk in chunks)
+            return self.write(b"".join(mux_frame(conn_id, chunk) for chunk in chunks))
+
+    def close(self, reason):
+        runtime = self.runtime
+        with runtime.cond:
+            if self.closed:
+                return
+            self.closed = reason
+            runtime.closes.append(reason)
+            if runtime.plugin is self:
+                runtime.plugin = None
+            runtime.cond.notify_all()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)        # wakes the reader
+        except OSError:
+            pass
+        self.sock.close()
+
+    # Reading ------------------------------------------------------------------
+
+    def _recv_exact(self, count):
+        data = bytearray()
+        while len(data) < count:
+            chunk = self.sock.recv(min(count - len(data), 1 << 16))
+            if not chunk:
+                return None
+            data += chunk
+        return bytes(data)
+
+    def _read_loop(self):
+        runtime = self.runtime
+        try:
+            while not self.closed:
+                header = self._recv_exact(8)
+                if header is None:
+                    return self.close("connection closed by plugin")
+                conn_id, length = struct.unpack(">II", header)
+                with runtime.cond:
+                    runtime.frames_received.append((conn_id, length))
+                # containerd 1.7 reads through a 4096-byte buffer and fails on a longer frame (NRI.md 1);
+                # stricter than Go for an unknown conn id, whose frame Go reads in full and drops
+                if runtime.max_plugin_frame is not None and length > runtime.max_plugin_frame:
+                    return self.close("frame of %d bytes on conn %d > %d: ttrpc: closed" % (
+                        length, conn_id, runtime.max_plugin_frame))
+                payload = self._recv_exact(length)
+                if payload is None:
+                    return self.close("connection closed by plugin in a frame")
+                if conn_id not in self.buffers:
+                    runtime.violation("frame on unknown conn %d (%d bytes): the Go mux drops it" % (conn_id, length))
+                    continue
+                if not length:
+                    runtime.violation("empty frame on conn %d" % conn_id)
+                    continue
+                buffer = self.buffers[conn_id]
+                buffer += payload
+                while len(buffer) >= 10:                          # a message may span several frames
+                    size, stream, kind, flags = struct.unpack(">IIBB", bytes(buffer[:10]))
+                    if size > TTRPC_MESSAGE_MAX:
+                        return self.close("ttrpc message of %d bytes on conn %d > 4 MiB" % (size, conn_id))
+                    if len(buffer) < 10 + size:
+                        break
+                    body = bytes(buffer[10:10 + size])
+                    del buffer[:10 + size]
+                    if flags:
+                        runtime.violation("ttrpc flags 0x%x on stream %d of conn %d: unary calls use 0" % (
+                            flags, stream, conn_id))
+                    if conn_id == NRI_PLUGIN_CONN:
+                        self._on_response(stream, kind, body)
+                    else:
+                        self._on_request(stream, kind, body)
+                    if self.closed:
+                        return
+        except OSError as e:
+            self.close("connection error: %s" % e)
+
+    def _on_response(self, stream, kind, body):
+        """conn 1: the plugin's answers to the runtime's calls (ttrpc client.go)."""
+        runtime = self.runtime
+        with runtime.cond:
+            if self.pending.get(stream, None) is not _WAITING:
+                runtime.violation("message on inactive stream %d of conn 1: the Go client ignores it" % stream)
+                return
+            if kind != TTRPC_RESPONSE_TYPE:                   # ErrProtocol: fatal, the plugin is closed
+                self.close("message type %d on stream %d of conn 1: ttrpc: protocol error" % (kind, stream))
+                return
+            self.pending[stream] = body
+            runtime.cond.notify_all()
+
+    def _on_request(self, stream, kind, body):
+        """conn 2: the plugin's calls into the runtime (ttrpc server.go)."""
+        runtime = self.runtime
+        if kind != TTRPC_REQUEST_TYPE:
+            runtime.violation("message type %d on stream %d of conn 2" % (kind, stream))
+            return self.close("message type %d from the plugin's client: no such stream" % kind)
+        if stream % 2 != 1:
+            runtime.violation("even stream id %d on conn 2" % stream)
+            return self.respond(stream, code=GRPC_INVALID_ARGUMENT,
+                                message="StreamID must be odd for client initiated streams")
+        if stream <= self.last_plugin_stream:
+            runtime.violation("stream id %d after %d on conn 2" % (stream, self.last_plugin_stream))
+            return self.respond(stream, code=GRPC_INVALID_ARGUMENT,
+                                message="StreamID cannot be re-used and must increment")
+        self.last_plugin_stream = stream
+        try:
+            request = pb_decode_message(TTRPC_REQUEST, body)
+        except ValueError as e:
+            runtime.violation("unreadable ttrpc request on stream %d: %s" % (stream, e))
+            return self.respond(stream, code=GRPC_INVALID_ARGUMENT, message="unmarshal request error: %s" % e)
+        handlers = {"RegisterPlugin": self._register_plugin, "UpdateContainers": self._update_containers}
+        if request["service"] != NRI_RUNTIME_SERVICE:
+            return self.respond(stream, code=GRPC_UNIMPLEMENTED, message="service %s" % request["service"])
+        if request["method"] not in handlers:
+            return self.respond(stream, code=GRPC_UNIMPLEMENTED, message="method %s" % request["method"])
+        # each request in its own thread, as the Go server runs handlers in goroutines
+        threading.Thread(target=handlers[request["method"]], args=(stream, request["payload"]), daemon=True).start()
+
+    def respond(self, stream, payload=b"", code=0, message=""):
+        status = {"code": code, "message": message} if code else None
+        return self.send(NRI_RUNTIME_CONN, ttrpc_message(stream, TTRPC_RESPONSE_TYPE, pb_encode(
+            TTRPC_RESPONSE, {"status": status, "payload": payload})))
+
+    # The Runtime service --------------------------------------------------------
+
+    def _register_plugin(self, stream, payload):
+        """plugin.go RegisterPlugin: a non-empty name, a two-digit index (NRI.md 5)."""
+        runtime = self.runtime
+        try:
+            request = pb_decode_message(NRI_REGISTER_PLUGIN_REQUEST, payload)
+        except ValueError as e:
+            runtime.violation("unreadable RegisterPluginRequest: %s" % e)
+            self.respond(stream, code=GRPC_UNKNOWN, message=str(e))
+            return self.close("failed to register plugin: %s" % e)
+        with runtime.cond:
+            runtime.registrations.append(request)
+            runtime.cond.notify_all()
+            again = self.registration is not None
+        if again:
+            runtime.violation("RegisterPlugin again on one connection")
+            return self.respond(stream)
+        name, index = request["plugin_name"], request["plugin_idx"]
+        error = None
+        if not name:
+            error = "invalid (empty) plugin name"
+        elif len(index) != 2:
+            error = 'invalid plugin index: invalid plugin index "%s", must be 2 digits' % index
+        elif not ("0" <= index[0] <= "9" and "0" <= index[1] <= "9"):
+            error = 'invalid plugin index: invalid plugin index "%s" (not [0-9][0-9])' % index
+        if error:
+            with runtime.cond:
+                self.registration_error = error
+                runtime.cond.notify_all()
+            self.respond(stream, code=GRPC_UNKNOWN, message=error)
+            return self.close("failed to register plugin: " + error)
+        if runtime.configure_before_register_reply:
+            # the runtime calls Configure as soon as the handler signals, racing its own reply (NRI.md 4)
+            self._registered(request)
+            self.configure_sent.wait(runtime.request_timeout)
+            self.respond(stream)
+        else:
+            self.respond(stream)
+            self._registered(request)
+
+    def _registered(self, request):
+        with self.runtime.cond:
+            self.registration = request
+            self.runtime.cond.notify_all()
+
+    def _update_containers(self, stream, payload):
+        """UpdateContainers as containerd 1.7 applies it (pkg/nri/domain.go):
+        unknown containers are skipped; a failed update with ignore_failure is
+        only logged; one without makes the whole call an error status, and the
+        failed list never reaches the plugin (runtime.failed_reply = "list"
+        answers OK with failed[] instead)."""
+        runtime = self.runtime
+        hang = runtime.hang_update_containers       # as it was when the request came
+        try:
+            request = pb_decode_message(NRI_UPDATE_CONTAINERS_REQUEST, payload)
+        except ValueError as e:
+            runtime.violation("unreadable UpdateContainersRequest: %s" % e)
+            return self.respond(stream, code=GRPC_UNKNOWN, message=str(e))
+        with runtime.cond:
+            runtime.update_requests.append(request)
+            runtime.cond.notify_all()
+        if hang:
+            return
+        with runtime.runtime_lock:          # containerd's one NRI lock, held across every call into a plugin (NRI.md 6)
+            with runtime.cond:
+                failed = [u for u in request["update"] if u["container_id"] in runtime.failed_updates]
+                runtime.apply_updates(request["update"])
+        if runtime.failed_reply == "list":
+            return self.respond(stream, pb_encode(NRI_UPDATE_CONTAINERS_RESPONSE, {"failed": failed}))
+        if any(not u["ignore_failure"] for u in failed):
+            return self.respond(stream, code=GRPC_UNKNOWN, message="NRI update of some containers failed")
+        return self.respond(stream, pb_encode(NRI_UPDATE_CONTAINERS_RESPONSE, {}))
+
+    # The runtime's calls into the Plugin service --------------------------------
+
+    def call(self, method, payload, deadline, response_schema):
+        """One unary call on conn 1, as plugin.go makes it: within the request
+        timeout, else the plugin is closed (a slow plugin is dropped, NRI.md 6)."""
+        runtime = self.runtime
+        started = time.monotonic()
+        with runtime.cond:
+            if self.closed:
+                return NriReply(method, "dropped", message="ttrpc: closed (%s)" % self.closed)
+            stream = self.next_stream
+            self.next_stream += 2
+            self.pending[stream] = _WAITING
+        request = pb_encode(TTRPC_REQUEST, {"service": NRI_PLUGIN_SERVICE, "method": method, "payload": payload,
+                                            "timeout_nano": max(1, int((deadline - started) * 1e9))})
+        self.send(NRI_PLUGIN_CONN, ttrpc_message(stream, TTRPC_REQUEST_TYPE, request))
+        if method == "Configure":
+            self.configure_sent.set()
+        send_seconds = time.monotonic() - started
+        if runtime.byte_writes:
+            deadline += send_seconds          # the time spent writing byte by byte is the test's, not the plugin's
+        with runtime.cond:
+            runtime.cond.wait_for(lambda: self.pending[stream] is not _WAITING or self.closed,
+                                  max(0.0, deadline - time.monotonic()))
+            body = self.pending.pop(stream)
+            closed = self.closed
+        seconds = time.monotonic() - started
+        if body is _WAITING:
+            if not closed:
+                self.close("closing plugin, failed to handle %s request: context deadline exceeded" % method)
+                return self._reply(method, "dropped", seconds, send_seconds, message="context deadline exceeded")
+            return self._reply(method, "dropped", seconds, send_seconds, message="ttrpc: closed (%s)" % closed)
+        try:
+            response = pb_decode_message(TTRPC_RESPONSE, body)
+            status = response["status"] or {"code": 0, "message": ""}
+            result = pb_decode_message(response_schema, response["payload"])
+        except ValueError as e:                       # a proto error is not fatal: the operation fails
+            runtime.violation("unreadable %s reply: %s" % (method, e))
+            return self._reply(method, "failed", seconds, send_seconds, code=GRPC_UNKNOWN,
+                               message="unreadable reply: %s" % e)
+        if status["code"]:
+            return self._reply(method, "failed", seconds, send_seconds, code=status["code"],
+                               message=status["message"])
+        return self._reply(method, "ok", seconds, send_seconds, response=result)
+
+    @staticmethod
+    def _reply(method, outcome, seconds, send_seconds, **fields):
+        reply = NriReply(method, outcome, seconds=seconds, **fields)
+        reply.send_seconds = send_seconds
+        return reply
+
+
+class FakeNriRuntime(object):
+    """containerd 1.7's NRI adaptation (NRI v0.6.1, ttrpc v1.2.4) toward one
+    plugin socket: what a plugin meets on /var/run/nri/nri.sock (NRI.md).
+
+    start() removes a stale socket at `path`, listens, and accepts plugins one
+    after another, as the runtime does (NRI.md 6). For each: wait up to
+    `registration_timeout` for RegisterPlugin on conn 2 (name non-empty, index
+    two ASCII digits, else an error status and the connection closed), answer
+    it, call Configure (before that answer with configure_before_register_reply,
+    as seen), accept the event mask only within `valid_events` (0 = all), then
+    Synchronize with `pods` and `containers`, in chunks of `sync_chunk` objects
+    each with `more` set (v0.7+) when given; the plugin must echo more=true
+    with no updates until the last chunk, else it is closed ("plugin does not
+    handle split sync requests"). The plugin is then `plugin`, which requests go
+    to. Every call into it has `request_timeout`; one it does not answer in time
+    closes it. stop() closes all; restart() = stop() + start(): a plugin must
+    reconnect, and is registered, configured and synchronized afresh.
+
+    Calls a test makes (synchronous; each returns an NriReply, and records it
+    in `calls`; an event the plugin did not subscribe to is "skipped"):
+      create_container(pod, container), update_container(pod, container,
+      linux_resources), stop_container(pod, container), remove_container(pod,
+      container, per_event_rpc=False), run_pod_sandbox(pod, per_event_rpc=True),
+      state_change(event, pod, container) (v0.6 style), and call(method,
+      payload, response_schema) for any method, subscribed or not (e.g. one a
+      newer runtime has). per_event_rpc: as v0.12+, the event's own RPC first,
+      StateChange after an Unimplemented (12) answer.
+    The runtime's model: `pods`, `containers` (OrderedDicts by id; set them
+    before the plugin connects for Synchronize); cpuset(container_id). It
+    applies adjustments and updates as containerd does (an update for an id in
+    `failed_updates` fails; one naming the container being created fails the
+    creation).
+
+    Records, all guarded by `cond` and kept across restarts: accepted (count),
+    registrations (RegisterPluginRequest dicts, valid or not), configures
+    (ConfigureResponse dicts), syncs (per Synchronize a list of (request,
+    response) chunks), sync_updates (per completed one, its updates), ready
+    (count of plugins synchronized), update_requests (UpdateContainersRequest
+    dicts), calls, closes (why each connection ended), violations (what a real
+    runtime tolerates but a correct plugin never does: frames on unknown conns,
+    answers on inactive streams, non-zero flags, even or reused stream ids,
+    unreadable messages), frames_received / frames_sent ((conn id, payload
+    length) of every mux frame), socket_writes. Wait helpers raise
+    AssertionError on timeout: wait(predicate, timeout, what), wait_ready(count),
+    wait_closed(count), wait_update_requests(count), wait_accepted(count).
+
+    Knobs, settable any time: byte_writes (every byte its own write, byte_pause
+    seconds apart), frame_size (the fake's messages in mux frames of that
+    many bytes), max_plugin_frame (default 4096: a longer frame from the plugin
+    closes it, as containerd 1.7 does; None accepts any), failed_updates,
+    failed_reply ("containerd" or "list"), hang_update_containers (never answer
+    it), valid_events, nri_version (None: v0.6.1's ConfigureRequest; else also
+    its timeouts and this version). Hostile sends to the current plugin:
+    send_raw(data), send_frame(conn_id, payload), send_oversized_frame(),
+    send_oversized_message(), hang_up_mid_request(method, payload)."""
+
+    def __init__(self, path, pods=(), containers=(), registration_timeout=5.0, request_timeout=2.0,
+                 sync_chunk=None, configure_before_register_reply=False, nri_version=None):
+        self.path = path
+        self.pods = collections.OrderedDict((pod["id"], pod) for pod in pods)
+        self.containers = collections.OrderedDict((c["id"], c) for c in containers)
+        self.registration_timeout, self.request_timeout = registration_timeout, request_timeout
+        self.sync_chunk = sync_chunk
+        self.configure_before_register_reply = configure_before_register_reply
+        self.nri_version = nri_version
+        self.runtime_name, self.runtime_version, self.config = "containerd", "1.7.24~ds1", ""
+        self.valid_events = NRI_VALID_EVENTS_V0_6
+        self.byte_writes, self.byte_pause = False, 0.0001
+        self.frame_size = None
+        self.max_plugin_frame = NRI_FRAME_MAX
+        self.failed_updates = set()
+        self.failed_reply = "containerd"
+        self.hang_update_containers = False
+        self.cond = threading.Condition()
+        self.runtime_lock = threading.Lock()
+        self.accepted = self.ready = self.socket_writes = 0
+        self.registrations, self.configures, self.syncs, self.sync_updates = [], [], [], []
+        self.update_requests, self.calls, self.closes, self.violations = [], [], [], []
+        self.frames_received, self.frames_sent = [], []
+        self.connections = []
+        self.plugin = None
+        self.listener = self.accept_thread = None
+        self.stopping = False
+
+    # Serving ------------------------------------------------------------------------
+
+    def start(self):
+        if os.path.lexists(self.path):            # the runtime removes and re-creates it (NRI.md 1)
+            os.unlink(self.path)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.path)
+        listener.listen(8)
+        listener.settimeout(0.05)                 # so that stop() is seen promptly
+        self.listener, self.stopping = listener, False
+        self.accept_thread = threading.Thread(target=self._accept_loop, args=(listener,),
+                                              name="fake-nri-accept", daemon=True)
+        self.accept_thread.start()
+        return self
+
+    def stop(self):
+        self.stopping = True
+        with self.cond:
+            connections = list(self.connections)
+        for connection in connections:
+            connection.close("runtime stopped")
+        if self.accept_thread is not None:
+            self.accept_thread.join(10)
+            self.accept_thread = None
+        for connection in connections:
+            connection.reader.join(5)
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+            if os.path.lexists(self.path):
+                os.unlink(self.path)
+
+    def restart(self):
+        self.stop()
+        self.start()
+
+    def _accept_loop(self, listener):
+        while not self.stopping:
+            try:
+                sock, _ = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            sock.settimeout(None)
+            with self.cond:
+                self.accepted += 1
+                connection = NriPluginConnection(self, sock, self.accepted)
+                self.connections.append(connection)
+                self.cond.notify_all()
+            connection.reader.start()
+            self._start_plugin(connection)        # sequential: the next plugin waits (NRI.md 6)
+
+    def _start_plugin(self, connection):
+        with self.cond:
+            registered = self.cond.wait_for(
+                lambda: connection.registration or connection.registration_error or connection.closed,
+                self.registration_timeout)
+        if connection.closed or connection.registration_error:
+            return
+        if not registered:
+            return connection.close("plugin registration timed out")
+        if not self._configure(connection) or not self._synchronize(connection):
+            return
+        with self.cond:
+            if connection.closed:
+                return
+            connection.ready = True
+            self.plugin = connection
+            self.ready += 1
+            self.cond.notify_all()
+
+    def _configure(self, connection):
+        """plugin.go configure(): Configure within the request timeout; the mask
+        within valid_events, 0 meaning all of them (NRI.md 4)."""
+        request = {"config": self.config, "runtime_name": self.runtime_name, "runtime_version": self.runtime_version}
+        if self.nri_version:
+            request.update(registration_timeout=int(self.registration_timeout * 1000),
+                           request_timeout=int(self.request_timeout * 1000), NRI_version=self.nri_version)
+        reply = connection.call("Configure", pb_encode(NRI_CONFIGURE_REQUEST, request),
+                                time.monotonic() + self.request_timeout, NRI_CONFIGURE_RESPONSE)
+        with self.cond:
+            self.calls.append(reply)
+        if not reply.ok:
+            connection.close("failed to configure plugin: %s" % reply.message)
+            return False
+        events = reply.response["events"]
+        if events & ~self.valid_events:
+            connection.close("invalid plugin events: 0x%x" % (events & ~self.valid_events & 0xFFFFFFFF))
+            return False
+        with self.cond:
+            self.configures.append(reply.response)
+            connection.events = events or self.valid_events
+        return True
+
+    def _synchronize(self, connection):
+        """plugin.go synchronize() (HEAD, split as v0.7+ splits): one request
+        timeout for all chunks; containerd holds its NRI lock throughout."""
+        with self.runtime_lock:
+            with self.cond:
+                pods, containers = list(self.pods.values()), list(self.containers.values())
+                chunks = []
+                self.syncs.append(chunks)
+            pods_per, containers_per = len(pods), len(containers)
+            if self.sync_chunk:
+                pods_per, containers_per = min(self.sync_chunk, pods_per), min(self.sync_chunk, containers_per)
+            deadline = time.monotonic() + self.request_timeout
+            while True:
+                request = {"pods": pods[:pods_per], "containers": containers[:containers_per],
+                           "more": len(pods) > pods_per or len(containers) > containers_per}
+                reply = connection.call("Synchronize", pb_encode(NRI_SYNCHRONIZE_REQUEST, request), deadline,
+                                        NRI_SYNCHRONIZE_RESPONSE)
+                if self.byte_writes:
+                    deadline += reply.send_seconds
+                with self.cond:
+                    self.calls.append(reply)
+                    chunks.append((request, reply.response))
+                if not reply.ok:
+                    connection.close("failed to synchronize plugin: %s" % reply.message)
+                    return False
+                if not request["more"]:
+                    break
+                if reply.response["update"] or not reply.response["more"]:
+                    connection.close("failed to synchronize plugin: plugin does not handle split sync requests")
+                    return False
+                pods, containers = pods[pods_per:], containers[containers_per:]
+                pods_per, containers_per = min(pods_per, len(pods)), min(containers_per, len(containers))
+            with self.cond:
+                self.sync_updates.append(reply.response["update"])
+                self.apply_updates(reply.response["update"])
+        return True
+
+    def apply_updates(self, updates):
+        """Into the model, as containerd applies ContainerUpdates: unknown ids
+        skipped, ids in failed_updates left as they are. Call with cond held."""
+        for update in updates:
+            container = self.containers.get(update["container_id"])
+            cpus = nri_cpus(update)
+            if container is not None and cpus and update["container_id"] not in self.failed_updates:
+                self.containers[update["container_id"]] = nri_with_cpus(container, cpus)
+
+    def violation(self, text):
+        with self.cond:
+            self.violations.append(text)
+            self.cond.notify_all()
+
+    # Calls into the plugin ------------------------------------------------------------
+
+    def _event_call(self, event, method, request_schema, request, response_schema, connection=None,
+                    deadline=None):
+        connection = connection or self.plugin
+        if connection is None or connection.closed:
+            reply = NriReply(method, "skipped", message="no plugin")
+        elif event and not connection.events & nri_event_mask(event):
+            reply = NriReply(method, "skipped", message="not subscribed to event %d" % event)
+        else:
+            with self.runtime_lock:
+                reply = connection.call(method, pb_encode(request_schema, request),
+                                        deadline or time.monotonic() + self.request_timeout, response_schema)
+        with self.cond:
+            self.calls.append(reply)
+        return reply
+
+    def call(self, method, payload=b"", response_schema=NRI_EMPTY, timeout=None):
+        """Any method of the Plugin service, subscribed or not, `payload` as bytes."""
+        connection = self.plugin
+        if connection is None:
+            reply = NriReply(method, "skipped", message="no plugin")
+        else:
+            with self.runtime_lock:
+                reply = connection.call(method, payload, time.monotonic() + (timeout or self.request_timeout),
+                                        response_schema)
+        with self.cond:
+            self.calls.append(reply)
+        return reply
+
+    def create_container(self, pod, container):
+        """CreateContainer; the container joins the model with the cpuset the
+        runtime gives it, unless the creation fails (NRI.md 6)."""
+        reply = self._event_call(4, "CreateContainer", NRI_CREATE_CONTAINER_REQUEST,
+                                 {"pod": pod, "container": container}, NRI_CREATE_CONTAINER_RESPONSE)
+        with self.cond:
+            if reply.ok:
+                for update in reply.response["update"]:
+                    if update["container_id"] == container["id"]:
+                        reply.outcome, reply.code = "failed", GRPC_UNKNOWN
+                        reply.message = "plugin asked update of %r during creation" % container["id"]
+            if reply.outcome == "failed":
+                return reply
+            reply.cpus = nri_cpus(container)
+            if reply.ok:
+                reply.cpus = nri_cpus(reply.response["adjust"] or {}) or reply.cpus
+                self.apply_updates(reply.response["update"])
+            self.containers[container["id"]] = nri_with_cpus(container, reply.cpus)
+        return reply
+
+    def update_container(self, pod, container, linux_resources):
+        """UpdateContainer (a CRI UpdateContainerResources): the plugin may rewrite
+        the pending update by returning one for the same container (NRI.md 6, 7)."""
+        reply = self._event_call(8, "UpdateContainer", NRI_UPDATE_CONTAINER_REQUEST,
+                                 {"pod": pod, "container": container, "linux_resources": linux_resources},
+                                 NRI_UPDATE_CONTAINER_RESPONSE)
+        with self.cond:
+            if reply.outcome == "failed":
+                return reply
+            reply.cpus = nri_cpus(linux_resources)
+            if reply.ok:
+                for update in reply.response["update"]:
+                    if update["container_id"] == container["id"] and nri_cpus(update):
+                        reply.cpus = nri_cpus(update)
+                self.apply_updates([u for u in reply.response["update"] if u["container_id"] != container["id"]])
+            if reply.cpus and container["id"] in self.containers:
+                self.containers[container["id"]] = nri_with_cpus(self.containers[container["id"]], reply.cpus)
+        return reply
+
+    def stop_container(self, pod, container):
+        reply = self._event_call(10, "StopContainer", NRI_STOP_CONTAINER_REQUEST,
+                                 {"pod": pod, "container": container}, NRI_STOP_CONTAINER_RESPONSE)
+        with self.cond:
+            if reply.ok:
+                self.apply_updates(reply.response["update"])
+            if container["id"] in self.containers:
+                self.containers[container["id"]] = dict(self.containers[container["id"]], state=NRI_CONTAINER_STOPPED)
+        return reply
+
+    def state_change(self, event, pod=None, container=None):
+        """StateChange(event), as v0.6.1 relays every other event."""
+        return self._event_call(event, "StateChange", NRI_STATE_CHANGE_EVENT,
+                                {"event": event, "pod": pod, "container": container}, NRI_EMPTY)
+
+    def _per_event(self, event, pod, container, per_event_rpc):
+        if not per_event_rpc:
+            return self.state_change(event, pod, container)
+        connection = self.plugin
+        deadline = time.monotonic() + self.request_timeout          # one deadline for both attempts (HEAD)
+        schema, request = NRI_POD_EVENT_REQUEST, {"pod": pod}
+        if container is not None:
+            schema, request = NRI_CONTAINER_EVENT_REQUEST, {"pod": pod, "container": container}
+        reply = self._event_call(event, NRI_EVENT_RPCS[event], schema, request, NRI_EMPTY, connection, deadline)
+        if reply.outcome == "failed" and reply.code == GRPC_UNIMPLEMENTED:
+            reply = self._event_call(event, "StateChange", NRI_STATE_CHANGE_EVENT,
+                                     {"event": event, "pod": pod, "container": container}, NRI_EMPTY,
+                                     connection, deadline)
+            reply.fallback = True
+        return reply
+
+    def remove_container(self, pod, container, per_event_rpc=False):
+        """REMOVE_CONTAINER (11): StateChange, or with per_event_rpc RemoveContainer
+        first; the container leaves the model either way."""
+        reply = self._per_event(11, pod, container, per_event_rpc)
+        with self.cond:
+            self.containers.pop(container["id"], None)
+        return reply
+
+    def run_pod_sandbox(self, pod, per_event_rpc=True):
+        reply = self._per_event(1, pod, None, per_event_rpc)
+        with self.cond:
+            self.pods[pod["id"]] = pod
+        return reply
+
+    def cpuset(self, container_id):
+        with self.cond:
+            return nri_cpus(self.containers[container_id])
+
+    # Hostile sends -------------------------------------------------------------------
+
+    def current_connection(self, timeout=5.0):
+        """The plugin requests go to, else the newest open connection."""
+        def find():
+            if self.plugin is not None:
+                return self.plugin
+            return next((c for c in reversed(self.connections) if not c.closed), None)
+        self.wait(find, timeout, "a plugin connection")
+        with self.cond:
+            return find()
+
+    def send_raw(self, data=b"GET / HTTP/1.1\r\nHost: nri\r\n\r\n"):
+        """Bytes as they are; the default reads as conn 0x47455420 with a ~790 MB frame."""
+        return self.current_connection().write(data)
+
+    def send_frame(self, conn_id, payload):
+        """One mux frame, e.g. on a conn id nobody uses (the Go mux drops those)."""
+        return self.current_connection().write(mux_frame(conn_id, payload))
+
+    def send_oversized_frame(self):
+        """A frame header on conn 1 announcing 4 MiB + 11 bytes (one more than a
+        maximal ttrpc message), and a little of it."""
+        return self.current_connection().write(struct.pack(">II", NRI_PLUGIN_CONN, TTRPC_MESSAGE_MAX + 11) + bytes(64))
+
+    def send_oversized_message(self):
+        """A ttrpc request header announcing 4 MiB + 1 bytes, in a small frame."""
+        connection = self.current_connection()
+        with self.cond:
+            stream = connection.next_stream
+            connection.next_stream += 2
+        return connection.write(mux_frame(NRI_PLUGIN_CONN, struct.pack(
+            ">IIBB", TTRPC_MESSAGE_MAX + 1, stream, TTRPC_REQUEST_TYPE, 0)))
+
+    def hang_up_mid_request(self, method="CreateContainer", payload=None):
+        """Half of a request's frame, then the connection closed."""
+        connection = self.current_connection()
+        if payload is None:
+            pod = nri_pod("half-0")
+            payload = pb_encode(NRI_CREATE_CONTAINER_REQUEST, {"pod": pod, "container": nri_container(pod, "c")})
+        with self.cond:
+            stream = connection.next_stream
+            connection.next_stream += 2
+        frame = mux_frame(NRI_PLUGIN_CONN, ttrpc_message(stream, TTRPC_REQUEST_TYPE, pb_encode(
+            TTRPC_REQUEST, {"service": NRI_PLUGIN_SERVICE, "method": method, "payload": payload})))
+        connection.write(frame[:len(frame) // 2])
+        connection.close("runtime hung up mid-request")
+
+    # Waiting ---------------------------------------------------------------------------
+
+    def wait(self, predicate, timeout=10.0, what="condition"):
+        with self.cond:
+            if not self.cond.wait_for(predicate, timeout):
+                raise AssertionError("fake NRI runtime: timed out after %.1f s waiting for %s; closes %r, "
+                                     "violations %r" % (timeout, what, self.closes, self.violations))
+
+    def wait_accepted(self, count=1, timeout=10.0):
+        self.wait(lambda: self.accepted >= count, timeout, "connection %d" % count)
+
+    def wait_ready(self, count=1, timeout=10.0):
+        """The registration of the count-th plugin synchronized."""
+        self.wait(lambda: self.ready >= count, timeout, "plugin %d registered, configured, synchronized" % count)
+        with self.cond:
+            return [c for c in self.connections if c.ready][count - 1].registration
+
+    def wait_closed(self, count=1, timeout=10.0):
+        """Why the count-th connection to end did."""
+        self.wait(lambda: len(self.closes) >= count, timeout, "connection close %d" % count)
+        return self.closes[count - 1]
+
+    def wait_update_requests(self, count=1, timeout=10.0):
+        self.wait(lambda: len(self.update_requests) >= count, timeout, "UpdateContainers request %d" % count)
+        return self.update_requests[count - 1]
+
+
+class FakeNriRuntimeTests(TempDirTest):
+    """FakeNriRuntime driven by the smallest plugin that speaks its protocol."""
+
+    class MiniPlugin(object):
+        """The plugin side, minimal: mux + ttrpc + the dict encoders. The test
+        thread reads and answers the runtime's requests one by one."""
+
+        def __init__(self, path, timeout=5.0):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+            self.buffers = {NRI_PLUGIN_CONN: b"", NRI_RUNTIME_CONN: b""}
+            self.next_stream, self.responses, self.calls = 1, {}, collections.deque()
+
+        def send(self, conn_id, stream, kind, payload):
+            self.sock.sendall(mux_frame(conn_id, ttrpc_message(stream, kind, payload)))
+
+        def request(self, method, schema, message):
+            """A call into the Runtime service on conn 2: its stream id."""
+            stream, self.next_stream = self.next_stream, self.next_stream + 2
+            self.send(NRI_RUNTIME_CONN, stream, TTRPC_REQUEST_TYPE, pb_encode(TTRPC_REQUEST, {
+                "service": NRI_RUNTIME_SERVICE, "method": method, "payload": pb_encode(schema, message)}))
+            return stream
+
+        def answer(self, stream, schema=NRI_EMPTY, message=None, code=0, text=""):
+            status = {"code": code, "message": text} if code else None
+            self.send(NRI_PLUGIN_CONN, stream, TTRPC_RESPONSE_TYPE, pb_encode(TTRPC_RESPONSE, {
+                "status": status, "payload": pb_encode(schema, message or {})}))
+
+        def exact(self, count):
+            """count bytes; None at EOF, or at a reset (the runtime closed with our bytes unread)."""
+            data = b""
+            while len(data) < count:
+                try:
+                    chunk = self.sock.recv(count - len(data))
+                except ConnectionResetError:
+                    return None
+                if not chunk:
+                    return None
+                data += chunk
+            return data
+
+        def read(self):
+            """The next whole ttrpc message: (conn id, stream id, type, body); None at EOF."""
+            while True:
+                for conn_id, data in self.buffers.items():
+                    if len(data) >= 10:
+                        size, stream, kind, _ = struct.unpack(">IIBB", data[:10])
+                        if len(data) >= 10 + size:
+                            self.buffers[conn_id] = data[10 + size:]
+                            return conn_id, stream, kind, data[10:10 + size]
+                header = self.exact(8)
+                if header is None:
+                    return None
+                conn_id, length = struct.unpack(">II", header)
+                payload = self.exact(length)
+                if payload is None:
+                    return None
+                self.buffers[conn_id] = self.buffers.get(conn_id, b"") + payload
+
+        def pump(self):
+            """Read one message: an answer to our calls goes to `responses`, a
+            call of the runtime to `calls` (the two race, as in containerd). False at EOF."""
+            message = self.read()
+            if message is None:
+                return False
+            conn_id, stream, kind, body = message
+            if conn_id == NRI_RUNTIME_CONN:
+                self.responses[stream] = pb_decode_message(TTRPC_RESPONSE, body)
+            else:
+                request = pb_decode_message(TTRPC_REQUEST, body)
+                assert request["service"] == NRI_PLUGIN_SERVICE and kind == TTRPC_REQUEST_TYPE, request
+                self.calls.append((stream, request["method"], request["payload"]))
+            return True
+
+        def next_call(self, method=None):
+            """The runtime's next call on conn 1: (stream, method, payload); None at EOF."""
+            while not self.calls:
+                if not self.pump():
+                    return None
+            call = self.calls.popleft()
+            assert method is None or call[1] == method, (method, call[1])
+            return call
+
+        def response(self, stream):
+            while stream not in self.responses:
+                assert self.pump(), "EOF before the answer on stream %d" % stream
+            return self.responses.pop(stream)
+
+        def register(self, name="isolcpu-plugin", index="50", events=0, updates=()):
+            """RegisterPlugin, Configure with `events`, Synchronize (chunk by chunk) with `updates`."""
+            stream = self.request("RegisterPlugin", NRI_REGISTER_PLUGIN_REQUEST,
+                                  {"plugin_name": name, "plugin_idx": index})
+            call, _, _ = self.next_call("Configure")
+            self.answer(call, NRI_CONFIGURE_RESPONSE, {"events": events})
+            assert self.response(stream)["status"] is None
+            while True:
+                call, _, payload = self.next_call("Synchronize")
+                more = pb_decode_message(NRI_SYNCHRONIZE_REQUEST, payload)["more"]
+                self.answer(call, NRI_SYNCHRONIZE_RESPONSE, {"more": True} if more else {"update": list(updates)})
+                if not more:
+                    return
+
+        def close(self):
+            self.sock.close()
+
+    def setUp(self):
+        super().setUp()
+        self.socket_path = os.path.join(self.tmp, "nri", "nri.sock")
+
+    def runtime(self, **options):
+        runtime = FakeNriRuntime(self.socket_path, **options).start()
+        self.addCleanup(runtime.stop)
+        return runtime
+
+    def plugin(self):
+        client = self.MiniPlugin(self.socket_path)
+        self.addCleanup(client.close)
+        return client
+
+    def in_thread(self, function, *args):
+        """function(*args) in a thread: join() returns its result."""
+        result = []
+        thread = threading.Thread(target=lambda: result.append(function(*args)), daemon=True)
+        thread.start()
+
+        def join():
+            thread.join(10)
+            self.assertFalse(thread.is_alive(), "%s never returned" % function.__name__)
+            return result[0]
+        return join
+
+    def test_codec_reads_what_it_writes_skips_unknown_fields_and_rejects_malformed(self):
+        pod = nri_pod("web-0", "shop")
+        container = nri_container(pod, "app", cpus="0-3", env=["ISOLCPUS=2-3"])
+        decoded = pb_decode_message(NRI_CONTAINER, pb_encode(NRI_CONTAINER, container))
+        self.assertEqual((decoded["id"], decoded["name"], decoded["state"], nri_cpus(decoded)),
+                         (container["id"], "app", NRI_CONTAINER_RUNNING, "0-3"))
+        self.assertIn("ISOLCPUS=2-3", decoded["env"])
+        self.assertEqual(decoded["labels"]["io.kubernetes.pod.uid"], pod["uid"])
+        self.assertEqual(decoded["linux"]["resources"]["cpu"]["shares"], {"value": 1024})
+        self.assertEqual(pb_decode_message(NRI_CONFIGURE_RESPONSE, pb_encode(NRI_CONFIGURE_RESPONSE, {"events": -1})),
+                         {"events": -1})
+        self.assertEqual(pb_decode_message(NRI_CONTAINER, b""), pb_decode_message(NRI_CONTAINER, pb_encode(
+            NRI_CONTAINER, {"name": "", "state": 0, "linux": None})))
+        wire_types = {wire for _, wire, _ in pb_decode(pb_encode(NRI_CONTAINER, container))}
+        self.assertEqual(wire_types, {0, 1, 2, 5})                      # the unknown fields 40 and 41
+        self.assertEqual(pb_decode_message({1: ("a", NRI_KEY_VALUE)},    # a message seen twice is merged
+                                           pb_field(1, pb_field(1, "k")) + pb_field(1, pb_field(2, "v")))["a"],
+                         {"key": "k", "value": "v"})
+        for bad in (b"\x08", b"\x08\xff\xff\xff\xff\xff\xff\xff\xff\xff\x02", b"\x12\x05abc", b"\x0b", b"\x0c",
+                    b"\x0e", b"\x0f", b"\x00\x00", b"\x0d\x00\x00", b"\x09\x00", b"\x0a\x02\xc3\x28",
+                    pb_varint(1 << 32 | 2) + b"\x00"):
+            with self.subTest(data=bad):
+                with self.assertRaises(ValueError):
+                    pb_decode_message(NRI_POD_SANDBOX, bad)
+        with self.assertRaises(ValueError):                             # a known field of the wrong wire type
+            pb_decode_message(NRI_POD_SANDBOX, pb_field(1, 5))
+
+    def test_schemas_match_the_reference(self):
+        for name, schemas in (("nri-v1alpha1.proto", NRI_SCHEMAS), ("ttrpc.proto", TTRPC_SCHEMAS)):
+            reference = reference_proto(name)
+            if reference is None:
+                self.skipTest("../shared/reference absent")
+            messages = reference[1]
+            for message, schema in schemas.items():
+                for number, (field, kind) in schema.items():
+                    with self.subTest(file=name, message=message, field=field):
+                        if field in messages[message]:
+                            self.assertEqual(messages[message][field][0], number)
+                            self.assertEqual(messages[message][field][2], isinstance(kind, list))
+                        else:                   # maps (which reference_proto does not read) or upstream-only fields
+                            numbers = [n for n, _, _ in messages[message].values()]
+                            self.assertTrue(kind == "map" or number not in numbers)
+        services = reference_proto("nri-v1alpha1.proto")[2]
+        self.assertEqual(sorted(services["Runtime"]), ["RegisterPlugin", "UpdateContainers"])
+        self.assertLessEqual({"Configure", "Synchronize", "CreateContainer", "UpdateContainer", "StopContainer",
+                              "StateChange"}, set(services["Plugin"]))
+
+    def test_registration_configure_split_sync_requests_and_updates(self):
+        pods = [nri_pod("web-0"), nri_pod("db-0")]
+        first, second, third = (nri_container(pods[0], "app", cpus="0-7"),
+                                nri_container(pods[0], "sidecar", cpus="0-7"), nri_container(pods[1], "db", cpus="0-7"))
+        runtime = self.runtime(pods=pods, containers=[first, second, third], sync_chunk=2,
+                               configure_before_register_reply=True, nri_version="v0.12.0")
+        client = self.plugin()
+        register = client.request("RegisterPlugin", NRI_REGISTER_PLUGIN_REQUEST,
+                                  {"plugin_name": "isolcpu-plugin", "plugin_idx": "50"})
+        call, _, payload = client.next_call("Configure")
+        self.assertNotIn(register, client.responses)                    # Configure came first
+        configure = pb_decode_message(NRI_CONFIGURE_REQUEST, payload)
+        self.assertEqual((configure["runtime_name"], configure["request_timeout"]), ("containerd", 2000))
+        events = nri_event_mask(4, 8, 11)
+        client.answer(call, NRI_CONFIGURE_RESPONSE, {"events": events, "_extra": pb_field(9, "a field to skip")})
+        self.assertIsNone(client.response(register)["status"])
+        chunks = []
+        for answer in ({"more": True}, {"update": [nri_container_update(first["id"], "0-1,4-7", True)]}):
+            call, _, payload = client.next_call("Synchronize")
+            chunks.append(pb_decode_message(NRI_SYNCHRONIZE_REQUEST, payload))
+            client.answer(call, NRI_SYNCHRONIZE_RESPONSE, answer)
+        self.assertEqual([(len(c["pods"]), len(c["containers"]), c["more"]) for c in chunks],
+                         [(2, 2, True), (0, 1, False)])
+        self.assertEqual(chunks[1]["containers"][0]["linux"]["cgroups_path"], third["linux"]["cgroups_path"])
+        self.assertEqual(runtime.wait_ready(), {"plugin_name": "isolcpu-plugin", "plugin_idx": "50", "NRI_version": ""})
+        self.assertEqual((runtime.configures, runtime.plugin.events), ([{"events": events}], events))
+        self.assertEqual(runtime.cpuset(first["id"]), "0-1,4-7")
+        self.assertEqual([len(chunks) for chunks in runtime.syncs], [2])
+
+        holder = nri_container(pods[1], "holder", cpus="0-7", env=["ISOLCPUS=2-3"])
+        join = self.in_thread(runtime.create_container, pods[1], holder)
+        call, _, payload = client.next_call("CreateContainer")
+        request = pb_decode_message(NRI_CREATE_CONTAINER_REQUEST, payload)
+        self.assertEqual((request["pod"]["uid"], request["container"]["name"]), (pods[1]["uid"], "holder"))
+        self.assertIn("ISOLCPUS=2-3", request["container"]["env"])
+        client.answer(call, NRI_CREATE_CONTAINER_RESPONSE,
+                      {"adjust": {"linux": {"resources": {"cpu": {"cpus": "2-3"}}}}})
+        reply = join()
+        self.assertEqual((reply.outcome, reply.cpus, runtime.cpuset(holder["id"])), ("ok", "2-3", "2-3"))
+
+        join = self.in_thread(runtime.update_container, pods[1], holder, nri_linux_resources("0-1"))
+        call, _, payload = client.next_call("UpdateContainer")
+        self.assertEqual(nri_cpus(pb_decode_message(NRI_UPDATE_CONTAINER_REQUEST, payload)["linux_resources"]), "0-1")
+        client.answer(call, NRI_UPDATE_CONTAINER_RESPONSE, {"update": [nri_container_update(holder["id"], "0-3")]})
+        self.assertEqual((join().cpus, runtime.cpuset(holder["id"])), ("0-3", "0-3"))
+        self.assertEqual(runtime.stop_container(pods[1], holder).outcome, "skipped")      # not subscribed
+
+        runtime.failed_updates = {second["id"]}
+        stream = client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST, {"update": [
+            nri_container_update(first["id"], "0-3", True), nri_container_update(second["id"], "1", True),
+            nri_container_update("gone", "1", True)]})
+        self.assertEqual(client.response(stream), {"status": None, "payload": b""})
+        self.assertEqual(len(runtime.wait_update_requests()["update"]), 3)
+        self.assertEqual((runtime.cpuset(first["id"]), runtime.cpuset(second["id"])), ("0-3", "0-7"))
+        stream = client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST,
+                                {"update": [nri_container_update(second["id"], "1")]})
+        self.assertEqual(client.response(stream)["status"],
+                         {"code": GRPC_UNKNOWN, "message": "NRI update of some containers failed"})
+        runtime.failed_reply = "list"
+        stream = client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST,
+                                {"update": [nri_container_update(second["id"], "1")]})
+        failed = pb_decode_message(NRI_UPDATE_CONTAINERS_RESPONSE, client.response(stream)["payload"])["failed"]
+        self.assertEqual([u["container_id"] for u in failed], [second["id"]])
+        runtime.hang_update_containers = True
+        hung = client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST, {})
+        runtime.wait_update_requests(4)
+        runtime.hang_update_containers = False
+        stream = client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST, {})
+        self.assertIsNone(client.response(stream)["status"])
+        self.assertNotIn(hung, client.responses)
+
+        join = self.in_thread(runtime.remove_container, pods[1], holder, True)
+        call, _, _ = client.next_call("RemoveContainer")
+        client.answer(call, code=GRPC_UNIMPLEMENTED, text="method RemoveContainer")
+        call, _, payload = client.next_call("StateChange")
+        self.assertEqual(pb_decode_message(NRI_STATE_CHANGE_EVENT, payload)["event"], 11)
+        client.answer(call)
+        reply = join()
+        self.assertEqual((reply.outcome, reply.fallback, holder["id"] in runtime.containers), ("ok", True, False))
+
+        join = self.in_thread(runtime.call, "RunPodSandbox", pb_encode(NRI_POD_EVENT_REQUEST, {"pod": pods[0]}))
+        call, _, _ = client.next_call("RunPodSandbox")
+        client.answer(call, code=GRPC_UNIMPLEMENTED, text="method RunPodSandbox")
+        self.assertEqual((join().outcome, runtime.calls[-1].code), ("failed", GRPC_UNIMPLEMENTED))
+        self.assertTrue(runtime.frames_received and all(n <= 4096 for _, n in runtime.frames_received))
+        self.assertEqual({conn for conn, _ in runtime.frames_received}, {1, 2})
+        self.assertEqual((runtime.violations, runtime.closes), ([], []))
+
+    def test_a_failing_plugin_fails_the_creation_a_slow_one_is_dropped(self):
+        runtime = self.runtime(request_timeout=0.3)
+        client = self.plugin()
+        client.register(events=nri_event_mask(4))
+        runtime.wait_ready()
+        pod = nri_pod("web-0")
+        join = self.in_thread(runtime.create_container, pod, nri_container(pod, "app"))
+        call, _, _ = client.next_call("CreateContainer")
+        client.answer(call, code=GRPC_UNKNOWN, text="no")
+        reply = join()
+        self.assertEqual((reply.outcome, reply.code, reply.message, reply.cpus), ("failed", GRPC_UNKNOWN, "no", None))
+        self.assertEqual(list(runtime.containers), [])
+
+        # awaiting UpdateContainers inside a request deadlocks on the runtime's lock until the timeout
+        container = nri_container(pod, "app", cpus="0-7")
+        join = self.in_thread(runtime.create_container, pod, container)
+        client.next_call("CreateContainer")
+        client.request("UpdateContainers", NRI_UPDATE_CONTAINERS_REQUEST, {"update": [nri_container_update("x", "1")]})
+        self.assertIsNone(client.next_call())                         # no answer to either: the connection ends
+        reply = join()
+        self.assertEqual((reply.outcome, reply.cpus, runtime.cpuset(container["id"])), ("dropped", "0-7", "0-7"))
+        self.assertGreaterEqual(reply.seconds, 0.3)
+        self.assertIn("context deadline exceeded", runtime.wait_closed())
+        self.assertEqual(runtime.create_container(pod, nri_container(pod, "late")).outcome, "skipped")
+
+    def test_registration_rules(self):
+        runtime = self.runtime(registration_timeout=0.2)
+        silent = self.plugin()
+        self.assertIsNone(silent.read())
+        self.assertEqual(runtime.wait_closed(1), "plugin registration timed out")
+        for number, (name, index, message) in enumerate((
+                ("isolcpu-plugin", "5", 'invalid plugin index "5", must be 2 digits'),
+                ("isolcpu-plugin", "5a", 'invalid plugin index "5a" (not [0-9][0-9])'),
+                ("", "50", "invalid (empty) plugin name")), 2):
+            with self.subTest(name=name, index=index):
+                client = self.plugin()
+                stream = client.request("RegisterPlugin", NRI_REGISTER_PLUGIN_REQUEST,
+                                        {"plugin_name": name, "plugin_idx": index})
+                status = client.response(stream)["status"]
+                self.assertEqual(status["code"], GRPC_UNKNOWN)
+                self.assertIn(message, status["message"])
+                self.assertIsNone(client.read())
+                self.assertIn(message, runtime.wait_closed(number))
+        client = self.plugin()
+        client.request("RegisterPlugin", NRI_REGISTER_PLUGIN_REQUEST, {"plugin_name": "p", "plugin_idx": "10"})
+        call, _, _ = client.next_call("Configure")
+        client.answer(call, NRI_CONFIGURE_RESPONSE, {"events": nri_event_mask(4, 12)})
+        self.assertEqual(runtime.wait_closed(5), "invalid plugin events: 0x800")
+        self.assertEqual(runtime.ready, 0)
+
+    def test_a_split_sync_must_be_echoed(self):
+        pod = nri_pod("web-0")
+        runtime = self.runtime(pods=[pod], containers=[nri_container(pod, "a"), nri_container(pod, "b")], sync_chunk=1)
+        answers = ({"more": False}, {"more": True, "update": [nri_container_update("a", "1")]})
+        for number, answer in enumerate(answers, 1):
+            with self.subTest(answer=answer):
+                client = self.plugin()
+                client.request("RegisterPlugin", NRI_REGISTER_PLUGIN_REQUEST, {"plugin_name": "p", "plugin_idx": "10"})
+                call, _, _ = client.next_call("Configure")
+                client.answer(call, NRI_CONFIGURE_RESPONSE, {})
+                call, _, _ = client.next_call("Synchronize")
+                client.answer(call, NRI_SYNCHRONIZE_RESPONSE, answer)
+                self.assertIsNone(client.next_call())
+                self.assertIn("plugin does not handle split sync requests", runtime.wait_closed(number))
+        self.assertEqual(runtime.ready, 0)
+
+    def test_bytes_written_one_by_one_and_messages_in_small_or_go_sized_frames(self):
+        pod = nri_pod("web-0")
+        runtime = self.runtime(pods=[pod], containers=[nri_container(pod, "c%d" % i) for i in range(12)])
+        runtime.byte_writes, runtime.byte_pause = True, 0.0      # no pause: 13 KiB of Synchronize
+        client = self.plugin()
+        client.register(events=nri_event_mask(4))
+        runtime.wait_ready()
+        self.assertEqual(runtime.socket_writes, sum(8 + n for _, n in runtime.frames_sent))
+        sync_frames = [n for _, n in runtime.frames_sent[2:4]]        # Configure, RegisterPlugin's answer, Synchronize
+        self.assertEqual(sync_frames[0], 4096)                          # Go's bufio.Writer: 4096, then the rest
+        self.assertGreater(sync_frames[1], 4096)
+        runtime.byte_writes, runtime.frame_size = False, 5
+        sent = len(runtime.frames_sent)
+        join = self.in_thread(runtime.create_container, pod, nri_container(pod, "new"))
+        call, _, payload = client.next_call("CreateContainer")
+        self.assertEqual(pb_decode_message(NRI_CREATE_CONTAINER_REQUEST, payload)["container"]["name"], "new")
+        client.answer(call, NRI_CREATE_CONTAINER_RESPONSE, {})
+        self.assertEqual(join().outcome, "ok")
+        self.assertEqual(max(n for _, n in runtime.frames_sent[sent:]), 5)
+
+    def test_garbage_oversized_frames_and_unknown_conns_from_the_plugin(self):
+        runtime = self.runtime()
+        client = self.plugin()
+        client.register()
+        runtime.wait_ready()
+        client.sock.sendall(mux_frame(7, b"hello"))                      # the Go mux drops it
+        client.sock.sendall(mux_frame(1, ttrpc_message(99, TTRPC_RESPONSE_TYPE, b"")))    # an inactive stream
+        runtime.wait(lambda: len(runtime.violations) == 2, 5, "two violations")
+        self.assertIn("unknown conn 7", runtime.violations[0])
+        self.assertIn("inactive stream 99", runtime.violations[1])
+        client.sock.sendall(mux_frame(2, bytes(6144)))                   # one 6 KiB frame, as seen to fail
+        self.assertIsNone(client.read())
+        self.assertIn("frame of 6144 bytes on conn 2 > 4096", runtime.wait_closed(1))
+        garbage = self.plugin()
+        garbage.sock.sendall(b"GET / HTTP/1.1\r\nHost: nri\r\n\r\n")
+        self.assertIsNone(garbage.read())
+        self.assertIn("frame of", runtime.wait_closed(2))
+        runtime.max_plugin_frame = None
+        message = self.plugin()
+        message.sock.sendall(mux_frame(2, struct.pack(">IIBB", TTRPC_MESSAGE_MAX + 1, 1, 1, 0)))
+        self.assertIsNone(message.read())
+        self.assertIn("> 4 MiB", runtime.wait_closed(3))
+
+    def test_hostile_sends_reach_the_plugin_and_a_restarted_runtime_configures_afresh(self):
+        runtime = self.runtime()
+        client = self.plugin()
+        client.register()                                               # events 0: all of them
+        runtime.wait_ready()
+        self.assertEqual(runtime.plugin.events, NRI_VALID_EVENTS_V0_6)
+        runtime.send_frame(9, b"x")
+        runtime.send_oversized_frame()
+        self.assertEqual(struct.unpack(">II", client.exact(8)), (9, 1))
+        client.exact(1)
+        self.assertEqual(struct.unpack(">II", client.exact(8)), (1, TTRPC_MESSAGE_MAX + 11))
+        client.exact(64)
+        runtime.send_raw(b"\x00garbage")
+        self.assertEqual(client.exact(8), b"\x00garbage")
+        runtime.send_oversized_message()
+        self.assertEqual(struct.unpack(">IIIIBB", client.exact(18))[2:5], (TTRPC_MESSAGE_MAX + 1, 5, 1))
+        runtime.hang_up_mid_request()
+        conn_id, length = struct.unpack(">II", client.exact(8))
+        self.assertEqual(conn_id, 1)
+        data = client.sock.recv(length)
+        self.assertLess(len(data), length)
+        self.assertIsNone(client.exact(length - len(data)))
+        self.assertEqual(runtime.wait_closed(), "runtime hung up mid-request")
+        runtime.restart()
+        again = self.plugin()
+        again.register(index="51")
+        self.assertEqual(runtime.wait_ready(2)["plugin_idx"], "51")
+        self.assertEqual([len(chunks) for chunks in runtime.syncs], [1, 1])
+        self.assertEqual(len(runtime.configures), 2)
 
 
 class PluginProcess(object):
