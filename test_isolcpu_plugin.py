@@ -32,6 +32,7 @@ import time
 import unittest
 import urllib.error
 import urllib.request
+import uuid
 import xml.etree.ElementTree as ElementTree
 
 import isolcpu_plugin as plugin
@@ -5175,6 +5176,302 @@ class DoctorThisMachineTests(unittest.TestCase):
         failing = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
         self.assertEqual(len(failing), 1, result.stdout)
         self.assertEqual(failing[0].split()[1], "isolated")
+
+
+# ---------------------------------------------------------------------------
+# A real containerd 1.7 with NRI on, driven through CRI as the kubelet drives it
+# ---------------------------------------------------------------------------
+# tools/ci/containerd.sh start DIR runs one (.ci/run does); ISOLCPU_TEST_CONTAINERD=DIR
+# runs these against it. The plugin serves a fake host of 2 CPUs (0-1 online, 1
+# isolated: CPUs this machine has) and sets cpusets by
+# cpuset = ((B - A) | H) & online, A = {1}: a holder of CPU 1 runs on its kubelet
+# cpuset plus 1, every other container on its kubelet cpuset minus 1.
+
+CONTAINERD_TEST_DIR = os.environ.get("ISOLCPU_TEST_CONTAINERD")
+CONTAINERD_SH = os.path.join(HERE, "tools", "ci", "containerd.sh")
+NRI_INDEX = "50"
+
+
+def import_cri_client():
+    sys.path.insert(0, os.path.join(HERE, "tools"))
+    try:
+        import cri_client
+    finally:
+        sys.path.remove(os.path.join(HERE, "tools"))
+    return cri_client
+
+
+@unittest.skipUnless(CONTAINERD_TEST_DIR, "ISOLCPU_TEST_CONTAINERD (a dir made by tools/ci/containerd.sh start) not set")
+@needs_grpc
+class RealContainerdTests(TempDirTest):
+    """Pods and containers made through CRI; each container's cgroup
+    cpuset.cpus and its process's Cpus_allowed_list read back from the kernel."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.cri = import_cri_client()
+        cls.env = cls.cri.read_env_file(os.path.join(CONTAINERD_TEST_DIR, "env"))
+        cls.client = cls.cri.CriClient(cls.env["CONTAINERD_SOCKET"])
+        cls.client.wait_ready()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+
+    def setUp(self):
+        super().setUp()
+        self.sysfs, self.procfs = fake_host(os.path.join(self.tmp, "host"), sockets=1, cores=2, threads=1,
+                                            isolated="1")
+        self.dir = os.path.join(self.tmp, "device-plugins")
+        self.kubelet_dir = os.path.join(self.tmp, "kubelet")
+        os.makedirs(self.kubelet_dir)
+        self.kubelet = FakeKubelet(self.dir)              # the plugin registers as on a node
+        self.kubelet.start()
+        self.addCleanup(self.kubelet.stop)
+        self.pods = []
+        self.addCleanup(self.remove_pods)
+        # the kubelet's record: a Guaranteed pod holding CPU 1 (device "1") with exclusive CPU 0
+        self.holder_pod = self.run_pod("guaranteed")
+        self.write_checkpoint({(self.holder_pod.uid, "app"): ["1"]})
+        self.write_cpu_manager_state({self.holder_pod.uid: {"app": "0"}})
+
+    # The kubelet's side ----------------------------------------------------------
+
+    def run_pod(self, name):
+        uid = str(uuid.uuid4())
+        pod = self.client.run_pod_sandbox(name, "default", uid,
+                                          cgroup_parent="%s/pod%s" % (self.env["CONTAINERD_CGROUP_ROOT"], uid))
+        self.pods.append(pod)
+        return pod
+
+    def remove_pods(self):
+        """Every container and sandbox this test made, even after a failure."""
+        for pod in self.pods:
+            for container in self.client.list_containers(pod_sandbox_id=pod.id):
+                with contextlib.suppress(grpc.RpcError):
+                    self.client.stop_container(container["id"])
+                    self.client.remove_container(container["id"])
+            with contextlib.suppress(grpc.RpcError):
+                self.client.stop_pod_sandbox(pod.id)
+                self.client.remove_pod_sandbox(pod.id)
+            self.cri.remove_cgroups(pod.cgroup_parent)
+
+    def write_checkpoint(self, holders):
+        """kubelet_internal_checkpoint naming {(pod uid, container): device IDs}, renamed into place."""
+        entries = [{"PodUID": uid, "ContainerName": name, "ResourceName": "windriver.com/isolcpus",
+                    "DeviceIDs": {"0": ids}, "AllocResp": ""} for (uid, name), ids in holders.items()]
+        write_files(self.dir, {"kubelet_internal_checkpoint": json.dumps(
+            {"Data": {"PodDeviceEntries": entries, "RegisteredDevices": {}}, "Checksum": 0})})
+
+    def write_cpu_manager_state(self, entries, default="0-1"):
+        write_files(self.kubelet_dir, {"cpu_manager_state": json.dumps(
+            {"policyName": "static", "defaultCpuSet": default, "entries": entries, "checksum": 0})})
+
+    def container(self, pod, cpuset, name="app", envs=None, attempt=0):
+        """CreateContainer + StartContainer: a sleeping busybox with the kubelet's cpuset."""
+        envs = dict({"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}, **(envs or {}))
+        container_id = self.client.create_container(pod, name, self.env["CONTAINERD_IMAGE"],
+                                                    command=["/bin/sleep", "3600"], envs=envs, cpuset=cpuset,
+                                                    cpu_shares=1024, attempt=attempt)
+        self.client.start_container(container_id)
+        return pod, container_id
+
+    def holder(self, attempt=0):
+        return self.container(self.holder_pod, "0", envs={"ISOLCPUS": "1"}, attempt=attempt)
+
+    def non_holder(self):
+        return self.container(self.run_pod("burstable"), "0-1")
+
+    def spoofer(self):
+        """Claims CPU 1 in its own pod spec; the checkpoint gives it nothing."""
+        return self.container(self.run_pod("spoofer"), "0-1", envs={"ISOLCPUS": "1"})
+
+    # What the kernel says --------------------------------------------------------
+
+    def cpus(self, container):
+        """(cgroup cpuset.cpus, the process's Cpus_allowed_list), both canonical."""
+        pod, container_id = container
+        pid = self.client.container_status(container_id)["pid"] or self.cri.cgroup_pids(pod.cgroup_parent,
+                                                                                        container_id)[0]
+        return (canonical_cpu_list(expand_cpu_list(self.cri.container_cgroup_cpus(pod.cgroup_parent, container_id))),
+                canonical_cpu_list(expand_cpu_list(self.cri.cpus_allowed_list(pid))))
+
+    def assert_cpus(self, container, expected, within=0.0, since=None, what=""):
+        """Both the cgroup and the process on `expected`, at once or within
+        `within` seconds of `since` (monotonic; default now)."""
+        expected = canonical_cpu_list(expand_cpu_list(expected))
+        deadline = (since if since is not None else time.monotonic()) + within
+        while True:
+            found = self.cpus(container)
+            if found == (expected, expected):
+                return
+            plugin = getattr(self, "plugin", None)
+            if time.monotonic() >= deadline or (plugin and plugin.proc.poll() is not None):
+                break                                     # a plugin that exited will not fix it
+            time.sleep(0.02)
+        self.fail("%s %s: cgroup cpuset.cpus %s, Cpus_allowed_list %s; wanted %s%s%s" % (
+            what or "container", container[1][:12], found[0], found[1], expected,
+            " within %.1f s" % within if within else "", self.plugin_log()))
+
+    # The plugin and containerd ---------------------------------------------------
+
+    def start_plugin(self):
+        args = ["--sysfs", self.sysfs, "--procfs", self.procfs, "--device-plugin-path", self.dir,
+                "--pod-resources-socket", "off", "--kubelet-dir", self.kubelet_dir,
+                "--nri", "on", "--nri-socket", self.env["CONTAINERD_NRI_SOCKET"], "--nri-index", NRI_INDEX,
+                "--rescan-interval", "0.2", "--log-level", "debug"]
+        self.plugin = PluginProcess(self.tmp, args)
+        self.plugin.started = time.monotonic()
+        self.addCleanup(self.plugin.stop, signal.SIGKILL)
+        return self.plugin
+
+    def plugin_log(self):
+        plugin = getattr(self, "plugin", None)
+        return "\nplugin log:\n%s" % plugin.log()[-4000:] if plugin else ""
+
+    def containerd_log_size(self):
+        return os.path.getsize(self.env["CONTAINERD_LOG"])
+
+    def wait_nri_connected(self, since_offset, deadline):
+        """Until containerd logs the plugin as connected, past `since_offset`: NRI's adaptation logs
+        `plugin "NN-name" connected` after its Synchronize, the one outside sign of a registration."""
+        text = 'plugin \\"%s-isolcpu-plugin\\" connected' % NRI_INDEX
+        while time.monotonic() < deadline:
+            with open(self.env["CONTAINERD_LOG"]) as f:
+                f.seek(since_offset)
+                if text in f.read():
+                    return
+            if self.plugin.proc.poll() is not None:
+                self.fail("the plugin exited with %s before connecting to NRI%s" % (self.plugin.proc.returncode,
+                                                                                   self.plugin_log()))
+            time.sleep(0.02)
+        self.fail("containerd never logged the plugin as connected%s" % self.plugin_log())
+
+    def connected_plugin(self):
+        offset = self.containerd_log_size()
+        plugin = self.start_plugin()
+        self.wait_nri_connected(offset, plugin.started + 10)
+        return plugin
+
+    def restart_containerd(self):
+        subprocess.run([CONTAINERD_SH, "restart", CONTAINERD_TEST_DIR], check=True, stdout=subprocess.DEVNULL)
+        self.client.wait_ready()
+
+    # Without the plugin: the infrastructure itself -------------------------------
+
+    def test_without_the_plugin_cpusets_are_the_kubelets(self):
+        holder, non_holder, spoofer = self.holder(), self.non_holder(), self.spoofer()
+        for container in (holder, non_holder, spoofer):
+            pod, container_id = container
+            status = self.client.container_status(container_id)
+            self.assertEqual(status["state"], "running")
+            # containerd's cgroup for it (cgroupfs driver): <cgroup_parent>/<container id>, as its process sees it
+            self.assertEqual(self.cri.cgroup_of(status["pid"]), "%s/%s" % (pod.cgroup_parent, container_id))
+            self.assertEqual(self.cri.cgroup_pids(pod.cgroup_parent, container_id), [status["pid"]])
+        self.assert_cpus(holder, "0")
+        self.assert_cpus(non_holder, "0-1")
+        self.assert_cpus(spoofer, "0-1")
+        self.client.update_container_resources(holder[1], cpuset="0-1")
+        self.client.update_container_resources(non_holder[1], cpuset="0")
+        self.assert_cpus(holder, "0-1")
+        self.assert_cpus(non_holder, "0")
+        self.assertEqual(self.client.container_status(non_holder[1])["cpuset"], "0")
+        # a containerd restart leaves running containers as they are, as on a node
+        pids = [self.client.container_status(c[1])["pid"] for c in (holder, non_holder, spoofer)]
+        self.restart_containerd()
+        self.assertEqual([self.client.container_status(c[1])["pid"] for c in (holder, non_holder, spoofer)], pids)
+        self.assert_cpus(holder, "0-1")
+        self.assert_cpus(non_holder, "0")
+        self.assert_cpus(spoofer, "0-1")
+        self.assert_cpus(self.container(self.holder_pod, "0", name="sidecar"), "0")
+
+    def test_a_client_can_connect_to_the_nri_socket(self):
+        """The socket is NRI's: RegisterPlugin (mux conn 2, ttrpc stream 1) is answered OK."""
+        path = self.env["CONTAINERD_NRI_SOCKET"]
+        self.assertTrue(stat.S_ISSOCK(os.stat(path).st_mode))
+        register = pb_field(1, "ci-probe") + pb_field(2, "99")          # RegisterPluginRequest{1 name, 2 idx}
+        request = (pb_field(1, "nri.pkg.api.v1alpha1.Runtime") + pb_field(2, "RegisterPlugin")
+                   + pb_field(3, register))                              # ttrpc.Request{1 service, 2 method, 3 payload}
+        message = struct.pack(">IIBB", len(request), 1, 1, 0) + request  # ttrpc: length, stream 1, request, flags
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(path)
+            sock.sendall(struct.pack(">II", 2, len(message)) + message)  # mux: conn 2 = the runtime's service
+
+            def read(size):
+                data = b""
+                while len(data) < size:
+                    chunk = sock.recv(size - len(data))
+                    self.assertTrue(chunk, "containerd closed the NRI connection")
+                    data += chunk
+                return data
+            while True:                                   # Configure may come first, on conn 1
+                conn, size = struct.unpack(">II", read(8))
+                payload = read(size)
+                length, stream, kind, _ = struct.unpack(">IIBB", payload[:10])
+                if conn == 2 and stream == 1 and kind == 2:
+                    break
+        response = payload[10:10 + length]                # ttrpc.Response{1 status{1 code}, 2 payload}
+        self.assertEqual(self.cri.field(self.cri.field(response, 1), 1, 0), 0, response)
+
+    # With the plugin (these need its NRI side) -----------------------------------
+
+    def test_holder_non_holder_and_spoofer(self):
+        self.connected_plugin()
+        self.assert_cpus(self.holder(), "0-1", what="holder")
+        self.assert_cpus(self.non_holder(), "0", what="non-holder")
+        self.assert_cpus(self.spoofer(), "0", what="spoofer")
+        self.assertIsNone(self.plugin.proc.poll())
+
+    def test_kubelet_updates_follow_the_rule(self):
+        self.connected_plugin()
+        holder, non_holder = self.holder(), self.non_holder()
+        for cpuset in ("0-1", "0"):
+            self.client.update_container_resources(holder[1], cpuset=cpuset)
+            self.assert_cpus(holder, "0-1", what="holder updated to %s" % cpuset)
+            self.client.update_container_resources(non_holder[1], cpuset=cpuset)
+            self.assert_cpus(non_holder, "0", what="non-holder updated to %s" % cpuset)
+        # an in-place resize carries no cpus: the cpuset stays
+        self.client.update_container_resources(holder[1], cpu_shares=2048, cpu_quota=200000, cpu_period=100000)
+        self.assert_cpus(holder, "0-1", what="holder resized")
+
+    def test_containers_made_before_the_plugin_are_fixed_at_its_start(self):
+        holder, non_holder, spoofer = self.holder(), self.non_holder(), self.spoofer()
+        self.assert_cpus(non_holder, "0-1")
+        plugin = self.start_plugin()
+        self.assert_cpus(holder, "0-1", within=2, since=plugin.started, what="holder")
+        self.assert_cpus(non_holder, "0", within=2, since=plugin.started, what="non-holder")
+        self.assert_cpus(spoofer, "0", within=2, since=plugin.started, what="spoofer")
+
+    def test_a_restarted_plugin_repairs_what_changed_while_it_was_down(self):
+        plugin = self.connected_plugin()
+        holder, non_holder = self.holder(), self.non_holder()
+        self.assert_cpus(holder, "0-1")
+        plugin.stop(signal.SIGKILL)
+        # the kubelet updates both meanwhile; containerd applies them unadjusted
+        self.client.update_container_resources(holder[1], cpuset="0")
+        self.client.update_container_resources(non_holder[1], cpuset="0-1")
+        self.assert_cpus(holder, "0", what="holder, plugin down")
+        self.assert_cpus(non_holder, "0-1", what="non-holder, plugin down")
+        plugin = self.start_plugin()
+        self.assert_cpus(holder, "0-1", within=2, since=plugin.started, what="holder")
+        self.assert_cpus(non_holder, "0", within=2, since=plugin.started, what="non-holder")
+
+    def test_after_a_containerd_restart_the_plugin_reconnects(self):
+        self.connected_plugin()
+        holder, non_holder = self.holder(), self.non_holder()
+        offset = self.containerd_log_size()
+        restarted = time.monotonic()
+        self.restart_containerd()
+        self.assert_cpus(holder, "0-1", what="holder across the restart")
+        self.assert_cpus(non_holder, "0", what="non-holder across the restart")
+        self.wait_nri_connected(offset, restarted + 10)
+        # the kubelet restarts the holder's container (attempt 1): the same checkpoint entry
+        self.client.stop_container(holder[1])
+        self.client.remove_container(holder[1])
+        self.assert_cpus(self.holder(attempt=1), "0-1", what="new holder")
+        self.assert_cpus(self.non_holder(), "0", what="new non-holder")
+        self.assertIsNone(self.plugin.proc.poll())
 
 
 if __name__ == "__main__":
