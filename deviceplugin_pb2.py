@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x65viceplugin.proto\x12\x07v1beta1\"]\n\x13\x44\x65vicePluginOptions\x12\x1a\n\x12pre_start_required\x18\x01 \x01(\x08\x12*\n\"get_preferred_allocation_available\x18\x02 \x01(\x08\"z\n\x0fRegisterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rresource_name\x18\x03 \x01(\t\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.v1beta1.DevicePluginOptions\"\x07\n\x05\x45mpty\"8\n\x14ListAndWatchResponse\x12 \n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x0f.v1beta1.Device\"0\n\x0cTopologyInfo\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.v1beta1.NUMANode\"\x16\n\x08NUMANode\x12\n\n\x02ID\x18\x01 \x01(\x03\"M\n\x06\x44\x65vice\x12\n\n\x02ID\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"/\n\x18PreStartContainerRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x1b\n\x19PreStartContainerResponse\"f\n\x1aPreferredAllocationRequest\x12H\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerPreferredAllocationRequest\"{\n#ContainerPreferredAllocationRequest\x12\x1b\n\x13\x61vailable_deviceIDs\x18\x01 \x03(\t\x12\x1e\n\x16must_include_deviceIDs\x18\x02 \x03(\t\x12\x17\n\x0f\x61llocation_size\x18\x03 \x01(\x05\"i\n\x1bPreferredAllocationResponse\x12J\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32-.v1beta1.ContainerPreferredAllocationResponse\"9\n$ContainerPreferredAllocationResponse\x12\x11\n\tdeviceIDs\x18\x01 \x03(\t\"P\n\x0f\x41llocateRequest\x12=\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32!.v1beta1.ContainerAllocateRequest\"/\n\x18\x43ontainerAllocateRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x19\n\tCDIDevice\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x10\x41llocateResponse\x12?\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32\".v1beta1.ContainerAllocateResponse\"\xf1\x02\n\x19\x43ontainerAllocateResponse\x12:\n\x04\x65nvs\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerAllocateResponse.EnvsEntry\x12\x1e\n\x06mounts\x18\x02 \x03(\x0b\x32\x0e.v1beta1.Mount\x12$\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x13.v1beta1.DeviceSpec\x12H\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32\x33.v1beta1.ContainerAllocateResponse.AnnotationsEntry\x12\'\n\x0b\x63\x64i_devices\x18\x05 \x03(\x0b\x32\x12.v1beta1.CDIDevice\x1a+\n\tEnvsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x05Mount\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\"L\n\nDeviceSpec\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x01(\t\"\x19\n\x17ListPodResourcesRequest\"H\n\x18ListPodResourcesResponse\x12,\n\rpod_resources\x18\x01 \x03(\x0b\x32\x15.v1beta1.PodResources\"`\n\x0cPodResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12/\n\ncontainers\x18\x03 \x03(\x0b\x32\x1b.v1beta1.ContainerResources\"_\n\x12\x43ontainerResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x19.v1beta1.ContainerDevices\x12\x0f\n\x07\x63pu_ids\x18\x03 \x03(\x03\"f\n\x10\x43ontainerDevices\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"\x1d\n\x1b\x41llocatableResourcesRequest\"[\n\x1c\x41llocatableResourcesResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.v1beta1.ContainerDevices\x12\x0f\n\x07\x63pu_ids\x18\x02 \x03(\x03\x32\x46\n\x0cRegistration\x12\x36\n\x08Register\x12\x18.v1beta1.RegisterRequest\x1a\x0e.v1beta1.Empty\"\x00\x32\xa3\x03\n\x0c\x44\x65vicePlugin\x12H\n\x16GetDevicePluginOptions\x12\x0e.v1beta1.Empty\x1a\x1c.v1beta1.DevicePluginOptions\"\x00\x12\x41\n\x0cListAndWatch\x12\x0e.v1beta1.Empty\x1a\x1d.v1beta1.ListAndWatchResponse\"\x00\x30\x01\x12\x65\n\x16GetPreferredAllocation\x12#.v1beta1.PreferredAllocationRequest\x1a$.v1beta1.PreferredAllocationResponse\"\x00\x12\x41\n\x08\x41llocate\x12\x18.v1beta1.AllocateRequest\x1a\x19.v1beta1.AllocateResponse\"\x00\x12\\\n\x11PreStartContainer\x12!.v1beta1.PreStartContainerRequest\x1a\".v1beta1.PreStartContainerResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x65viceplugin.proto\x12\x07v1beta1\"]\n\x13\x44\x65vicePluginOptions\x12\x1a\n\x12pre_start_required\x18\x01 \x01(\x08\x12*\n\"get_preferred_allocation_available\x18\x02 \x01(\x08\"z\n\x0fRegisterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rresource_name\x18\x03 \x01(\t\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.v1beta1.DevicePluginOptions\"\x07\n\x05\x45mpty\"8\n\x14ListAndWatchResponse\x12 \n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x0f.v1beta1.Device\"0\n\x0cTopologyInfo\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.v1beta1.NUMANode\"\x16\n\x08NUMANode\x12\n\n\x02ID\x18\x01 \x01(\x03\"M\n\x06\x44\x65vice\x12\n\n\x02ID\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"/\n\x18PreStartContainerRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x1b\n\x19PreStartContainerResponse\"f\n\x1aPreferredAllocationRequest\x12H\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerPreferredAllocationRequest\"{\n#ContainerPreferredAllocationRequest\x12\x1b\n\x13\x61vailable_deviceIDs\x18\x01 \x03(\t\x12\x1e\n\x16must_include_deviceIDs\x18\x02 \x03(\t\x12\x17\n\x0f\x61llocation_size\x18\x03 \x01(\x05\"i\n\x1bPreferredAllocationResponse\x12J\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32-.v1beta1.ContainerPreferredAllocationResponse\"9\n$ContainerPreferredAllocationResponse\x12\x11\n\tdeviceIDs\x18\x01 \x03(\t\"P\n\x0f\x41llocateRequest\x12=\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32!.v1beta1.ContainerAllocateRequest\"/\n\x18\x43ontainerAllocateRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x19\n\tCDIDevice\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x10\x41llocateResponse\x12?\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32\".v1beta1.ContainerAllocateResponse\"\xf1\x02\n\x19\x43ontainerAllocateResponse\x12:\n\x04\x65nvs\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerAllocateResponse.EnvsEntry\x12\x1e\n\x06mounts\x18\x02 \x03(\x0b\x32\x0e.v1beta1.Mount\x12$\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x13.v1beta1.DeviceSpec\x12H\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32\x33.v1beta1.ContainerAllocateResponse.AnnotationsEntry\x12\'\n\x0b\x63\x64i_devices\x18\x05 \x03(\x0b\x32\x12.v1beta1.CDIDevice\x1a+\n\tEnvsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x05Mount\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\"L\n\nDeviceSpec\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x01(\t\"\x19\n\x17ListPodResourcesRequest\"H\n\x18ListPodResourcesResponse\x12,\n\rpod_resources\x18\x01 \x03(\x0b\x32\x15.v1beta1.PodResources\"`\n\x0cPodResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12/\n\ncontainers\x18\x03 \x03(\x0b\x32\x1b.v1beta1.ContainerResources\"_\n\x12\x43ontainerResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x19.v1beta1.ContainerDevices\x12\x0f\n\x07\x63pu_ids\x18\x03 \x03(\x03\"f\n\x10\x43ontainerDevices\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"\x1d\n\x1b\x41llocatableResourcesRequest\"[\n\x1c\x41llocatableResourcesResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.v1beta1.ContainerDevices\x12\x0f\n\x07\x63pu_ids\x18\x02 \x03(\x03\"@\n\x15RegisterPluginRequest\x12\x13\n\x0bplugin_name\x18\x01 \x01(\t\x12\x12\n\nplugin_idx\x18\x02 \x01(\t\"n\n\x17UpdateContainersRequest\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12)\n\x05\x65vict\x18\x02 \x03(\x0b\x32\x1a.v1beta1.ContainerEviction\"D\n\x18UpdateContainersResponse\x12(\n\x06\x66\x61iled\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\"\x88\x01\n\x10\x43onfigureRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\x12\x14\n\x0cruntime_name\x18\x02 \x01(\t\x12\x17\n\x0fruntime_version\x18\x03 \x01(\t\x12\x1c\n\x14registration_timeout\x18\x04 \x01(\x03\x12\x17\n\x0frequest_timeout\x18\x05 \x01(\x03\"#\n\x11\x43onfigureResponse\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x05\"m\n\x12SynchronizeRequest\x12!\n\x04pods\x18\x01 \x03(\x0b\x32\x13.v1beta1.PodSandbox\x12&\n\ncontainers\x18\x02 \x03(\x0b\x32\x12.v1beta1.Container\x12\x0c\n\x04more\x18\x03 \x01(\x08\"M\n\x13SynchronizeResponse\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12\x0c\n\x04more\x18\x02 \x01(\x08\"a\n\x16\x43reateContainerRequest\x12 \n\x03pod\x18\x01 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x02 \x01(\x0b\x32\x12.v1beta1.Container\"\x9c\x01\n\x17\x43reateContainerResponse\x12,\n\x06\x61\x64just\x18\x01 \x01(\x0b\x32\x1c.v1beta1.ContainerAdjustment\x12(\n\x06update\x18\x02 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12)\n\x05\x65vict\x18\x03 \x03(\x0b\x32\x1a.v1beta1.ContainerEviction\"\x93\x01\n\x16UpdateContainerRequest\x12 \n\x03pod\x18\x01 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x02 \x01(\x0b\x32\x12.v1beta1.Container\x12\x30\n\x0flinux_resources\x18\x03 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"n\n\x17UpdateContainerResponse\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12)\n\x05\x65vict\x18\x02 \x03(\x0b\x32\x1a.v1beta1.ContainerEviction\"_\n\x14StopContainerRequest\x12 \n\x03pod\x18\x01 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x02 \x01(\x0b\x32\x12.v1beta1.Container\"A\n\x15StopContainerResponse\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\"j\n\x10StateChangeEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\x05\x12 \n\x03pod\x18\x02 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x03 \x01(\x0b\x32\x12.v1beta1.Container\"F\n\nPodSandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\"\x81\x01\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0epod_sandbox_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\x05\x12\x0b\n\x03\x65nv\x18\x08 \x03(\t\x12&\n\x05linux\x18\x0b \x01(\x0b\x32\x17.v1beta1.LinuxContainer\"<\n\x0eLinuxContainer\x12*\n\tresources\x18\x03 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"&\n\x08LinuxCPU\x12\x0c\n\x04\x63pus\x18\x06 \x01(\t\x12\x0c\n\x04mems\x18\x07 \x01(\t\"0\n\x0eLinuxResources\x12\x1e\n\x03\x63pu\x18\x02 \x01(\x0b\x32\x11.v1beta1.LinuxCPU\"G\n\x13\x43ontainerAdjustment\x12\x30\n\x05linux\x18\x06 \x01(\x0b\x32!.v1beta1.LinuxContainerAdjustment\"F\n\x18LinuxContainerAdjustment\x12*\n\tresources\x18\x02 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"m\n\x0f\x43ontainerUpdate\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12,\n\x05linux\x18\x02 \x01(\x0b\x32\x1d.v1beta1.LinuxContainerUpdate\x12\x16\n\x0eignore_failure\x18\x03 \x01(\x08\"B\n\x14LinuxContainerUpdate\x12*\n\tresources\x18\x01 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"9\n\x11\x43ontainerEviction\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Q\n\x07Request\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0ctimeout_nano\x18\x04 \x01(\x03\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"<\n\x08Response\x12\x1f\n\x06status\x18\x01 \x01(\x0b\x32\x0f.v1beta1.Status\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x32\x46\n\x0cRegistration\x12\x36\n\x08Register\x12\x18.v1beta1.RegisterRequest\x1a\x0e.v1beta1.Empty\"\x00\x32\xa3\x03\n\x0c\x44\x65vicePlugin\x12H\n\x16GetDevicePluginOptions\x12\x0e.v1beta1.Empty\x1a\x1c.v1beta1.DevicePluginOptions\"\x00\x12\x41\n\x0cListAndWatch\x12\x0e.v1beta1.Empty\x1a\x1d.v1beta1.ListAndWatchResponse\"\x00\x30\x01\x12\x65\n\x16GetPreferredAllocation\x12#.v1beta1.PreferredAllocationRequest\x1a$.v1beta1.PreferredAllocationResponse\"\x00\x12\x41\n\x08\x41llocate\x12\x18.v1beta1.AllocateRequest\x1a\x19.v1beta1.AllocateResponse\"\x00\x12\\\n\x11PreStartContainer\x12!.v1beta1.PreStartContainerRequest\x1a\".v1beta1.PreStartContainerResponse\"\x00\x62\x06proto3')
 if DESCRIPTOR is None:  # protobuf < 3.19, pure-python: AddSerializedFile returns None
   DESCRIPTOR = _descriptor_pool.Default().FindFileByName('deviceplugin.proto')
 
@@ -49,6 +49,33 @@ _CONTAINERRESOURCES = DESCRIPTOR.message_types_by_name['ContainerResources']
 _CONTAINERDEVICES = DESCRIPTOR.message_types_by_name['ContainerDevices']
 _ALLOCATABLERESOURCESREQUEST = DESCRIPTOR.message_types_by_name['AllocatableResourcesRequest']
 _ALLOCATABLERESOURCESRESPONSE = DESCRIPTOR.message_types_by_name['AllocatableResourcesResponse']
+_REGISTERPLUGINREQUEST = DESCRIPTOR.message_types_by_name['RegisterPluginRequest']
+_UPDATECONTAINERSREQUEST = DESCRIPTOR.message_types_by_name['UpdateContainersRequest']
+_UPDATECONTAINERSRESPONSE = DESCRIPTOR.message_types_by_name['UpdateContainersResponse']
+_CONFIGUREREQUEST = DESCRIPTOR.message_types_by_name['ConfigureRequest']
+_CONFIGURERESPONSE = DESCRIPTOR.message_types_by_name['ConfigureResponse']
+_SYNCHRONIZEREQUEST = DESCRIPTOR.message_types_by_name['SynchronizeRequest']
+_SYNCHRONIZERESPONSE = DESCRIPTOR.message_types_by_name['SynchronizeResponse']
+_CREATECONTAINERREQUEST = DESCRIPTOR.message_types_by_name['CreateContainerRequest']
+_CREATECONTAINERRESPONSE = DESCRIPTOR.message_types_by_name['CreateContainerResponse']
+_UPDATECONTAINERREQUEST = DESCRIPTOR.message_types_by_name['UpdateContainerRequest']
+_UPDATECONTAINERRESPONSE = DESCRIPTOR.message_types_by_name['UpdateContainerResponse']
+_STOPCONTAINERREQUEST = DESCRIPTOR.message_types_by_name['StopContainerRequest']
+_STOPCONTAINERRESPONSE = DESCRIPTOR.message_types_by_name['StopContainerResponse']
+_STATECHANGEEVENT = DESCRIPTOR.message_types_by_name['StateChangeEvent']
+_PODSANDBOX = DESCRIPTOR.message_types_by_name['PodSandbox']
+_CONTAINER = DESCRIPTOR.message_types_by_name['Container']
+_LINUXCONTAINER = DESCRIPTOR.message_types_by_name['LinuxContainer']
+_LINUXCPU = DESCRIPTOR.message_types_by_name['LinuxCPU']
+_LINUXRESOURCES = DESCRIPTOR.message_types_by_name['LinuxResources']
+_CONTAINERADJUSTMENT = DESCRIPTOR.message_types_by_name['ContainerAdjustment']
+_LINUXCONTAINERADJUSTMENT = DESCRIPTOR.message_types_by_name['LinuxContainerAdjustment']
+_CONTAINERUPDATE = DESCRIPTOR.message_types_by_name['ContainerUpdate']
+_LINUXCONTAINERUPDATE = DESCRIPTOR.message_types_by_name['LinuxContainerUpdate']
+_CONTAINEREVICTION = DESCRIPTOR.message_types_by_name['ContainerEviction']
+_REQUEST = DESCRIPTOR.message_types_by_name['Request']
+_STATUS = DESCRIPTOR.message_types_by_name['Status']
+_RESPONSE = DESCRIPTOR.message_types_by_name['Response']
 DevicePluginOptions = _reflection.GeneratedProtocolMessageType('DevicePluginOptions', (_message.Message,), {
   'DESCRIPTOR' : _DEVICEPLUGINOPTIONS,
   '__module__' : 'deviceplugin_pb2'
@@ -254,6 +281,195 @@ AllocatableResourcesResponse = _reflection.GeneratedProtocolMessageType('Allocat
   })
 _sym_db.RegisterMessage(AllocatableResourcesResponse)
 
+RegisterPluginRequest = _reflection.GeneratedProtocolMessageType('RegisterPluginRequest', (_message.Message,), {
+  'DESCRIPTOR' : _REGISTERPLUGINREQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.RegisterPluginRequest)
+  })
+_sym_db.RegisterMessage(RegisterPluginRequest)
+
+UpdateContainersRequest = _reflection.GeneratedProtocolMessageType('UpdateContainersRequest', (_message.Message,), {
+  'DESCRIPTOR' : _UPDATECONTAINERSREQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.UpdateContainersRequest)
+  })
+_sym_db.RegisterMessage(UpdateContainersRequest)
+
+UpdateContainersResponse = _reflection.GeneratedProtocolMessageType('UpdateContainersResponse', (_message.Message,), {
+  'DESCRIPTOR' : _UPDATECONTAINERSRESPONSE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.UpdateContainersResponse)
+  })
+_sym_db.RegisterMessage(UpdateContainersResponse)
+
+ConfigureRequest = _reflection.GeneratedProtocolMessageType('ConfigureRequest', (_message.Message,), {
+  'DESCRIPTOR' : _CONFIGUREREQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.ConfigureRequest)
+  })
+_sym_db.RegisterMessage(ConfigureRequest)
+
+ConfigureResponse = _reflection.GeneratedProtocolMessageType('ConfigureResponse', (_message.Message,), {
+  'DESCRIPTOR' : _CONFIGURERESPONSE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.ConfigureResponse)
+  })
+_sym_db.RegisterMessage(ConfigureResponse)
+
+SynchronizeRequest = _reflection.GeneratedProtocolMessageType('SynchronizeRequest', (_message.Message,), {
+  'DESCRIPTOR' : _SYNCHRONIZEREQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.SynchronizeRequest)
+  })
+_sym_db.RegisterMessage(SynchronizeRequest)
+
+SynchronizeResponse = _reflection.GeneratedProtocolMessageType('SynchronizeResponse', (_message.Message,), {
+  'DESCRIPTOR' : _SYNCHRONIZERESPONSE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.SynchronizeResponse)
+  })
+_sym_db.RegisterMessage(SynchronizeResponse)
+
+CreateContainerRequest = _reflection.GeneratedProtocolMessageType('CreateContainerRequest', (_message.Message,), {
+  'DESCRIPTOR' : _CREATECONTAINERREQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.CreateContainerRequest)
+  })
+_sym_db.RegisterMessage(CreateContainerRequest)
+
+CreateContainerResponse = _reflection.GeneratedProtocolMessageType('CreateContainerResponse', (_message.Message,), {
+  'DESCRIPTOR' : _CREATECONTAINERRESPONSE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.CreateContainerResponse)
+  })
+_sym_db.RegisterMessage(CreateContainerResponse)
+
+UpdateContainerRequest = _reflection.GeneratedProtocolMessageType('UpdateContainerRequest', (_message.Message,), {
+  'DESCRIPTOR' : _UPDATECONTAINERREQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.UpdateContainerRequest)
+  })
+_sym_db.RegisterMessage(UpdateContainerRequest)
+
+UpdateContainerResponse = _reflection.GeneratedProtocolMessageType('UpdateContainerResponse', (_message.Message,), {
+  'DESCRIPTOR' : _UPDATECONTAINERRESPONSE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.UpdateContainerResponse)
+  })
+_sym_db.RegisterMessage(UpdateContainerResponse)
+
+StopContainerRequest = _reflection.GeneratedProtocolMessageType('StopContainerRequest', (_message.Message,), {
+  'DESCRIPTOR' : _STOPCONTAINERREQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.StopContainerRequest)
+  })
+_sym_db.RegisterMessage(StopContainerRequest)
+
+StopContainerResponse = _reflection.GeneratedProtocolMessageType('StopContainerResponse', (_message.Message,), {
+  'DESCRIPTOR' : _STOPCONTAINERRESPONSE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.StopContainerResponse)
+  })
+_sym_db.RegisterMessage(StopContainerResponse)
+
+StateChangeEvent = _reflection.GeneratedProtocolMessageType('StateChangeEvent', (_message.Message,), {
+  'DESCRIPTOR' : _STATECHANGEEVENT,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.StateChangeEvent)
+  })
+_sym_db.RegisterMessage(StateChangeEvent)
+
+PodSandbox = _reflection.GeneratedProtocolMessageType('PodSandbox', (_message.Message,), {
+  'DESCRIPTOR' : _PODSANDBOX,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.PodSandbox)
+  })
+_sym_db.RegisterMessage(PodSandbox)
+
+Container = _reflection.GeneratedProtocolMessageType('Container', (_message.Message,), {
+  'DESCRIPTOR' : _CONTAINER,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.Container)
+  })
+_sym_db.RegisterMessage(Container)
+
+LinuxContainer = _reflection.GeneratedProtocolMessageType('LinuxContainer', (_message.Message,), {
+  'DESCRIPTOR' : _LINUXCONTAINER,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.LinuxContainer)
+  })
+_sym_db.RegisterMessage(LinuxContainer)
+
+LinuxCPU = _reflection.GeneratedProtocolMessageType('LinuxCPU', (_message.Message,), {
+  'DESCRIPTOR' : _LINUXCPU,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.LinuxCPU)
+  })
+_sym_db.RegisterMessage(LinuxCPU)
+
+LinuxResources = _reflection.GeneratedProtocolMessageType('LinuxResources', (_message.Message,), {
+  'DESCRIPTOR' : _LINUXRESOURCES,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.LinuxResources)
+  })
+_sym_db.RegisterMessage(LinuxResources)
+
+ContainerAdjustment = _reflection.GeneratedProtocolMessageType('ContainerAdjustment', (_message.Message,), {
+  'DESCRIPTOR' : _CONTAINERADJUSTMENT,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.ContainerAdjustment)
+  })
+_sym_db.RegisterMessage(ContainerAdjustment)
+
+LinuxContainerAdjustment = _reflection.GeneratedProtocolMessageType('LinuxContainerAdjustment', (_message.Message,), {
+  'DESCRIPTOR' : _LINUXCONTAINERADJUSTMENT,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.LinuxContainerAdjustment)
+  })
+_sym_db.RegisterMessage(LinuxContainerAdjustment)
+
+ContainerUpdate = _reflection.GeneratedProtocolMessageType('ContainerUpdate', (_message.Message,), {
+  'DESCRIPTOR' : _CONTAINERUPDATE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.ContainerUpdate)
+  })
+_sym_db.RegisterMessage(ContainerUpdate)
+
+LinuxContainerUpdate = _reflection.GeneratedProtocolMessageType('LinuxContainerUpdate', (_message.Message,), {
+  'DESCRIPTOR' : _LINUXCONTAINERUPDATE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.LinuxContainerUpdate)
+  })
+_sym_db.RegisterMessage(LinuxContainerUpdate)
+
+ContainerEviction = _reflection.GeneratedProtocolMessageType('ContainerEviction', (_message.Message,), {
+  'DESCRIPTOR' : _CONTAINEREVICTION,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.ContainerEviction)
+  })
+_sym_db.RegisterMessage(ContainerEviction)
+
+Request = _reflection.GeneratedProtocolMessageType('Request', (_message.Message,), {
+  'DESCRIPTOR' : _REQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.Request)
+  })
+_sym_db.RegisterMessage(Request)
+
+Status = _reflection.GeneratedProtocolMessageType('Status', (_message.Message,), {
+  'DESCRIPTOR' : _STATUS,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.Status)
+  })
+_sym_db.RegisterMessage(Status)
+
+Response = _reflection.GeneratedProtocolMessageType('Response', (_message.Message,), {
+  'DESCRIPTOR' : _RESPONSE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.Response)
+  })
+_sym_db.RegisterMessage(Response)
+
 _REGISTRATION = DESCRIPTOR.services_by_name['Registration']
 _DEVICEPLUGIN = DESCRIPTOR.services_by_name['DevicePlugin']
 if _descriptor._USE_C_DESCRIPTORS == False:
@@ -321,8 +537,62 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _ALLOCATABLERESOURCESREQUEST._serialized_end=2136
   _ALLOCATABLERESOURCESRESPONSE._serialized_start=2138
   _ALLOCATABLERESOURCESRESPONSE._serialized_end=2229
-  _REGISTRATION._serialized_start=2231
-  _REGISTRATION._serialized_end=2301
-  _DEVICEPLUGIN._serialized_start=2304
-  _DEVICEPLUGIN._serialized_end=2723
+  _REGISTERPLUGINREQUEST._serialized_start=2231
+  _REGISTERPLUGINREQUEST._serialized_end=2295
+  _UPDATECONTAINERSREQUEST._serialized_start=2297
+  _UPDATECONTAINERSREQUEST._serialized_end=2407
+  _UPDATECONTAINERSRESPONSE._serialized_start=2409
+  _UPDATECONTAINERSRESPONSE._serialized_end=2477
+  _CONFIGUREREQUEST._serialized_start=2480
+  _CONFIGUREREQUEST._serialized_end=2616
+  _CONFIGURERESPONSE._serialized_start=2618
+  _CONFIGURERESPONSE._serialized_end=2653
+  _SYNCHRONIZEREQUEST._serialized_start=2655
+  _SYNCHRONIZEREQUEST._serialized_end=2764
+  _SYNCHRONIZERESPONSE._serialized_start=2766
+  _SYNCHRONIZERESPONSE._serialized_end=2843
+  _CREATECONTAINERREQUEST._serialized_start=2845
+  _CREATECONTAINERREQUEST._serialized_end=2942
+  _CREATECONTAINERRESPONSE._serialized_start=2945
+  _CREATECONTAINERRESPONSE._serialized_end=3101
+  _UPDATECONTAINERREQUEST._serialized_start=3104
+  _UPDATECONTAINERREQUEST._serialized_end=3251
+  _UPDATECONTAINERRESPONSE._serialized_start=3253
+  _UPDATECONTAINERRESPONSE._serialized_end=3363
+  _STOPCONTAINERREQUEST._serialized_start=3365
+  _STOPCONTAINERREQUEST._serialized_end=3460
+  _STOPCONTAINERRESPONSE._serialized_start=3462
+  _STOPCONTAINERRESPONSE._serialized_end=3527
+  _STATECHANGEEVENT._serialized_start=3529
+  _STATECHANGEEVENT._serialized_end=3635
+  _PODSANDBOX._serialized_start=3637
+  _PODSANDBOX._serialized_end=3707
+  _CONTAINER._serialized_start=3710
+  _CONTAINER._serialized_end=3839
+  _LINUXCONTAINER._serialized_start=3841
+  _LINUXCONTAINER._serialized_end=3901
+  _LINUXCPU._serialized_start=3903
+  _LINUXCPU._serialized_end=3941
+  _LINUXRESOURCES._serialized_start=3943
+  _LINUXRESOURCES._serialized_end=3991
+  _CONTAINERADJUSTMENT._serialized_start=3993
+  _CONTAINERADJUSTMENT._serialized_end=4064
+  _LINUXCONTAINERADJUSTMENT._serialized_start=4066
+  _LINUXCONTAINERADJUSTMENT._serialized_end=4136
+  _CONTAINERUPDATE._serialized_start=4138
+  _CONTAINERUPDATE._serialized_end=4247
+  _LINUXCONTAINERUPDATE._serialized_start=4249
+  _LINUXCONTAINERUPDATE._serialized_end=4315
+  _CONTAINEREVICTION._serialized_start=4317
+  _CONTAINEREVICTION._serialized_end=4374
+  _REQUEST._serialized_start=4376
+  _REQUEST._serialized_end=4457
+  _STATUS._serialized_start=4459
+  _STATUS._serialized_end=4498
+  _RESPONSE._serialized_start=4500
+  _RESPONSE._serialized_end=4560
+  _REGISTRATION._serialized_start=4562
+  _REGISTRATION._serialized_end=4632
+  _DEVICEPLUGIN._serialized_start=4635
+  _DEVICEPLUGIN._serialized_end=5054
 # @@protoc_insertion_point(module_scope)

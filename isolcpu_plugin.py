@@ -781,6 +781,23 @@ def housekeeping_cpus(online, isolated, allowed):
     return (frozenset(online) - frozenset(isolated)) & frozenset(allowed)
 
 
+def container_cpuset(kubelet, advertised, held, online):
+    """The one rule of the runtime side: ((B - A) | H) & online, B =
+    `kubelet` (the cpuset the kubelet wants for a container; None: it sets
+    none, every online CPU), A = `advertised`, H = `held` (the kubelet's word
+    on what the container holds). A holder runs on its isolated CPUs and on
+    what the kubelet gave it; nobody else runs on an advertised CPU."""
+    wanted = online if kubelet is None else kubelet
+    return ((wanted - advertised) | held) & online
+
+
+def granted_unheld(kubelet, advertised, held, online):
+    """The advertised CPUs the kubelet gives a container that does not hold
+    them (the static policy granting an isolated CPU exclusively)."""
+    wanted = online if kubelet is None else kubelet
+    return (wanted & advertised & online) - held
+
+
 _DEVICE_ID = re.compile(r"(?:0|[1-9][0-9]{0,8})\Z")     # a CPU number as this plugin writes it
 
 
@@ -838,31 +855,68 @@ def pod_resources_holders(answer, resource_name):
                           for devices in container.devices if devices.resource_name == resource_name)
 
 
-def checkpoint_holders(text, resource_name):
-    """{cpu: (Holder, ...)} of `resource_name` in the kubelet's device-manager
-    checkpoint (text or bytes; DeviceIDs a list, or per NUMA node since
-    Kubernetes 1.20). Containers of one pod named for the same CPU are marked
-    init_or_app. ValueError when it is not such a checkpoint, nesting too
-    deep for the parser included."""
+def checkpoint_entries(text, resource_name):
+    """[(pod UID, container name, device IDs)] of `resource_name` in the
+    kubelet's device-manager checkpoint (text or bytes; DeviceIDs a list, or
+    per NUMA node since Kubernetes 1.20). ValueError when it is not such a
+    checkpoint, nesting too deep for the parser included."""
     try:
         entries = json.loads(text)["Data"]["PodDeviceEntries"] or []
-        holdings = []
+        found = []
         for entry in entries:
             if entry.get("ResourceName") != resource_name:
                 continue
             ids = entry.get("DeviceIDs") or []
             if isinstance(ids, dict):
                 ids = [i for per_node in ids.values() for i in per_node or []]
-            holdings.append((ids, Holder(None, None, str(entry.get("ContainerName")), str(entry.get("PodUID")),
-                                         "checkpoint")))
-        by_cpu = holders_by_cpu(holdings)
+            found.append((str(entry.get("PodUID")), str(entry.get("ContainerName")), list(ids)))
+        return found
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
         raise ValueError("not a device-manager checkpoint (%s: %s)" % (type(e).__name__, quote(one_line(e), 80)))
+
+
+def checkpoint_holders(text, resource_name):
+    """{cpu: (Holder, ...)} of `resource_name` in the kubelet's device-manager
+    checkpoint. Containers of one pod named for the same CPU are marked
+    init_or_app. ValueError when it is not such a checkpoint."""
+    by_cpu = holders_by_cpu((ids, Holder(None, None, container, uid, "checkpoint"))
+                            for uid, container, ids in checkpoint_entries(text, resource_name))
     for cpu, holders in by_cpu.items():
         if len(holders) > 1:
             pods = collections.Counter(h.pod_uid for h in holders)
             by_cpu[cpu] = tuple(h._replace(init_or_app=True) if pods[h.pod_uid] > 1 else h for h in holders)
     return by_cpu
+
+
+def checkpoint_grants(text, resource_name):
+    """{(pod UID, container name): frozenset of CPUs} of `resource_name` in
+    the kubelet's device-manager checkpoint: what each container holds, as
+    the kubelet recorded it during admission. ValueError as above."""
+    grants = {}
+    for uid, container, ids in checkpoint_entries(text, resource_name):
+        cpus = [int(i) for i in ids if isinstance(i, str) and _DEVICE_ID.match(i)]
+        grants[(uid, container)] = grants.get((uid, container), frozenset()) | frozenset(cpus)
+    return grants
+
+
+def cpu_manager_state(text):
+    """(policy, defaultCpuSet text, {(pod uid or None, container or container ID): cpu-list text}, old format?)
+    of a cpu_manager_state; ValueError when it is not one."""
+    try:
+        data = json.loads(text)
+        policy = data["policyName"]
+        entries = data.get("entries") or {}
+        grants, old = {}, False
+        for key, value in entries.items():
+            if isinstance(value, dict):
+                for container, cpus in value.items():
+                    grants[(key, container)] = cpus
+            else:
+                grants[(None, key)] = value
+                old = True
+        return policy, data.get("defaultCpuSet") or "", grants, old
+    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
+        raise ValueError("not a cpu_manager_state (%s: %s)" % (type(e).__name__, quote(one_line(e), 80)))
 
 
 def holdings_text(by_cpu, limit=10):
@@ -1288,6 +1342,8 @@ class Counters(object):
         self.preferred_allocations = 0   # container requests answered by GetPreferredAllocation
         self.registrations = 0
         self.kubelet_restarts = 0
+        self.nri_adjustments = 0         # cpusets the runtime side set (create, update, running)
+        self.nri_refused_claims = 0      # containers with $ISOLCPUS that hold nothing
 
 
 def prometheus_label(name, value):
@@ -1300,11 +1356,12 @@ def prometheus_label(name, value):
 MAX_HOLDER_SAMPLES = 4        # per CPU in /metrics; a CPU has one or two where PodResources prunes the rest
 
 
-def render_metrics(resource_name, devices, counters, registered, holders=None):
+def render_metrics(resource_name, devices, counters, registered, holders=None, nri_connected=None):
     """Prometheus text exposition (format 0.0.4) of the plugin's state and,
     with a HolderReport, who holds each allocated CPU of those served: how
     many, and up to MAX_HOLDER_SAMPLES of them by name, the first named
-    first (bounded by the CPU count, whatever PodResources answers)."""
+    first (bounded by the CPU count, whatever PodResources answers).
+    nri_connected: the runtime side's state, None when it is off."""
     healthy = sum(1 for d in devices if d.healthy)
     lines = []
 
@@ -1328,6 +1385,13 @@ def render_metrics(resource_name, devices, counters, registered, holders=None):
     metric("kubelet_restarts_total", "counter", "Kubelet restarts seen.", [([], counters.kubelet_restarts)])
     metric("registered", "gauge", "1 while registered with a running kubelet.", [([], int(registered))])
     metric("build_info", "gauge", "Version of the plugin.", [(['version="%s"' % __version__], 1)])
+    if nri_connected is not None:
+        metric("nri_connected", "gauge", "1 while registered and synchronized with the runtime's NRI.",
+               [([], int(nri_connected))])
+        metric("nri_adjustments_total", "counter", "Container cpusets the runtime side set.",
+               [([], counters.nri_adjustments)])
+        metric("nri_refused_claims_total", "counter", "Containers that set the CPU variable but hold no CPUs.",
+               [([], counters.nri_refused_claims)])
     if holders is not None and holders.by_cpu is not None:
         held = [(d.cpu, holders.by_cpu[d.cpu]) for d in devices if d.cpu in holders.by_cpu]
         source = HOLDER_SOURCES[holders.source]
@@ -2037,6 +2101,7 @@ class Plugin(object):
                               if config.pod_resources_socket else None)
         self.holders_task, self.holders_asked = None, 0.0   # recent_holders()' shared question
         self.worker = None                                   # off_loop()'s thread
+        self.nri = None                                      # NriSession, with --nri auto|on
         self.told_holdings = False
         self.background = set()                              # tasks to cancel when stopping
 
@@ -2061,7 +2126,7 @@ class Plugin(object):
         self.place_self()
         if self.metrics_server:
             self.metrics_server.start(self.http_answer)
-        self.watch = DirectoryWatch(self.config.device_plugin_path, self.session_wakeup.set)
+        self.watch = DirectoryWatch(self.config.device_plugin_path, self._directory_changed)
         self.uevents = (CpuUevents.open(self.rescan_wakeup.set)
                         if self.config.uevents == "auto" and os.path.realpath(self.config.sysfs) == "/sys"
                         else None)
@@ -2070,11 +2135,17 @@ class Plugin(object):
         if self.notifier.watchdog:
             self.check_watchdog_interval()
             tasks.append(loop.create_task(self._guarded(self.feed_watchdog)))
+        if self.config.nri != "off":
+            self.nri = NriSession(self.config, self.api, self.inventory, self.lock, self.conditions, self.counters,
+                                  self.off_loop)
+            tasks.append(loop.create_task(self._guarded(self.nri.run)))
         log.info("advertising %s: %d devices (%s) from %s", self.config.resource_name,
                  len(self.inventory.devices), format_cpu_list(d.cpu for d in self.inventory.devices) or "none",
                  self.inventory.origin)
         self.note_device_count()
         await self.stopping.wait()
+        if self.nri is not None:
+            self.nri.stop()
         for task in tasks + list(self.background):
             task.cancel()
         await asyncio.gather(*tasks + list(self.background), return_exceptions=True)
@@ -2155,6 +2226,13 @@ class Plugin(object):
                 self.notifier.send(WATCHDOG=1)
             await asyncio.sleep(self.notifier.watchdog / 2)
 
+    def _directory_changed(self):
+        """inotify on the device-plugin directory: the kubelet restarted or
+        wrote its checkpoint."""
+        self.session_wakeup.set()
+        if self.nri is not None:
+            self.nri.kubelet_files_changed()
+
     def spawn(self, coroutine):
         """Run `coroutine` beside the loops, cancelled when the plugin stops."""
         task = self.loop.create_task(coroutine)
@@ -2209,7 +2287,7 @@ class Plugin(object):
         while not self.stopping.is_set():
             await self._sleep(self.rescan_period(), self.rescan_wakeup)
             self.heartbeat = time.monotonic()
-            before = self.inventory.devices
+            before, online = self.inventory.devices, self.inventory.online
             reloading = self.reload_signals > 0
             if reloading:
                 self.reload_host()
@@ -2229,8 +2307,11 @@ class Plugin(object):
                 log.info("%s", change)
                 self.note_device_count()
                 self.tell_status()
-                self.place_self()
                 self.spawn(self.warn_if_yanked(before, self.inventory.devices))
+            if change or self.inventory.online != online:       # a housekeeping CPU matters too
+                self.place_self()
+                if self.nri is not None:
+                    self.nri.host_changed()
 
     def note_device_count(self):
         """Serving nothing (a node booted without isolcpus=, an empty source)
@@ -2332,6 +2413,8 @@ class Plugin(object):
         while not self.stopping.is_set():
             watched = self.watch.arm()
             delay = None if watched else self.POLL_INTERVAL
+            if not watched and self.nri is not None:
+                self.nri.kubelet_files_changed()
             if not await self.ensure_serving():
                 await self._sleep(self.POLL_INTERVAL, self.session_wakeup)
                 continue
@@ -2387,7 +2470,7 @@ class Plugin(object):
             holders = await self.recent_holders()
             return 200, "text/plain; version=0.0.4; charset=utf-8", await self.off_loop(
                 render_metrics, self.config.resource_name, self.board.devices, self.counters,
-                self.registered_with is not None, holders)
+                self.registered_with is not None, holders, None if self.nri is None else self.nri.connected)
         if path == "/healthz":
             ok, text = self.health()
             return (200 if ok else 503), "text/plain; charset=utf-8", text + "\n"
@@ -2704,6 +2787,747 @@ def finish_pending_tasks(loop, timeout=0.5):
     pending = [task for task in all_tasks(loop) if not task.done()]
     if pending:
         loop.run_until_complete(asyncio.wait(pending, timeout=timeout))
+
+
+# ---------------------------------------------------------------------------
+# The runtime side (NRI): every container's cpuset by one rule
+# ---------------------------------------------------------------------------
+#
+# With --nri auto|on the plugin is also an NRI plugin of the container runtime
+# (containerd, CRI-O), in the same process and event loop: it sees every
+# container before it is created and every resource update the kubelet
+# sends, and sets cpusets by container_cpuset(). The wire (NRI.md): one unix
+# socket carrying a multiplex of two ttrpc streams, the runtime calling the
+# plugin on conn 1 and the plugin calling the runtime on conn 2. A codec
+# (MuxReader, TtrpcReader, mux_frames, ttrpc_message) tested without sockets;
+# NriConnection, the thin connection on asyncio streams; NriSession, the
+# plugin's side of the conversation.
+
+DEFAULT_NRI_SOCKET = "/var/run/nri/nri.sock"
+DEFAULT_NRI_INDEX = "90"         # runtimes call plugins in index order: late, it sees what others changed
+NRI_PLUGIN_NAME = PROGRAM
+NRI_PLUGIN_SERVICE = "nri.pkg.api.v1alpha1.Plugin"
+NRI_RUNTIME_SERVICE = "nri.pkg.api.v1alpha1.Runtime"
+# The events subscribed to (nri's enum Event; 12-14 would make containerd <= 2.1 refuse the plugin)
+NRI_EVENTS = {"CreateContainer": 4, "UpdateContainer": 8, "StopContainer": 10, "RemoveContainer": 11}
+NRI_CONTAINER_STOPPED = 4        # nri's enum ContainerState
+MUX_HEADER = struct.Struct(">II")              # conn id, payload length
+TTRPC_HEADER = struct.Struct(">IIBB")          # length, stream id, type, flags
+MUX_PLUGIN_CONN, MUX_RUNTIME_CONN = 1, 2
+MUX_MAX_PAYLOAD = (4 << 20) + 10               # a whole ttrpc message in one frame
+TTRPC_MAX_MESSAGE = 4 << 20
+MUX_MAX_FRAME_OUT = 4096                       # containerd 1.7 drops a plugin that sends longer frames
+TTRPC_REQUEST, TTRPC_RESPONSE = 1, 2
+STATUS_INVALID_ARGUMENT, STATUS_UNIMPLEMENTED = 3, 12
+
+
+class ProtocolError(Exception):
+    """The peer broke the wire protocol: the connection is dropped."""
+
+
+class MuxReader(object):
+    """Mux frames (u32 conn id, u32 length, payload; big-endian) from a
+    byte stream fed in pieces of any size; the work is linear in the bytes."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+
+    def feed(self, data):
+        """[(conn id, payload)] of the frames `data` completes."""
+        buffer = self.buffer
+        buffer += data
+        frames, offset = [], 0
+        while len(buffer) - offset >= MUX_HEADER.size:
+            conn, length = MUX_HEADER.unpack_from(buffer, offset)
+            if length > MUX_MAX_PAYLOAD:
+                raise ProtocolError("a mux frame of %d bytes (at most %d)" % (length, MUX_MAX_PAYLOAD))
+            end = offset + MUX_HEADER.size + length
+            if end > len(buffer):
+                break
+            frames.append((conn, bytes(buffer[offset + MUX_HEADER.size:end])))
+            offset = end
+        del buffer[:offset]
+        return frames
+
+
+class TtrpcReader(object):
+    """ttrpc messages (u32 length, u32 stream id, u8 type, u8 flags,
+    payload) from the payloads of one mux conn: a message may span frames,
+    a frame may hold several."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+
+    def feed(self, data):
+        """[(stream id, type, flags, payload)] of the messages `data` completes."""
+        buffer = self.buffer
+        buffer += data
+        messages, offset = [], 0
+        while len(buffer) - offset >= TTRPC_HEADER.size:
+            length, stream, kind, flags = TTRPC_HEADER.unpack_from(buffer, offset)
+            if length > TTRPC_MAX_MESSAGE:
+                raise ProtocolError("a ttrpc message of %d bytes (at most %d)" % (length, TTRPC_MAX_MESSAGE))
+            end = offset + TTRPC_HEADER.size + length
+            if end > len(buffer):
+                break
+            messages.append((stream, kind, flags, bytes(buffer[offset + TTRPC_HEADER.size:end])))
+            offset = end
+        del buffer[:offset]
+        return messages
+
+
+def ttrpc_message(stream, kind, payload, flags=0):
+    return TTRPC_HEADER.pack(len(payload), stream, kind, flags) + payload
+
+
+def mux_frames(conn, data, limit=MUX_MAX_FRAME_OUT):
+    """`data` as mux frames of at most `limit` bytes each, headers included."""
+    step = limit - MUX_HEADER.size
+    return b"".join(MUX_HEADER.pack(conn, len(data[i:i + step])) + data[i:i + step]
+                    for i in range(0, max(len(data), 1), step))
+
+
+class NriCallFailed(Exception):
+    """A call to the runtime failed or got no answer; str() says how."""
+
+
+class NriConnection(object):
+    """One connection to the runtime's NRI socket: the mux with ttrpc on its
+    two conns. The runtime's requests (conn 1) go to `handler(method,
+    payload)`, a coroutine giving (status code, message, answer bytes), one
+    at a time in their order (the runtime sends one at a time); our calls
+    (conn 2) wait for their answers beside them, so that a request is
+    answered while a call of ours is out. Thin: what the messages mean is
+    the session's. Anything malformed or oversized ends the connection."""
+
+    MAX_WAITING = 64               # requests queued; more is no runtime's doing
+    WRITE_TIMEOUT = 5.0            # a runtime that does not read is gone
+
+    def __init__(self, api, reader, writer, handler):
+        self.api = api
+        self.reader, self.writer = reader, writer
+        self.handler = handler
+        self.loop = asyncio.get_event_loop()
+        self.mux = MuxReader()
+        self.conns = {MUX_PLUGIN_CONN: TtrpcReader(), MUX_RUNTIME_CONN: TtrpcReader()}
+        self.requests = asyncio.Queue(self.MAX_WAITING)
+        self.answers = {}          # stream id of a call of ours -> future of the Response bytes
+        self.next_stream = 1       # ours, on conn 2: odd, as every ttrpc client numbers them
+        self.why = None            # why it ended, once it has
+
+    def close(self, why):
+        if self.why is None:
+            self.why = why
+            self.writer.close()
+            for future in self.answers.values():
+                if not future.done():
+                    future.set_exception(NriCallFailed(why))
+            try:                       # ends _serve_requests: asyncio.wait_for before 3.12 can swallow a cancel
+                self.requests.put_nowait(None)
+            except asyncio.QueueFull:  # it is busy, and looks at `why` next
+                pass
+
+    async def run(self):
+        """Read and serve until the connection ends; returns why it did."""
+        serving = self.loop.create_task(self._serve_requests())
+        try:
+            while self.why is None:
+                data = await self.reader.read(65536)
+                if not data:
+                    self.close("the runtime closed the connection")
+                    break
+                for conn, payload in self.mux.feed(data):
+                    stream = self.conns.get(conn)
+                    if stream is not None:            # other conns: dropped, as the runtime's mux does
+                        for message in stream.feed(payload):
+                            self._received(conn, *message)
+        except ProtocolError as e:
+            self.close("protocol error: %s" % e)
+        except OSError as e:
+            self.close(one_line(e))
+        finally:
+            self.close("stopped")
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+        return self.why
+
+    def _received(self, conn, stream, kind, flags, payload):
+        if conn == MUX_PLUGIN_CONN:
+            if kind != TTRPC_REQUEST:
+                raise ProtocolError("ttrpc message type %d where requests come" % kind)
+            try:
+                self.requests.put_nowait((stream, payload))
+            except asyncio.QueueFull:
+                raise ProtocolError("over %d requests at once" % self.MAX_WAITING)
+        elif kind == TTRPC_RESPONSE:
+            future = self.answers.pop(stream, None)
+            if future is not None and not future.done():
+                future.set_result(payload)
+        else:
+            raise ProtocolError("ttrpc message type %d where answers come" % kind)
+
+    async def _serve_requests(self):
+        pb = self.api.pb
+        while self.why is None:
+            item = await self.requests.get()
+            if item is None:
+                break
+            stream, data = item
+            try:
+                request = pb.Request.FromString(data)
+            except (self.api.DecodeError, RecursionError) as e:
+                return self.close("a request that does not parse (%s)" % quote(one_line(e), 80))
+            if stream % 2 != 1:
+                code, message, payload = STATUS_INVALID_ARGUMENT, "stream ids of requests are odd", b""
+            elif request.service != NRI_PLUGIN_SERVICE:
+                code, message, payload = STATUS_UNIMPLEMENTED, "no service %s here" % quote(request.service), b""
+            else:
+                try:
+                    code, message, payload = await self.handler(request.method, request.payload)
+                except ProtocolError as e:
+                    return self.close("protocol error: %s" % e)
+                except asyncio.CancelledError:            # an Exception before Python 3.8
+                    raise
+                except Exception as e:                    # a bug: the runtime goes on without us, never fails
+                    log.error("internal error answering NRI %s: %s: %s", quote(request.method), type(e).__name__,
+                              one_line(e))
+                    log.debug("details", exc_info=True)
+                    return self.close("internal error answering %s" % quote(request.method))
+            answer = pb.Response(payload=payload)
+            if code:
+                answer.status.code, answer.status.message = code, message
+            await self.send(MUX_PLUGIN_CONN, ttrpc_message(stream, TTRPC_RESPONSE, answer.SerializeToString()))
+
+    async def send(self, conn, message):
+        self.writer.write(mux_frames(conn, message))
+        try:
+            await asyncio.wait_for(self.writer.drain(), self.WRITE_TIMEOUT)
+        except asyncio.TimeoutError:
+            self.close("the runtime read nothing for %.0f s" % self.WRITE_TIMEOUT)
+        except OSError as e:
+            self.close(one_line(e))
+
+    async def call(self, method, request, timeout):
+        """The runtime's answer (bytes) to `method` of its Runtime service;
+        NriCallFailed when it fails, or does not come within `timeout`."""
+        if self.why is not None:
+            raise NriCallFailed(self.why)
+        pb = self.api.pb
+        stream, self.next_stream = self.next_stream, self.next_stream + 2
+        future = self.answers[stream] = self.loop.create_future()
+        body = pb.Request(service=NRI_RUNTIME_SERVICE, method=method, payload=request.SerializeToString(),
+                          timeout_nano=int(timeout * 1e9)).SerializeToString()
+        await self.send(MUX_RUNTIME_CONN, ttrpc_message(stream, TTRPC_REQUEST, body))
+        try:
+            data = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise NriCallFailed("%s: no answer within %g s" % (method, timeout))
+        finally:
+            self.answers.pop(stream, None)
+        try:
+            answer = pb.Response.FromString(data)
+        except (self.api.DecodeError, RecursionError) as e:
+            self.close("an answer that does not parse (%s)" % quote(one_line(e), 80))
+            raise NriCallFailed(self.why)
+        if answer.status.code:
+            raise NriCallFailed("%s: %s (code %d)" % (method, quote(answer.status.message, 200), answer.status.code))
+        return answer.payload
+
+
+class KubeletFile(object):
+    """A file of the kubelet's, read and parsed again only when its
+    identity, size or modification time changed: cheap to consult on a
+    runtime request, where the kubelet may just have written it. Read within
+    read_host_file()'s bounds (regular file, non-blocking, `limit` bytes)."""
+
+    def __init__(self, path, limit, parse):
+        self.path, self.limit, self.parse = path, limit, parse
+        self.key = ()                   # the stat it was read at; () before the first read
+        self.value = self.why = None
+
+    def read(self):
+        """(parsed value, None), or (None, why it cannot be had)."""
+        try:
+            st = os.stat(self.path)
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        except OSError as e:
+            key = e.errno
+        if key == self.key:
+            return self.value, self.why
+        self.key, self.value, self.why = key, None, None
+        try:
+            data = read_host_file(self.path, self.limit)
+            if data is None:
+                self.why = "%s is absent" % self.path
+            else:
+                self.value = self.parse(data)
+        except InputError as e:
+            self.why = str(e)
+        except ValueError as e:
+            self.why = "%s: %s" % (self.path, e)
+        return self.value, self.why
+
+
+# The kubelet's CPU manager record, as the rule reads it: its policy, the
+# shared pool, and the exclusive grants by (pod UID, container) and, in the
+# older format, by container ID.
+KubeletCpus = collections.namedtuple("KubeletCpus", "policy shared grants by_id")
+
+
+def kubelet_cpus(text, last_cpu, max_cpu):
+    """KubeletCpus of a cpu_manager_state; ValueError when it is not one."""
+    policy, default, grants, _ = cpu_manager_state(text)
+    try:
+        parsed = {key: parse_cpu_list(str(value), last_cpu, max_cpu) for key, value in grants.items()}
+        shared = parse_cpu_list(str(default), last_cpu, max_cpu)
+    except InputError as e:
+        raise ValueError("a cpu-list that does not parse (%s)" % e)
+    return KubeletCpus(str(policy), shared, {k: v for k, v in parsed.items() if k[0] is not None},
+                       {k[1]: v for k, v in parsed.items() if k[0] is None})
+
+
+def kubelet_wants(record, pod_uid, name, container_id):
+    """(B, exclusive) from a KubeletCpus: the cpuset the kubelet gives this
+    container (None: it sets none, every CPU), and whether it is an
+    exclusive grant of the static policy."""
+    if record.policy != "static":
+        return None, False
+    grant = record.grants.get((pod_uid, name), record.by_id.get(container_id))
+    if grant is not None:
+        return grant, True
+    return record.shared, False
+
+
+class RuntimeContainer(object):
+    """A container the runtime has, as the session knows it."""
+
+    __slots__ = ("id", "pod_uid", "name", "label", "claims", "kubelet", "cpuset", "stopped")
+
+    def __init__(self, message, pod, env_prefix):
+        self.id, self.name = message.id, message.name
+        self.pod_uid = pod.uid if pod is not None else ""
+        self.label = "%s/%s/%s" % (pod.namespace, pod.name, message.name) if pod is not None else message.name
+        # no $ISOLCPUS, nothing held: Allocate always sets it, so the others need no lookup
+        self.claims = any(env.startswith(env_prefix) for env in message.env)
+        self.kubelet = None             # B: what the kubelet wants for it (None: every CPU)
+        self.cpuset = None              # what it has now (None: unrestricted)
+        self.stopped = message.state == NRI_CONTAINER_STOPPED
+
+
+def cpuset_text(cpus):
+    return "all" if cpus is None else format_cpu_list(cpus) or "none"
+
+
+class NriSession(object):
+    """The runtime side: an NRI plugin of the container runtime that keeps
+    every container's cpuset at the rule of container_cpuset(). Connects
+    (after the instance lock: two plugins setting cpusets would fail every
+    creation), registers, answers Configure and Synchronize, then every
+    CreateContainer, UpdateContainer, StopContainer and RemoveContainer;
+    reconnects with backoff when the runtime drops it or restarts. Nothing
+    on a request's path waits: a request is answered from what is in memory
+    and two kubelet files read again only when they changed; containers
+    already running are brought back to the rule by UpdateContainers from a
+    queue, never from inside a request (the runtime holds one lock across
+    its NRI calls). Every error is the connection's end, never an error
+    status: that would fail a container's creation."""
+
+    REGISTER_TIMEOUT = 5.0          # the runtime's registration timeout
+    UPDATE_TIMEOUT = 5.0
+    ABSENT_POLL = 30.0              # no socket directory to watch: NRI is off in the runtime
+    SYNC_SLICE = 256                # containers settled between two yields to the loop
+    LARGE_REQUEST = 1 << 16         # requests parsed off the event loop from this size
+    UPDATE_BATCH = 64
+
+    def __init__(self, config, api, inventory, lock, conditions, counters, off_loop):
+        self.config, self.api, self.inventory = config, api, inventory
+        self.lock, self.conditions, self.counters, self.off_loop = lock, conditions, counters, off_loop
+        self.socket_path = config.nri_socket
+        self.env_prefix = config.env_name + "="
+        host = inventory.host
+        self.checkpoint = KubeletFile(os.path.join(config.device_plugin_path, CHECKPOINT_NAME), CHECKPOINT_LIMIT,
+                                      lambda data: checkpoint_grants(data, config.resource_name))
+        self.cpu_record = KubeletFile(os.path.join(config.kubelet_dir, "cpu_manager_state"), HOST_FILE_LIMIT,
+                                      lambda data: kubelet_cpus(data, host.last_cpu, host.max_cpu))
+        self.containers = collections.OrderedDict()   # id -> RuntimeContainer
+        self.connection = None
+        self.synchronized = False
+        self.sync_chunks = []           # SynchronizeRequests of a split Synchronize so far
+        self.runtime = "the runtime"
+        self.warned = set()             # (container id, kind) warned of once
+        self.pending = collections.OrderedDict()      # container id -> cpus for UpdateContainers
+        self.updates_wakeup = asyncio.Event()
+        self.socket_wakeup = asyncio.Event()
+        self.watch = None
+        self.stopping = False
+
+    @property
+    def connected(self):
+        return self.synchronized and self.connection is not None and self.connection.why is None
+
+    # The connection ------------------------------------------------------------
+
+    async def run(self):
+        """Keep connected to the runtime's socket while the plugin runs."""
+        backoff = Backoff()
+        try:
+            while not self.stopping:
+                self.socket_wakeup.clear()
+                watched = self.watch_socket()
+                if not self.lock.hold():               # InputError: another instance; the plugin stops
+                    await self._wait(1.0)
+                    continue
+                if not os.path.exists(self.socket_path):
+                    self.say_absent()
+                    await self._wait(None if watched else self.ABSENT_POLL)
+                    continue
+                try:
+                    reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.socket_path), 2.0)
+                except (OSError, asyncio.TimeoutError) as e:
+                    self.conditions.report("nri", "NRI: cannot connect to %s (%s); retrying" % (
+                        self.socket_path, one_line(e) or "timed out"))
+                    await self._wait(backoff.next())
+                    continue
+                started = time.monotonic()
+                why = await self.serve(reader, writer)
+                self.conditions.report("nri", "NRI: the connection to %s ended (%s); reconnecting"
+                                       % (self.socket_path, why))
+                if time.monotonic() - started > 10.0:
+                    backoff.reset()
+                await self._wait(backoff.next())
+        finally:
+            if self.connection is not None:
+                self.connection.close("the plugin stopped")
+            if self.watch is not None:
+                self.watch.close()
+                self.watch = None
+
+    def watch_socket(self):
+        """Watch the socket's directory (a runtime restarting makes the
+        socket anew there), or its parent until the directory exists (a
+        runtime starting NRI makes it): True while inotify watches one."""
+        directory = os.path.dirname(self.socket_path)
+        if not os.path.isdir(directory):
+            directory = os.path.dirname(directory)
+        if self.watch is not None and self.watch.path != directory:
+            self.watch.close()
+            self.watch = None
+        if self.watch is None:
+            self.watch = DirectoryWatch(directory, self.socket_wakeup.set)
+        return self.watch.arm()
+
+    async def _wait(self, seconds):
+        try:
+            await asyncio.wait_for(self.socket_wakeup.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def stop(self):
+        """The plugin stops: end the connection and the loop (not only by
+        cancelling: asyncio.wait_for before Python 3.12 may swallow that)."""
+        self.stopping = True
+        self.socket_wakeup.set()
+        if self.connection is not None:
+            self.connection.close("the plugin stopped")
+
+    def say_absent(self):
+        """No socket: said once at info under --nri auto (the runtime may
+        have NRI off), a warning under --nri on."""
+        text = "NRI: no runtime socket at %s; cpusets are the kubelet's until one appears" % self.socket_path
+        if self.config.nri == "on":
+            self.conditions.report("nri", text + " (--nri on)")
+        else:
+            self.conditions.report("nri", text + " (--nri auto)", logging.INFO)
+
+    async def serve(self, reader, writer):
+        """One connection: register, synchronize, serve; returns why it ended."""
+        connection = self.connection = NriConnection(self.api, reader, writer, self.handle)
+        self.synchronized, self.sync_chunks = False, []
+        self.containers.clear()
+        self.pending.clear()
+        running = asyncio.get_event_loop().create_task(connection.run())
+        updating = None
+        try:
+            pb = self.api.pb
+            await connection.call("RegisterPlugin", pb.RegisterPluginRequest(
+                plugin_name=NRI_PLUGIN_NAME, plugin_idx=self.config.nri_index), self.REGISTER_TIMEOUT)
+            deadline = time.monotonic() + 2 * self.REGISTER_TIMEOUT     # Configure and Synchronize follow
+            while not self.synchronized and connection.why is None and time.monotonic() < deadline:
+                await asyncio.wait([running], timeout=0.05)
+            if not self.synchronized and connection.why is None:
+                connection.close("registered, but no Synchronize came")
+            if connection.why is None:
+                self.conditions.clear("nri")
+                updating = asyncio.get_event_loop().create_task(self.send_updates(connection))
+        except NriCallFailed as e:
+            connection.close("RegisterPlugin failed: %s" % e)
+        why = await running
+        if updating is not None:
+            self.updates_wakeup.set()          # it sees the connection ended
+            updating.cancel()
+            await asyncio.gather(updating, return_exceptions=True)
+        self.synchronized = False
+        return why
+
+    async def handle(self, method, payload):
+        """(status code, message, answer bytes) for the runtime's `method`."""
+        handler = self.HANDLERS.get(method)
+        if handler is None:               # newer runtimes fall back to StateChange on code 12
+            return STATUS_UNIMPLEMENTED, "%s: %s is not implemented" % (NRI_PLUGIN_NAME, method), b""
+        request_type, answer = handler
+        parse = getattr(self.api.pb, request_type).FromString
+        try:
+            if len(payload) >= self.LARGE_REQUEST:
+                request = await self.off_loop(parse, payload)
+            else:
+                request = parse(payload)
+        except (self.api.DecodeError, RecursionError) as e:
+            raise ProtocolError("%s that does not parse (%s)" % (request_type, quote(one_line(e), 80)))
+        response = answer(self, request)
+        if asyncio.iscoroutine(response):
+            response = await response
+        return 0, "", response.SerializeToString()
+
+    # The runtime's requests --------------------------------------------------------
+
+    def configure(self, request):
+        self.runtime = ("%s %s" % (request.runtime_name, request.runtime_version)).strip() or "the runtime"
+        return self.api.pb.ConfigureResponse(events=sum(1 << (event - 1) for event in NRI_EVENTS.values()))
+
+    async def synchronize(self, request):
+        """Every container the runtime has; split ones (`more`) are answered
+        with `more` and no updates until the last chunk (NRI v0.7+)."""
+        pb = self.api.pb
+        self.sync_chunks.append(request)
+        if request.more:
+            return pb.SynchronizeResponse(more=True)
+        chunks, self.sync_chunks = self.sync_chunks, []
+        pods = {pod.id: pod for chunk in chunks for pod in chunk.pods}
+        record, _ = self.read_cpu_record()
+        updates, holders, seen = [], 0, 0
+        for chunk in chunks:
+            for message in chunk.containers:
+                container = RuntimeContainer(message, pods.get(message.pod_sandbox_id), self.env_prefix)
+                container.cpuset = self.request_cpus(message.linux.resources.cpu.cpus)
+                container.kubelet = self.kubelet_record_for(container, record)
+                self.containers[container.id] = container
+                seen += 1
+                if not container.stopped:
+                    cpus = self.settle(container, container.kubelet, container.cpuset, record)
+                    holders += bool(container.claims)
+                    if cpus is not None:
+                        updates.append(self.update_of(container.id, cpus))
+                if seen % self.SYNC_SLICE == 0:
+                    await asyncio.sleep(0)      # a node's worth of containers does not hold the loop
+        self.synchronized = True
+        log.info("NRI: registered as %s-%s with %s on %s; synchronized %d containers: %d adjusted, %d claim "
+                 "isolated CPUs", self.config.nri_index, NRI_PLUGIN_NAME, self.runtime, self.socket_path, seen,
+                 len(updates), holders)
+        return pb.SynchronizeResponse(update=updates)
+
+    def create_container(self, request):
+        pb = self.api.pb
+        container = self.containers[request.container.id] = RuntimeContainer(
+            request.container, request.pod, self.env_prefix)
+        cpus = self.settle_request(container, self.request_cpus(request.container.linux.resources.cpu.cpus))
+        response = pb.CreateContainerResponse()
+        if cpus is not None:
+            response.adjust.linux.resources.cpu.cpus = format_cpu_list(cpus)
+        return response
+
+    def update_container(self, request):
+        """A resource update the kubelet sends: rewritten where its cpuset
+        breaks the rule; one without cpus (an in-place resize sends shares
+        and quota) changes no cpuset and is left alone."""
+        pb = self.api.pb
+        response = pb.UpdateContainerResponse()
+        text = request.linux_resources.cpu.cpus
+        container = self.containers.get(request.container.id)
+        if container is None:
+            container = self.containers[request.container.id] = RuntimeContainer(
+                request.container, request.pod, self.env_prefix)
+        container.cpuset = self.request_cpus(request.container.linux.resources.cpu.cpus)
+        if not text:
+            return response
+        cpus = self.settle_request(container, self.request_cpus(text))
+        if cpus is not None:
+            response.update.extend([self.update_of(container.id, cpus, ignore_failure=False)])
+        return response
+
+    def stop_container(self, request):
+        container = self.containers.get(request.container.id)
+        if container is not None:
+            container.stopped = True
+        return self.api.pb.StopContainerResponse()
+
+    def state_change(self, request):
+        if request.event == NRI_EVENTS["RemoveContainer"]:
+            self.containers.pop(request.container.id, None)
+            self.pending.pop(request.container.id, None)
+        elif request.event == NRI_EVENTS["StopContainer"]:
+            self.stop_container(request)
+        return self.api.pb.Empty()
+
+    def shutdown(self, request):
+        log.info("NRI: %s asked the plugin to shut down its connection", self.runtime)
+        return self.api.pb.Empty()
+
+    HANDLERS = {"Configure": ("ConfigureRequest", configure),
+                "Synchronize": ("SynchronizeRequest", synchronize),
+                "CreateContainer": ("CreateContainerRequest", create_container),
+                "UpdateContainer": ("UpdateContainerRequest", update_container),
+                "StopContainer": ("StopContainerRequest", stop_container),
+                "StateChange": ("StateChangeEvent", state_change),
+                "Shutdown": ("Empty", shutdown)}
+
+    # The rule ------------------------------------------------------------------
+
+    def request_cpus(self, text):
+        """A cpuset of the runtime's: None for "" (unrestricted), else its CPUs."""
+        if not text:
+            return None
+        try:
+            return parse_cpu_list(text, self.inventory.host.last_cpu, self.inventory.host.max_cpu)
+        except InputError:
+            return None
+
+    def read_cpu_record(self):
+        record, why = self.cpu_record.read()
+        if record is None:
+            self.conditions.report("nri-cpu-record", "NRI: the kubelet's CPU manager record cannot be read (%s): "
+                                   "cpusets are judged by what containers have, and CPUs that leave the isolated "
+                                   "set return to them only with the kubelet's next update" % why, logging.INFO)
+        else:
+            self.conditions.clear("nri-cpu-record")
+        return record, why
+
+    def kubelet_record_for(self, container, record):
+        """B for a container whose cpuset may be one the plugin set itself:
+        the kubelet's record when it can be read, else what the kubelet last
+        asked for it, else what it has."""
+        if record is not None:
+            return kubelet_wants(record, container.pod_uid, container.name, container.id)[0]
+        return container.kubelet if container.kubelet is not None else container.cpuset
+
+    def settle_request(self, container, kubelet):
+        """settle() for a cpuset the kubelet sends now (`kubelet`: what the
+        container gets unless the plugin changes it), unless that is not
+        what the kubelet's record says it wants: another NRI plugin changed
+        it before us, and only one may set a container's CPUs."""
+        container.kubelet = container.cpuset = kubelet
+        record, _ = self.read_cpu_record()
+        if record is not None:
+            wanted, _ = kubelet_wants(record, container.pod_uid, container.name, container.id)
+            if wanted != kubelet:
+                self.warn_once(container, "foreign", "NRI: %s gets cpuset %s where the kubelet wants %s: another NRI "
+                               "plugin changed it; left as it is (only one may set a container's CPUs)"
+                               % (quote(container.label, 300), cpuset_text(kubelet), cpuset_text(wanted)))
+                return None
+        return self.settle(container, kubelet, kubelet, record)
+
+    def settle(self, container, kubelet, current, record=None):
+        """The cpuset to give `container` now (None: leave it), by the rule,
+        H from the kubelet's checkpoint; logged. `current` is what it has."""
+        advertised = frozenset(d.cpu for d in self.inventory.devices)
+        online = self.inventory.online
+        held = frozenset()
+        if container.claims:
+            grants, why = self.checkpoint.read()
+            if grants is None:
+                self.conditions.report("nri-checkpoint", "NRI: containers that claim isolated CPUs are left as the "
+                                       "kubelet set them: the kubelet's checkpoint cannot be read (%s)" % why)
+                return None
+            self.conditions.clear("nri-checkpoint")
+            held = grants.get((container.pod_uid, container.name))
+            if held is None:
+                if (container.id, "claim") not in self.warned:
+                    self.counters.nri_refused_claims += 1
+                self.warn_once(container, "claim", "NRI: %s sets $%s but holds no %s in the kubelet's checkpoint: "
+                               "it gets none of them" % (quote(container.label, 300), self.config.env_name,
+                                                         self.config.resource_name))
+                held = frozenset()
+        cpus = container_cpuset(kubelet, advertised, held, online)
+        taken = granted_unheld(kubelet, advertised, held, online)
+        exclusive = record is not None and kubelet_wants(record, container.pod_uid, container.name,
+                                                         container.id)[1]
+        if taken and (exclusive or not cpus):
+            self.warn_once(container, "taken", "NRI: the kubelet gave %s isolated CPUs %s, which it does not hold, "
+                           "%s; keep the isolated CPUs in reservedSystemCPUs" % (
+                               quote(container.label, 300), format_cpu_list(taken),
+                               "as an exclusive grant" if exclusive else "and nothing else: they are left to it"))
+        if not cpus or cpus == (online if current is None else current):
+            return None                 # nothing to run on: B stays; or it has it already
+        self.counters.nri_adjustments += 1
+        container.cpuset = cpus
+        log.info("NRI: %s cpuset %s -> %s%s", quote(container.label, 300), cpuset_text(current),
+                 format_cpu_list(cpus), "; holds %s" % format_cpu_list(held) if held else "")
+        return cpus
+
+    def warn_once(self, container, kind, text):
+        if (container.id, kind) not in self.warned:
+            self.warned.add((container.id, kind))
+            log.warning("%s", text)
+
+    def update_of(self, container_id, cpus, ignore_failure=True):
+        update = self.api.pb.ContainerUpdate(container_id=container_id, ignore_failure=ignore_failure)
+        update.linux.resources.cpu.cpus = format_cpu_list(cpus)
+        return update
+
+    # Running containers ---------------------------------------------------------
+
+    def reconsider(self, claimants_only=False):
+        """Bring running containers back to the rule (the isolated or online
+        CPUs changed, or the kubelet's checkpoint did): queued for
+        UpdateContainers, which runs beside the runtime's requests."""
+        if not self.connected:
+            return
+        record, _ = self.read_cpu_record()
+        for container in self.containers.values():
+            if container.stopped or (claimants_only and not container.claims):
+                continue
+            kubelet = self.kubelet_record_for(container, record)
+            current = self.pending.get(container.id, container.cpuset)
+            cpus = self.settle(container, kubelet, current, record)
+            if cpus is not None:
+                self.pending[container.id] = cpus
+        if self.pending:
+            self.updates_wakeup.set()
+
+    def host_changed(self):
+        self.reconsider()
+
+    def kubelet_files_changed(self):
+        """The device-plugin directory changed: a holder's checkpoint entry
+        may have come after its container (read again only if it changed)."""
+        key = self.checkpoint.key
+        self.checkpoint.read()
+        if self.checkpoint.key != key:
+            self.reconsider(claimants_only=True)
+
+    async def send_updates(self, connection):
+        pb = self.api.pb
+        while connection.why is None:
+            await self.updates_wakeup.wait()
+            self.updates_wakeup.clear()
+            while self.pending and connection.why is None:
+                batch = []
+                while self.pending and len(batch) < self.UPDATE_BATCH:
+                    container_id, cpus = self.pending.popitem(last=False)
+                    batch.append(self.update_of(container_id, cpus))
+                try:
+                    answer = await connection.call("UpdateContainers", pb.UpdateContainersRequest(update=batch),
+                                                   self.UPDATE_TIMEOUT)
+                    failed = pb.UpdateContainersResponse.FromString(answer).failed
+                except (NriCallFailed, self.api.DecodeError) as e:
+                    log.warning("NRI: updating the cpusets of %d containers failed: %s", len(batch), one_line(e))
+                    continue
+                if failed:
+                    log.info("NRI: %s did not update %d containers (gone meanwhile?): %s", self.runtime, len(failed),
+                             quote_list(update.container_id for update in failed))
+
+    def running_names(self):
+        """{(pod UID, container name)} of the containers the runtime runs."""
+        return {(c.pod_uid, c.name) for c in self.containers.values() if not c.stopped}
 
 
 # ---------------------------------------------------------------------------
@@ -3286,26 +4110,6 @@ CPU_MANAGER_LAYOUT = ("under the static policy: put the isolated CPUs in reserve
                       "only its exclusive CPUs)")
 
 
-def cpu_manager_state(text):
-    """(policy, defaultCpuSet text, {(pod uid or None, container or container ID): cpu-list text}, old format?)
-    of a cpu_manager_state; ValueError when it is not one."""
-    try:
-        data = json.loads(text)
-        policy = data["policyName"]
-        entries = data.get("entries") or {}
-        grants, old = {}, False
-        for key, value in entries.items():
-            if isinstance(value, dict):
-                for container, cpus in value.items():
-                    grants[(key, container)] = cpus
-            else:
-                grants[(None, key)] = value
-                old = True
-        return policy, data.get("defaultCpuSet") or "", grants, old
-    except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
-        raise ValueError("not a cpu_manager_state (%s: %s)" % (type(e).__name__, quote(one_line(e), 80)))
-
-
 def _holders_by_uid(facts):
     """{cpu: {(pod uid, container)}} of the plugin's CPUs, from the checkpoint; None when unknown."""
     by_cpu = facts.checkpoint.by_cpu
@@ -3694,7 +4498,11 @@ VALUE_OPTIONS = (
     ("--metrics-address", None, "serve Prometheus /metrics and /healthz on HOST:PORT (off by default)"),
     ("--pod-resources-socket", DEFAULT_POD_RESOURCES_SOCKET,
      "the kubelet's PodResources socket, asked who holds each CPU; off (or \"\"): never asked"),
-    ("--kubelet-dir", DEFAULT_KUBELET_DIR, "the kubelet's root directory (cpu_manager_state), for --doctor"),
+    ("--nri", "off", "keep every container's cpuset by the plugin's rule through the runtime's NRI: "
+                     "off|auto (when its socket is there)|on (its absence a warning)"),
+    ("--nri-socket", DEFAULT_NRI_SOCKET, "the container runtime's NRI socket"),
+    ("--nri-index", DEFAULT_NRI_INDEX, "the plugin's NRI index, two digits (runtimes call plugins in index order)"),
+    ("--kubelet-dir", DEFAULT_KUBELET_DIR, "the kubelet's root directory (cpu_manager_state), for --nri and --doctor"),
     ("--kubelet-config", None, "the kubelet's config file, for --doctor (default: the running kubelet's "
                                "--config, else <kubelet-dir>/config.yaml)"),
 )
@@ -3842,7 +4650,7 @@ def parse_config(argv, environ):
         raise bad("env_name", "not a valid environment variable name")
     config.log_level = config.log_level.lower()
     for name, choices in (("source", SOURCES), ("cpuid_devices", ("auto", "always", "never")),
-                          ("uevents", ("auto", "off")), ("self_affinity", ("on", "off")),
+                          ("uevents", ("auto", "off")), ("self_affinity", ("on", "off")), ("nri", ("off", "auto", "on")),
                           ("log_level", LOG_LEVELS)):
         if getattr(config, name) not in choices:
             raise bad(name, "expected one of " + ", ".join(choices))
@@ -3853,6 +4661,11 @@ def parse_config(argv, environ):
     if not (0.05 <= interval <= 3600):
         raise bad("rescan_interval", "expected seconds between 0.05 and 3600")
     config.rescan_interval = interval
+    if not re.match(r"[0-9]{2}\Z", config.nri_index):
+        raise bad("nri_index", "expected two digits, 00 to 99")
+    config.nri_socket = os.path.abspath(config.nri_socket)
+    if len(os.fsencode(config.nri_socket)) > UNIX_PATH_MAX:
+        raise bad("nri_socket", "longer than %d bytes" % UNIX_PATH_MAX)
     if config.json and not (config.list or config.doctor):
         raise InputError("--json needs --list or --doctor")
     modes = [flag for flag in ("--list", "--probe", "--doctor") if getattr(config, flag[2:])]

@@ -3061,6 +3061,18 @@ class LifecycleTests(PluginRig):
         process.wait_log("self-affinity: plugin threads on housekeeping CPUs 1")
         self.assertEqual(self.thread_affinities(process.proc.pid), {"1"})
 
+    def test_self_affinity_follows_housekeeping_cpus_going_offline_and_online(self):
+        if not {0, 1} <= os.sched_getaffinity(0):
+            self.skipTest("needs CPUs 0 and 1 to be allowed here")
+        self.kubelet.start()
+        process = self.start_plugin()                            # serves 2-3,6-7: housekeeping 0-1,4-5
+        process.wait_log("self-affinity: plugin threads on housekeeping CPUs 0-1")
+        self.set_host("online", "0,2-7\n")                      # no served CPU changes
+        process.wait_log("self-affinity: plugin threads on housekeeping CPUs 0\n", timeout=3)
+        self.assertEqual(self.thread_affinities(process.proc.pid), {"0"})
+        self.set_host("online", "0-7\n")
+        process.wait_log("self-affinity: plugin threads on housekeeping CPUs 0-1", count=2, timeout=3)
+
     def test_self_affinity_off(self):
         self.set_host("isolated", "1\n")
         self.kubelet.start()
@@ -4672,6 +4684,506 @@ class WorkBoundTests(PodResourcesRig):
 
 def one_line_of(error):
     return "%s: %s" % (type(error).__name__, error)
+
+
+# ---------------------------------------------------------------------------
+# The runtime side (NRI)
+# ---------------------------------------------------------------------------
+
+class NriCodecTests(unittest.TestCase):
+    """The mux and ttrpc codecs, without sockets, against frames written
+    here from NRI.md (mux_frame and ttrpc_message of the fake runtime)."""
+
+    def test_frames_and_messages_split_at_every_byte_and_packed_together(self):
+        messages = [(1, 1, 0, b"first"), (3, 1, 0, b""), (5, 2, 0, bytes(range(256)) * 20)]
+        wire = b"".join(mux_frame(1, ttrpc_message(stream, kind, payload, flags))
+                        for stream, kind, flags, payload in messages)
+        for pieces in ([wire], [wire[i:i + 1] for i in range(len(wire))], [wire[:9], wire[9:4000], wire[4000:]]):
+            mux, ttrpc = plugin.MuxReader(), plugin.TtrpcReader()
+            got = []
+            for piece in pieces:
+                for conn, payload in mux.feed(piece):
+                    self.assertEqual(conn, 1)
+                    got.extend(ttrpc.feed(payload))
+            self.assertEqual(got, messages)
+        # one ttrpc message across mux frames of any size
+        message = ttrpc_message(7, 1, b"x" * 10000)
+        ttrpc = plugin.TtrpcReader()
+        got = []
+        for i in range(0, len(message), 777):
+            got.extend(ttrpc.feed(message[i:i + 777]))
+        self.assertEqual(got, [(7, 1, 0, b"x" * 10000)])
+
+    def test_what_is_sent_is_in_frames_of_at_most_4096_bytes(self):
+        for size in (0, 1, 4088, 4089, 100000):
+            data = bytes(random.Random(size).getrandbits(8) for _ in range(size))
+            wire = plugin.mux_frames(2, data)
+            mux = plugin.MuxReader()
+            frames = mux.feed(wire)
+            self.assertEqual(b"".join(payload for _, payload in frames), data)
+            self.assertTrue(all(conn == 2 and len(payload) + 8 <= 4096 for conn, payload in frames))
+            self.assertEqual(mux.buffer, bytearray())
+        self.assertEqual(plugin.ttrpc_message(3, 2, b"ab"), ttrpc_message(3, 2, b"ab"))
+
+    def test_oversized_frames_and_messages_are_protocol_errors(self):
+        with self.assertRaises(plugin.ProtocolError):
+            plugin.MuxReader().feed(struct.pack(">II", 1, (4 << 20) + 11))
+        self.assertEqual(plugin.MuxReader().feed(struct.pack(">II", 1, (4 << 20) + 10)), [])   # the bound itself
+        with self.assertRaises(plugin.ProtocolError):
+            plugin.TtrpcReader().feed(struct.pack(">IIBB", (4 << 20) + 1, 1, 1, 0))
+
+    def test_reading_is_linear_in_the_bytes(self):
+        def feed(count):
+            wire = mux_frame(1, ttrpc_message(1, 1, b"")) * count
+            mux, ttrpc = plugin.MuxReader(), plugin.TtrpcReader()
+            for i in range(0, len(wire), 65536):             # as the connection reads
+                for _, payload in mux.feed(wire[i:i + 65536]):
+                    ttrpc.feed(payload)
+        feed(1000)
+        ratio = best_time(lambda: feed(80000)) / best_time(lambda: feed(10000))
+        self.assertLess(ratio, 16, "x8 the frames took x%.1f the time" % ratio)
+
+
+class NriRuleTests(unittest.TestCase):
+    """The rule, cpuset = ((B - A) | H) & online, and the kubelet's records."""
+
+    A = frozenset([2, 3, 6, 7])
+    ONLINE = frozenset(range(8))
+
+    def test_the_rule(self):
+        rule = plugin.container_cpuset
+        # a Guaranteed holder (static: exclusive 0,4) runs on those and on what it holds
+        self.assertEqual(rule(frozenset([0, 4]), self.A, frozenset([6, 7]), self.ONLINE), {0, 4, 6, 7})
+        # anyone else: B less the advertised CPUs; policy none (B unset): every online CPU less them
+        self.assertEqual(rule(frozenset(range(8)), self.A, frozenset(), self.ONLINE), {0, 1, 4, 5})
+        self.assertEqual(rule(None, self.A, frozenset(), self.ONLINE), {0, 1, 4, 5})
+        self.assertEqual(rule(None, self.A, frozenset([3]), self.ONLINE - {1}), {0, 3, 4, 5})
+        # the static policy granted an isolated CPU exclusively: nothing left
+        self.assertEqual(rule(frozenset([2]), self.A, frozenset(), self.ONLINE), frozenset())
+        self.assertEqual(plugin.granted_unheld(frozenset([2, 3]), self.A, frozenset([3]), self.ONLINE), {2})
+        self.assertEqual(plugin.granted_unheld(None, self.A, frozenset([6, 7]), self.ONLINE - {2}), {3})
+
+    def test_what_the_kubelet_wants(self):
+        state = json.dumps({"policyName": "static", "defaultCpuSet": "0-1,4-5",
+                            "entries": {"uid-a": {"app": "2-3"}}, "checksum": 7})
+        record = plugin.kubelet_cpus(state, 7, 63)
+        self.assertEqual(plugin.kubelet_wants(record, "uid-a", "app", "c1"), ({2, 3}, True))
+        self.assertEqual(plugin.kubelet_wants(record, "uid-a", "sidecar", "c2"), ({0, 1, 4, 5}, False))
+        old = plugin.kubelet_cpus(json.dumps({"policyName": "static", "defaultCpuSet": "0-7",
+                                              "entries": {"c3": "6"}}), 7, 63)
+        self.assertEqual(plugin.kubelet_wants(old, "uid-b", "x", "c3"), ({6}, True))
+        none = plugin.kubelet_cpus(json.dumps({"policyName": "none", "defaultCpuSet": ""}), 7, 63)
+        self.assertEqual(plugin.kubelet_wants(none, "uid-a", "app", "c1"), (None, False))
+        for bad in ("", "{}", '{"policyName": "static", "defaultCpuSet": "0-x"}', "[" * 100000,
+                    '{"policyName": "static", "entries": {"u": {"c": "5-"}}}', '{"policyName": "static", '
+                    '"defaultCpuSet": "0-99999"}'):
+            with self.assertRaises(ValueError):
+                plugin.kubelet_cpus(bad, 7, 63)
+
+    def test_what_the_checkpoint_says_each_container_holds(self):
+        text = json.dumps({"Data": {"PodDeviceEntries": [
+            {"PodUID": "u1", "ContainerName": "init", "ResourceName": "windriver.com/isolcpus",
+             "DeviceIDs": {"0": ["2"], "1": ["6"]}},
+            {"PodUID": "u1", "ContainerName": "app", "ResourceName": "windriver.com/isolcpus", "DeviceIDs": ["2", "x"]},
+            {"PodUID": "u2", "ContainerName": "nic", "ResourceName": "example.com/nic", "DeviceIDs": ["3"]}]}})
+        self.assertEqual(plugin.checkpoint_grants(text, "windriver.com/isolcpus"),
+                         {("u1", "init"): {2, 6}, ("u1", "app"): {2}})
+
+
+@unittest.skipIf(grpc is None, "grpcio/protobuf not installed")
+class NriWireTests(unittest.TestCase):
+    """The NRI and ttrpc messages in deviceplugin.proto against the reference .proto files."""
+
+    SCALARS = {"string": 9, "int64": 3, "uint64": 4, "int32": 5, "bool": 8, "bytes": 12, "uint32": 13}
+    ENUMS = ("Event",)                           # declared int32 here: the same varint on the wire
+
+    def test_every_field_the_plugin_uses_is_the_runtimes(self):
+        nri, ttrpc = reference_proto("nri-v1alpha1.proto"), reference_proto("ttrpc.proto")
+        if nri is None or ttrpc is None:
+            self.skipTest("../shared/reference absent")
+        self.assertEqual((nri[0], ttrpc[0]), ("nri.pkg.api.v1alpha1", "ttrpc"))
+        self.assertEqual(sorted(plugin.NriSession.HANDLERS), sorted(set(nri[2]["Plugin"]) - {"Shutdown"} | {"Shutdown"}))
+        ours = pb.DESCRIPTOR.message_types_by_name
+        used = {"RegisterPluginRequest", "UpdateContainersRequest", "UpdateContainersResponse", "Request", "Response"}
+        used |= {request for request, _ in plugin.NriSession.HANDLERS.values()}
+        used |= {response for _, response in nri[2]["Plugin"].values()}
+        pending, checked = sorted(used), set()
+        while pending:
+            name = pending.pop()
+            if name in checked:
+                continue
+            checked.add(name)
+            reference = (ttrpc if name in ("Request", "Response", "Status") else nri)[1]
+            self.assertIn(name, reference, "%s is not an NRI or ttrpc message" % name)
+            for field in ours[name].fields:
+                with self.subTest(message=name, field=field.name):
+                    number, kind, repeated = reference[name][field.name]
+                    self.assertEqual(field.number, number)
+                    self.assertEqual(field.is_repeated if hasattr(field, "is_repeated")
+                                     else field.label == field.LABEL_REPEATED, repeated)
+                    if kind in self.SCALARS or kind in self.ENUMS:
+                        self.assertEqual(field.type, self.SCALARS.get(kind, self.SCALARS["int32"]))
+                    else:
+                        self.assertEqual((field.type, field.message_type.name), (field.TYPE_MESSAGE, kind))
+                        pending.append(kind)
+        self.assertTrue({"Container", "LinuxCPU", "ContainerUpdate", "ContainerAdjustment", "Status"} <= checked)
+
+    def test_a_runtimes_request_decodes_and_unknown_fields_are_skipped(self):
+        pod = nri_pod("dpdk-0", "net")
+        container = nri_container(pod, "fwd", cpus="0,4", env=["ISOLCPUS=6-7"])
+        request = pb.CreateContainerRequest.FromString(pb_encode(NRI_CREATE_CONTAINER_REQUEST,
+                                                                 {"pod": pod, "container": container}))
+        self.assertEqual((request.pod.uid, request.pod.namespace, request.container.name), (pod["uid"], "net", "fwd"))
+        self.assertEqual(request.container.linux.resources.cpu.cpus, "0,4")
+        self.assertIn("ISOLCPUS=6-7", list(request.container.env))
+
+
+def write_json(path, data):
+    write_files(os.path.dirname(path), {os.path.basename(path): json.dumps(data)})
+
+
+@needs_grpc
+class NriRig(TempDirTest):
+    """A fake host of 8 CPUs (2 sockets x 2 cores x 2 threads, 2-3,6-7
+    isolated), the kubelet's device checkpoint and CPU manager record, a
+    FakeNriRuntime, and plugin processes with --nri on. The pods: `holder`
+    (net/dpdk-0, Guaranteed: exclusive 0,4, holds 6-7 as container fwd) and
+    `web` (shop/web-0, in the shared pool 0-7)."""
+
+    def setUp(self):
+        super().setUp()
+        self.host = os.path.join(self.tmp, "host")
+        self.sysfs, self.procfs = fake_host(self.host, sockets=2, cores=2, isolated="2-3,6-7")
+        self.dir = os.path.join(self.tmp, "device-plugins")
+        self.kubelet_dir = os.path.join(self.tmp, "kubelet")
+        os.makedirs(self.dir)
+        os.makedirs(self.kubelet_dir)
+        self.holder, self.web = nri_pod("dpdk-0", "net"), nri_pod("web-0", "shop")
+        self.holdings = {(self.holder["uid"], "fwd"): ["6", "7"]}
+        self.exclusive = {self.holder["uid"]: {"fwd": "0,4"}}
+        self.write_checkpoint()
+        self.write_cpu_record()
+        self.runtime = FakeNriRuntime(os.path.join(self.tmp, "nri", "nri.sock"))
+        self.addCleanup(self.runtime.stop)
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.dir, "kubelet_internal_checkpoint")
+
+    def write_checkpoint(self):
+        write_json(self.checkpoint_path, {"Data": {"PodDeviceEntries": [
+            {"PodUID": uid, "ContainerName": container, "ResourceName": "windriver.com/isolcpus",
+             "DeviceIDs": {"0": ids}, "AllocResp": ""} for (uid, container), ids in self.holdings.items()],
+            "RegisteredDevices": {}}, "Checksum": 0})
+
+    def write_cpu_record(self, policy="static", shared="0-7"):
+        write_json(os.path.join(self.kubelet_dir, "cpu_manager_state"),
+                   {"policyName": policy, "defaultCpuSet": shared, "entries": self.exclusive, "checksum": 1})
+
+    def start_plugin(self, *extra, nri="on", env=None):
+        args = ["--sysfs", self.sysfs, "--procfs", self.procfs, "--device-plugin-path", self.dir,
+                "--pod-resources-socket", "off", "--kubelet-dir", self.kubelet_dir, "--nri", nri,
+                "--nri-socket", self.runtime.path, "--rescan-interval", "0.2", "--log-level", "debug"] + list(extra)
+        process = PluginProcess(self.tmp, args, env)
+        self.addCleanup(process.stop, signal.SIGKILL)
+        return process
+
+    def connected_plugin(self, *extra):
+        self.runtime.start()
+        process = self.start_plugin(*extra)
+        self.runtime.wait_ready(timeout=10)
+        return process
+
+    def fwd(self, cpus="0,4", env=("ISOLCPUS=6-7",), **options):
+        return nri_container(self.holder, "fwd", cpus=cpus, env=env, **options)
+
+    def app(self, name="app", cpus="0-7", env=(), **options):
+        return nri_container(self.web, name, cpus=cpus, env=env, **options)
+
+    def assert_clean_log(self, process):
+        self.assertNotIn("Traceback", process.log())
+        self.assertNotIn("internal error", process.log())
+
+
+class NriTests(NriRig):
+    """The plugin as an NRI plugin, against FakeNriRuntime over a real unix socket."""
+
+    def test_holder_others_and_a_spoofer_at_creation(self):
+        process = self.connected_plugin()
+        registration = self.runtime.registrations[0]
+        self.assertEqual((registration["plugin_name"], registration["plugin_idx"]), ("isolcpu-plugin", "90"))
+        self.assertEqual(self.runtime.configures[0]["events"], nri_event_mask(4, 8, 10, 11))
+        self.assertEqual(self.runtime.create_container(self.holder, self.fwd()).cpus, "0,4,6-7")
+        self.assertEqual(self.runtime.create_container(self.web, self.app()).cpus, "0-1,4-5")
+        spoofed = self.runtime.create_container(self.web, self.app("spoof", env=["ISOLCPUS=2-3"]))
+        self.assertEqual(spoofed.cpus, "0-1,4-5")
+        process.wait_log("'shop/web-0/spoof' sets $ISOLCPUS but holds no windriver.com/isolcpus")
+        # one line per adjustment, before -> after
+        self.assertIn("NRI: 'net/dpdk-0/fwd' cpuset 0,4 -> 0,4,6-7; holds 6-7", process.log())
+        self.assertIn("NRI: 'shop/web-0/app' cpuset 0-7 -> 0-1,4-5", process.log())
+        # a container the plugin has no business with is left as it is, and never an error
+        self.write_cpu_record(shared="0-1,4-5")
+        plain = self.runtime.create_container(self.web, self.app("plain", cpus="0-1,4-5"))
+        self.assertEqual((plain.outcome, plain.cpus, plain.response["adjust"]), ("ok", "0-1,4-5", None))
+        self.assertEqual([reply.outcome for reply in self.runtime.calls if reply.method == "CreateContainer"],
+                         ["ok"] * 4)
+        self.assert_clean_log(process)
+
+    def test_policy_none_every_cpu_but_the_advertised_ones(self):
+        self.exclusive = {}
+        self.write_cpu_record(policy="none", shared="")
+        self.connected_plugin()
+        self.assertEqual(self.runtime.create_container(self.holder, self.fwd(cpus="")).cpus, "0-1,4-7")
+        self.assertEqual(self.runtime.create_container(self.web, self.app(cpus="")).cpus, "0-1,4-5")
+
+    def test_synchronize_split_in_chunks_with_more(self):
+        self.runtime.pods = collections.OrderedDict((p["id"], p) for p in (self.holder, self.web))
+        running = [self.fwd(), self.app(), self.app("stopped", state=NRI_CONTAINER_STOPPED), self.app("b")]
+        self.runtime.containers = collections.OrderedDict((c["id"], c) for c in running)
+        self.runtime.sync_chunk = 1
+        process = self.connected_plugin()
+        self.assertGreater(len(self.runtime.syncs[0]), 2)               # the fake checks `more` is echoed
+        updates = {u["container_id"]: nri_cpus(u) for u in self.runtime.sync_updates[0]}
+        self.assertEqual(updates, {running[0]["id"]: "0,4,6-7", running[1]["id"]: "0-1,4-5",
+                                   running[3]["id"]: "0-1,4-5"})
+        self.assertTrue(all(u["ignore_failure"] for u in self.runtime.sync_updates[0]))
+        self.assertEqual(self.runtime.cpuset(running[2]["id"]), "0-7")
+        process.wait_log("synchronized 4 containers: 3 adjusted")
+
+    def test_updates_from_the_kubelet_are_rewritten_and_a_resize_is_left_alone(self):
+        self.connected_plugin()
+        fwd, app = self.fwd(), self.app()
+        self.runtime.create_container(self.holder, fwd)
+        self.runtime.create_container(self.web, app)
+        # the kubelet's CPU manager moves the shared pool (it wrote its record first)
+        self.write_cpu_record(shared="0-3,6-7")
+        reply = self.runtime.update_container(self.web, app, nri_linux_resources("0-3,6-7"))
+        self.assertEqual((reply.outcome, reply.cpus), ("ok", "0-1"))
+        self.assertEqual(len(reply.response["update"]), 1)
+        # an in-place resize: shares and quota only
+        resize = nri_linux_resources("", shares=2048, quota=200000)
+        reply = self.runtime.update_container(self.holder, nri_with_cpus(fwd, "0,4,6-7"), resize)
+        self.assertEqual((reply.outcome, reply.response["update"]), ("ok", []))
+        self.assertEqual(self.runtime.cpuset(fwd["id"]), "0,4,6-7")
+
+    def test_running_containers_follow_the_isolated_and_online_cpus(self):
+        process = self.connected_plugin()
+        fwd, app = self.fwd(), self.app()
+        self.runtime.create_container(self.holder, fwd)
+        self.runtime.create_container(self.web, app)
+        write_files(self.host, {"sys/devices/system/cpu/isolated": "2-3,6\n"})      # 7 leaves the isolated set
+        request = self.runtime.wait_update_requests(1)
+        self.assertEqual({u["container_id"]: nri_cpus(u) for u in request["update"]}, {app["id"]: "0-1,4-5,7"})
+        self.assertTrue(all(u["ignore_failure"] for u in request["update"]))
+        self.assertEqual(self.runtime.cpuset(fwd["id"]), "0,4,6-7")    # its B is 0,4; it holds 6-7
+        write_files(self.host, {"sys/devices/system/cpu/online": "0-4,6-7\n"})        # 5 goes offline
+        request = self.runtime.wait_update_requests(2)
+        self.assertEqual({u["container_id"]: nri_cpus(u) for u in request["update"]}, {app["id"]: "0-1,4,7"})
+        write_files(self.host, {"sys/devices/system/cpu/online": "0-7\n"})
+        self.runtime.wait(lambda: self.runtime.cpuset(app["id"]) == "0-1,4-5,7", 5, "CPU 5 back")
+        self.assert_clean_log(process)
+
+    def test_a_holder_created_before_its_checkpoint_entry_is_repaired(self):
+        self.holdings = {}
+        self.write_checkpoint()
+        process = self.connected_plugin()
+        fwd = self.fwd()
+        self.assertEqual(self.runtime.create_container(self.holder, fwd).cpus, "0,4")   # taken for a spoofer
+        self.holdings = {(self.holder["uid"], "fwd"): ["6", "7"]}
+        self.write_checkpoint()                                           # the kubelet's entry, late
+        request = self.runtime.wait_update_requests(1)
+        self.assertEqual({u["container_id"]: nri_cpus(u) for u in request["update"]}, {fwd["id"]: "0,4,6-7"})
+        self.assertIsNone(process.proc.poll())
+
+    def test_a_holder_created_right_after_its_entry_is_no_spoofer(self):
+        self.connected_plugin()
+        for i in range(20):                         # each entry written just before its container is created
+            name = "fwd-%d" % i
+            self.holdings[(self.holder["uid"], name)] = ["2"]
+            self.exclusive[self.holder["uid"]][name] = "0,4"
+            self.write_cpu_record()
+            self.write_checkpoint()
+            container = nri_container(self.holder, name, cpus="0,4", env=["ISOLCPUS=2"])
+            self.assertEqual(self.runtime.create_container(self.holder, container).cpus, "0,2,4", name)
+
+    def test_a_missing_or_unreadable_checkpoint_leaves_claimants_as_the_kubelet_asked(self):
+        os.unlink(self.checkpoint_path)
+        os.mkfifo(self.checkpoint_path)             # would block a plain open()
+        process = self.connected_plugin()
+        reply = self.runtime.create_container(self.holder, self.fwd())
+        self.assertEqual((reply.outcome, reply.cpus), ("ok", "0,4"))
+        self.assertLess(reply.seconds, 1.0)
+        self.assertEqual(self.runtime.create_container(self.web, self.app()).cpus, "0-1,4-5")   # no claim: no lookup
+        self.assertEqual(self.runtime.create_container(self.holder, self.fwd(cpus="0,4", container_id="f2")).cpus,
+                         "0,4")
+        lines = [l for l in process.log().splitlines() if "checkpoint cannot be read" in l and " DEBUG " not in l]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("not a regular file", lines[0])
+        os.unlink(self.checkpoint_path)
+        self.write_checkpoint()                      # readable again: repaired
+        self.runtime.wait(lambda: self.runtime.cpuset(self.fwd()["id"]) == "0,4,6-7", 5, "the holder repaired")
+        process.wait_log("resolved after")
+
+    def test_without_the_kubelets_cpu_record_the_rule_applies_to_what_containers_have(self):
+        os.unlink(os.path.join(self.kubelet_dir, "cpu_manager_state"))
+        fwd, app = self.fwd(cpus="0,4,6-7"), self.app(cpus="0-1,4-5")     # as the plugin left them
+        self.runtime.pods = collections.OrderedDict((p["id"], p) for p in (self.holder, self.web))
+        self.runtime.containers = collections.OrderedDict((c["id"], c) for c in (fwd, app))
+        process = self.connected_plugin()
+        self.assertEqual(self.runtime.sync_updates[0], [])                # idempotent
+        self.assertEqual(self.runtime.create_container(self.web, self.app("new")).cpus, "0-1,4-5")
+        lines = [l for l in process.log().splitlines() if "CPU manager record cannot be read" in l and " INFO " in l]
+        self.assertEqual(len(lines), 1, lines)
+
+    def test_a_cpuset_another_plugin_changed_is_left_with_a_warning(self):
+        process = self.connected_plugin()
+        reply = self.runtime.create_container(self.web, self.app(cpus="0-5"))     # the kubelet wants 0-7
+        self.assertEqual((reply.outcome, reply.cpus), ("ok", "0-5"))
+        process.wait_log("another NRI plugin changed it")
+
+    def test_an_isolated_cpu_granted_exclusively_to_another_container_is_warned(self):
+        self.exclusive[self.web["uid"]] = {"crunch": "2"}
+        self.write_cpu_record(shared="0-1,3-7")
+        process = self.connected_plugin()
+        reply = self.runtime.create_container(self.web, self.app("crunch", cpus="2"))
+        self.assertEqual((reply.outcome, reply.cpus), ("ok", "2"))                # nothing else to run on: left
+        process.wait_log("the kubelet gave 'shop/web-0/crunch' isolated CPUs 2, which it does not hold")
+
+    def test_methods_it_does_not_implement_are_code_12_and_newer_runtimes_fall_back(self):
+        process = self.connected_plugin()
+        for method in ("RunPodSandbox", "PostCreateContainer", "ValidateContainerAdjustment"):
+            reply = self.runtime.call(method, pb_encode(NRI_POD_EVENT_REQUEST, {"pod": self.web}))
+            self.assertEqual((reply.outcome, reply.code), ("failed", GRPC_UNIMPLEMENTED), method)
+        app = self.app()
+        self.runtime.create_container(self.web, app)
+        reply = self.runtime.remove_container(self.web, app, per_event_rpc=True)
+        self.assertTrue(reply.fallback)
+        self.assertEqual(reply.outcome, "ok")
+        write_files(self.host, {"sys/devices/system/cpu/isolated": "2-3,6\n"})   # a removed container is not updated
+        time.sleep(1.0)
+        self.assertEqual(self.runtime.update_requests, [])
+        self.assertIsNone(process.proc.poll())
+
+    def test_every_frame_to_the_runtime_is_at_most_4096_bytes(self):
+        self.runtime.pods = collections.OrderedDict([(self.web["id"], self.web)])
+        many = [self.app("app-%d" % i) for i in range(400)]
+        self.runtime.containers = collections.OrderedDict((c["id"], c) for c in many)
+        self.connected_plugin()
+        self.assertEqual(len(self.runtime.sync_updates[0]), 400)         # ~40 KB of answer
+        self.assertEqual(max(length for _, length in self.runtime.frames_received) + 8, 4096)
+        write_files(self.host, {"sys/devices/system/cpu/isolated": "2-3\n"})
+        self.runtime.wait(lambda: sum(len(r["update"]) for r in self.runtime.update_requests) == 400, 10,
+                          "400 containers updated")
+        self.assertLessEqual(max(length for _, length in self.runtime.frames_received) + 8, 4096)
+        self.assertEqual(self.runtime.closes, [])
+
+    def test_frames_split_at_every_byte(self):
+        self.runtime.byte_writes = True
+        self.runtime.pods = collections.OrderedDict([(self.web["id"], self.web)])
+        self.runtime.containers = collections.OrderedDict([(self.app()["id"], self.app())])
+        self.connected_plugin()
+        self.assertEqual(self.runtime.create_container(self.holder, self.fwd()).cpus, "0,4,6-7")
+        self.runtime.byte_writes = False
+        self.runtime.frame_size = 7
+        self.assertEqual(self.runtime.create_container(self.web, self.app("b")).cpus, "0-1,4-5")
+
+    def test_garbage_oversized_and_hang_ups_drop_the_connection_never_the_plugin(self):
+        process = self.connected_plugin()
+        hostile = (self.runtime.send_raw, self.runtime.send_oversized_frame, self.runtime.send_oversized_message,
+                   self.runtime.hang_up_mid_request,
+                   lambda: self.runtime.send_frame(1, ttrpc_message(1, 1, b"\xff\xff\xff")))
+        for count, send in enumerate(hostile, 2):
+            send()
+            self.runtime.wait_ready(count, timeout=15)                    # reconnected, registered afresh
+            self.assertEqual(self.runtime.create_container(self.web, self.app("a-%d" % count)).cpus, "0-1,4-5")
+        self.runtime.send_frame(9, b"a conn nobody uses")                 # dropped, as the Go mux does
+        self.assertEqual(self.runtime.create_container(self.web, self.app("last")).cpus, "0-1,4-5")
+        self.assertIsNone(process.proc.poll())
+        self.assert_clean_log(process)
+        self.assertLessEqual(process.log().count("NRI: the connection to"), 5)
+
+    def test_a_runtime_restart_is_a_new_registration_and_synchronize(self):
+        process = self.connected_plugin()
+        app = self.app()
+        self.runtime.create_container(self.web, app)
+        self.runtime.restart()
+        started = time.monotonic()
+        self.runtime.wait_ready(2, timeout=10)
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertEqual(len(self.runtime.registrations), 2)
+        self.assertEqual(self.runtime.create_container(self.holder, self.fwd()).cpus, "0,4,6-7")
+        self.assertIsNone(process.proc.poll())
+
+    def test_a_runtime_that_never_answers_update_containers_blocks_no_request(self):
+        process = self.connected_plugin()
+        self.runtime.hang_update_containers = True
+        app = self.app()
+        self.runtime.create_container(self.web, app)
+        write_files(self.host, {"sys/devices/system/cpu/isolated": "2-3\n"})
+        self.runtime.wait_update_requests(1)
+        for i in range(5):                        # answered while UpdateContainers waits
+            reply = self.runtime.create_container(self.web, self.app("more-%d" % i))
+            self.assertEqual((reply.outcome, reply.cpus), ("ok", "0-1,4-7"))
+            self.assertLess(reply.seconds, 1.0)
+        process.wait_log("updating the cpusets of 1 containers failed", timeout=10)
+
+    def test_auto_waits_for_the_socket_and_says_so_once(self):
+        process = self.start_plugin(nri="auto")
+        process.wait_log("NRI: no runtime socket at")
+        time.sleep(0.5)
+        self.runtime.start()                         # the runtime comes up: seen through its directory
+        self.runtime.wait_ready(timeout=5)
+        lines = [l for l in process.log().splitlines() if "no runtime socket" in l]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(" INFO ", lines[0])
+
+    def test_on_without_a_socket_is_a_warning(self):
+        process = self.start_plugin()
+        process.wait_log("NRI: no runtime socket at")
+        line = [l for l in process.log().splitlines() if "no runtime socket" in l][0]
+        self.assertIn(" WARNING ", line)
+        self.assertIn("--nri on", line)
+
+    def test_off_connects_to_nothing(self):
+        self.runtime.start()
+        process = self.start_plugin(nri="off")
+        process.wait_log("advertising windriver.com/isolcpus")
+        time.sleep(1.0)
+        self.assertEqual(self.runtime.accepted, 0)
+        self.assertNotIn("NRI", process.log())
+
+    def test_a_second_instance_never_connects(self):
+        first = self.connected_plugin()
+        second = self.start_plugin()
+        self.assertEqual(second.proc.wait(10), 2)
+        self.assertIn("another running instance", second.log())
+        time.sleep(0.5)
+        self.assertEqual(self.runtime.accepted, 1)
+        self.assertIsNone(first.proc.poll())
+
+    def test_metrics(self):
+        process = self.connected_plugin("--metrics-address", "127.0.0.1:0")
+        port = metrics_port(process)
+        self.runtime.create_container(self.web, self.app())
+        self.runtime.create_container(self.web, self.app("spoof", env=["ISOLCPUS=2"]))
+        body = http_get(port, "/metrics")[1]
+        self.assertIn('isolcpu_nri_connected{resource="windriver.com/isolcpus"} 1', body)
+        self.assertIn('isolcpu_nri_adjustments_total{resource="windriver.com/isolcpus"} 2', body)
+        self.assertIn('isolcpu_nri_refused_claims_total{resource="windriver.com/isolcpus"} 1', body)
+        self.runtime.stop()
+        deadline = time.monotonic() + 5
+        while "nri_connected{resource=\"windriver.com/isolcpus\"} 0" not in http_get(port, "/metrics")[1]:
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.1)
+
+    def test_bad_nri_flags_are_one_line(self):
+        for flags, why in ((["--nri", "yes"], "expected one of off, auto, on"),
+                           (["--nri-index", "5"], "two digits"), (["--nri-socket", "/" + "n" * 120], "longer")):
+            with self.subTest(flags=flags):
+                process = self.start_plugin(*flags)
+                self.assertEqual(process.proc.wait(30), 2)
+                self.assertEqual(len(process.log().strip().splitlines()), 1, process.log())
+                self.assertIn(why, process.log())
 
 
 # ---------------------------------------------------------------------------
