@@ -175,6 +175,7 @@ class CpuListTests(unittest.TestCase):
             "0-10:3/4": [0, 1, 2, 4, 5, 6, 8, 9, 10], "4-4:0/1": [],
             "N": [15], "12-N": [12, 13, 14, 15], "all": list(range(16)), "ALL": list(range(16)),
             "all:1/8": [0, 8], "2-5,3-4": [2, 3, 4, 5], "007": [7],
+            "2-5,3": [2, 3, 4, 5], "9,2-3,0-15:8/16,2": [0, 1, 2, 3, 4, 5, 6, 7, 9],   # overlapping, unsorted
         }
         for text, expected in cases.items():
             with self.subTest(text=text):
@@ -203,6 +204,35 @@ class CpuListTests(unittest.TestCase):
                 self.assertLess(len(str(caught.exception)), 200)
         self.assertEqual(self.parse("63"), [63])
 
+    def test_work_follows_the_regions_not_the_cpus_they_name(self):
+        # as many regions, each naming 8,192 CPUs or 2: ranges merge as they
+        # come, so the cost is the regions' (it was CPUs named x times named)
+        def cost(text):
+            best = float("inf")
+            for _ in range(5):
+                started = time.perf_counter()
+                parse_cpu_list(text, 8191, 8191)
+                best = min(best, time.perf_counter() - started)
+            return best
+        for wide, narrow in (("0-8191,", "0-1,"), ("0-8191:1/2,", "0-3:1/2,"), ("all,", "N,")):
+            with self.subTest(wide=wide):
+                self.assertLess(cost(wide * 2000) / cost(narrow * 2000), 8)
+
+    def test_a_list_longer_than_the_kernel_takes_is_refused_before_any_work(self):
+        # cpuset.cpus takes at most 100 + 6 * NR_CPUS bytes (kernel/cgroup/cpuset.c)
+        limit = 100 + 6 * 8192
+        longest = "2-5,3," * ((limit - 1) // 6) + "7"
+        longest += " " * (limit - len(longest))
+        self.assertEqual(sorted(parse_cpu_list(longest, 8191, 8191)), [2, 3, 4, 5, 7])
+        for text in (longest + "0", "x" + longest):
+            with self.subTest(length=len(text), start=text[:3]):
+                with self.assertRaises(InputError) as caught:
+                    parse_cpu_list(text, 8191, 8191)
+                self.assertIn("%d characters" % len(text), str(caught.exception))    # not the bad token: no loop ran
+                self.assertIn(str(limit), str(caught.exception))
+        # a command line's worth is always taken, however few CPUs the kernel has
+        self.assertEqual(sorted(parse_cpu_list(("1," * 4096)[:4095], 3, 3)), [1])
+
     def test_brief_cpu_list_is_bounded(self):
         self.assertEqual(plugin.brief_cpu_list([1, 2, 3]), "1-3")
         text = plugin.brief_cpu_list(range(0, 30000, 3))
@@ -223,6 +253,20 @@ class CpuListTests(unittest.TestCase):
             text = format_cpu_list(cpus)
             self.assertEqual(parse_cpu_list(text, 127, 127), cpus)
             self.assertEqual(format_cpu_list(parse_cpu_list(text, 127, 127)), text)
+
+    def test_mask_work_is_linear_in_its_bits(self):
+        # 8 times the bits, about 8 times the work (it was 27: a loop over
+        # the set bits, each step on the whole number)
+        def cost(words):
+            text = ",".join(["ffffffff"] * words)
+            best = float("inf")
+            for _ in range(20):
+                started = time.perf_counter()
+                plugin.parse_cpu_mask(text, 8191)
+                best = min(best, time.perf_counter() - started)
+            return best
+        self.assertEqual(len(plugin.parse_cpu_mask(",".join(["ffffffff"] * 256), 8191)), 8192)
+        self.assertLess(cost(256) / cost(32), 16)
 
     def test_masks(self):
         mask = plugin.parse_cpu_mask
@@ -420,6 +464,22 @@ class HostTests(TempDirTest):
         self.assertIn("now unhealthy (offline) 3", inv.scan())
         write_files(self.tmp, {"sys/devices/system/cpu/online": "0-7\n"})
         self.assertIn("healthy again 3", inv.scan())
+
+    def test_cpu_numbers_are_bounded_by_the_most_any_kernel_has(self):
+        # CONFIG_NR_CPUS is at most 8192 on every architecture: a kernel_max
+        # above that is not believed, so no list can ask for more work
+        sysfs, procfs = fake_host(self.tmp, kernel_max=999999)
+        self.assertEqual(plugin.Host(sysfs, procfs).max_cpu, 8191)
+        write_files(self.tmp, {"sys/devices/system/cpu/kernel_max": "4095\n"})
+        self.assertEqual(plugin.Host(sysfs, procfs).max_cpu, 4095)
+
+    def test_a_work_bomb_in_the_isolated_file_is_refused_at_once(self):
+        # 126 KB of 0-8191 took 5.3 s to parse, on every rescan
+        sysfs, procfs = fake_host(self.tmp, isolated="0-8191," * 18000, kernel_max=8191)
+        with self.assertRaises(InputError) as caught:
+            plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        self.assertIn(os.path.join(sysfs, "devices/system/cpu/isolated"), str(caught.exception))
+        self.assertIn("126000 characters", str(caught.exception))
 
     def test_host_files_are_opened_so_they_cannot_block(self):
         path = os.path.join(self.tmp, "fifo")
