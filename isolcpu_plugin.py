@@ -66,9 +66,13 @@ DEFAULT_DEVICE_PLUGIN_PATH = "/var/lib/kubelet/device-plugins"
 KUBELET_SOCKET_NAME = "kubelet.sock"
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
-# Highest CPU number accepted where the host does not say (no kernel_max):
-# CONFIG_NR_CPUS tops out at 8192 (x86 MAXSMP, powerpc).
+# Highest CPU number accepted, and where the host does not say (no
+# kernel_max): CONFIG_NR_CPUS tops out at 8192 (x86 MAXSMP, powerpc).
 FALLBACK_MAX_CPU = 8191
+# The shortest cpu-list any kernel takes whole: a kernel command line of the
+# default COMMAND_LINE_SIZE (4096 on s390, mips and loongarch; 2048 on x86,
+# arm64 and powerpc). See cpu_list_limit().
+CPU_LIST_FLOOR = 4096
 UNIX_PATH_MAX = 107            # sun_path is 108 bytes with its NUL
 HOST_FILE_LIMIT = 1 << 20      # sysfs attributes are one page; /proc/cmdline is small
 CHECKPOINT_LIMIT = 4 << 20     # a busy node's device checkpoint is ~1 MB; 4 MiB parse in ~12 ms
@@ -114,14 +118,57 @@ _CPULIST_REGION = re.compile(
     r"(?::(?P<used>{n})/(?P<group>{n}))?|(?P<single>{n}))\Z".format(n=_CPU_NUMBER))
 
 
+def cpu_list_limit(max_cpu):
+    """The longest cpu-list text parsed for a kernel whose highest CPU is
+    max_cpu: what cpuset.cpus takes (its write buffer is 100 + 6 * NR_CPUS
+    bytes, kernel/cgroup/cpuset.c), or a kernel command line's worth,
+    whichever is longer. Every list the kernel prints fits (canonical
+    lists take under 4 bytes per CPU), and so does every isolcpus= of a
+    default-size command line; with 8,192 CPUs it is 49,252 bytes."""
+    return max(100 + 6 * (max_cpu + 1), CPU_LIST_FLOOR)
+
+
+def stride_bits(start, end, used, group):
+    """The bitmap of the stride group start-end:used/group, built by doubling
+    one group's bits: log(groups) big-number steps, not a step per CPU."""
+    span = end - start + 1
+    pattern, width = (1 << used) - 1, group
+    while width < span:
+        pattern |= pattern << width
+        width *= 2
+    return (pattern & ((1 << span) - 1)) << start
+
+
+def cpus_of_bits(bits):
+    """The CPUs set in a bitmap (bit n = CPU n), a run of set bits at a time."""
+    text = bin(bits)[:1:-1]                 # lowest bit first
+    cpus = []
+    start = text.find("1")
+    while start >= 0:
+        end = text.find("0", start)
+        if end < 0:
+            end = len(text)
+        cpus.extend(range(start, end))
+        start = text.find("1", end)
+    return frozenset(cpus)
+
+
 def parse_cpu_list(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
     """The CPUs a kernel cpu-list names, read as the kernel's bitmap_parselist does.
 
-    Grammar: regions separated by commas or whitespace; a region is `a`,
-    `a-b`, `a-b:used/group` (stride groups: 0-15:2/4 = 0,1,4,5,8,9,12,13) or
-    `all` (optionally with a stride); `N` is last_cpu. A CPU above max_cpu is
-    an error, which also bounds the work for hostile input.
+    Grammar: regions separated by commas or whitespace, in any order and
+    overlapping (2-5,3); a region is `a`, `a-b`, `a-b:used/group` (stride
+    groups: 0-15:2/4 = 0,1,4,5,8,9,12,13) or `all` (optionally with a
+    stride); `N` is last_cpu. A CPU above max_cpu is an error. The work is
+    bounded before it starts: a text longer than cpu_list_limit() is
+    refused, and each region costs a few operations on a max_cpu-bit
+    number, however many CPUs it names.
     """
+    limit = cpu_list_limit(max_cpu)
+    if len(text) > limit:
+        raise InputError("%d characters: longer than a cpu-list for %d CPUs can be (%d)"
+                         % (len(text), max_cpu + 1, limit))
+
     def number(digits, token):
         if digits == "N":
             return last_cpu
@@ -129,21 +176,22 @@ def parse_cpu_list(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
             raise InputError("number in %s is too large" % quote(token))
         return int(digits)
 
-    cpus = set()
+    bits = 0                                  # CPU n is bit n: a region merges in at once
     for token in _CPULIST_SEPARATORS.split(text):
         if not token:
             continue
         region = _CPULIST_REGION.match(token)
         if not region:
             raise InputError("%s is not a CPU, range or stride group" % quote(token))
-        if region.group("single") is not None:
-            start = end = number(region.group("single"), token)
-        elif region.group("all") is not None:
+        every, first, last, used, group, single = region.groups()
+        if single is not None:
+            start = end = number(single, token)
+        elif every is not None:
             start, end = 0, last_cpu
         else:
-            start, end = number(region.group("start"), token), number(region.group("end"), token)
-        if region.group("used") is not None:
-            used, group = number(region.group("used"), token), number(region.group("group"), token)
+            start, end = number(first, token), number(last, token)
+        if used is not None:
+            used, group = number(used, token), number(group, token)
         else:
             used = group = end - start + 1
         if start > end:
@@ -153,9 +201,11 @@ def parse_cpu_list(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
         if end > max_cpu:
             raise InputError("CPU %d in %s is above the highest possible CPU %d"
                              % (end, quote(token), max_cpu))
-        for base in range(start, end + 1, group):
-            cpus.update(range(base, min(base + used, end + 1)))
-    return frozenset(cpus)
+        if used == group:
+            bits |= ((2 << (end - start)) - 1) << start
+        else:
+            bits |= stride_bits(start, end, used, group)
+    return cpus_of_bits(bits)
 
 
 def format_cpu_list(cpus):
@@ -193,12 +243,7 @@ def parse_cpu_mask(text, max_cpu=FALLBACK_MAX_CPU):
     if value.bit_length() - 1 > max_cpu:
         raise InputError("cpumask %s sets CPU %d, above the highest possible CPU %d"
                          % (quote(text), value.bit_length() - 1, max_cpu))
-    cpus = set()
-    while value:
-        lowest = value & -value
-        cpus.add(lowest.bit_length() - 1)
-        value ^= lowest
-    return frozenset(cpus)
+    return cpus_of_bits(value)
 
 
 def kernel_parameters(cmdline):
@@ -392,10 +437,15 @@ class Host(object):
     # CPU numbering ---------------------------------------------------------
 
     def _max_cpu(self):
+        """kernel_max, where it is one a kernel can have (what parsing costs
+        is bounded by it), else the most any kernel has."""
         text = self.optional_text(os.path.join(self.cpu_dir, "kernel_max"))
-        if text is not None and text.isdigit() and len(text) <= 6:
+        if text is not None and text.isdigit() and len(text) <= 6 and int(text) <= FALLBACK_MAX_CPU:
             return int(text)
-        return max([FALLBACK_MAX_CPU] + list(self._cpu_dirs()))
+        if text is not None:
+            log.warning("%s: %s is not a kernel_max any kernel has; CPUs up to %d are read",
+                        os.path.join(self.cpu_dir, "kernel_max"), quote(text), FALLBACK_MAX_CPU)
+        return FALLBACK_MAX_CPU
 
     def _last_cpu(self):
         """The last possible CPU (what `N` and `all` mean): from `possible`,
@@ -408,7 +458,7 @@ class Host(object):
             possible = None
         if possible:
             return max(possible)
-        return max(self._cpu_dirs() or [self.max_cpu])
+        return max([cpu for cpu in self._cpu_dirs() if cpu <= self.max_cpu] or [self.max_cpu])
 
     def _cpu_dirs(self):
         try:
