@@ -481,6 +481,21 @@ class HostTests(TempDirTest):
         self.assertIn(os.path.join(sysfs, "devices/system/cpu/isolated"), str(caught.exception))
         self.assertIn("126000 characters", str(caught.exception))
 
+    def test_a_command_line_longer_than_a_kernel_keeps_is_refused(self):
+        # COMMAND_LINE_SIZE is 2-4 KiB by default and bootconfig adds at most
+        # 32 KiB; splitting 1 MiB of parameters held the event loop ~80 ms
+        limit = 64 << 10
+        padding = "quiet " * (limit // 6)
+        sysfs, procfs = fake_host(self.tmp, isolated_file=False, cmdline=("isolcpus=2-3 " + padding)[:limit - 1])
+        self.assertEqual(os.path.getsize(os.path.join(procfs, "cmdline")), limit)
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        self.assertEqual([d.cpu for d in inv.devices], [2, 3])
+        write_files(self.tmp, {"proc/cmdline": "isolcpus=2-3 " + padding * 16})
+        with self.assertRaises(InputError) as caught:
+            inv.reload()
+        self.assertIn(os.path.join(procfs, "cmdline"), str(caught.exception))
+        self.assertIn("larger than 65536 bytes", str(caught.exception))
+
     def test_host_files_are_opened_so_they_cannot_block(self):
         path = os.path.join(self.tmp, "fifo")
         os.mkfifo(path)
