@@ -74,7 +74,11 @@ FALLBACK_MAX_CPU = 8191
 # arm64 and powerpc). See cpu_list_limit().
 CPU_LIST_FLOOR = 4096
 UNIX_PATH_MAX = 107            # sun_path is 108 bytes with its NUL
-HOST_FILE_LIMIT = 1 << 20      # sysfs attributes are one page; /proc/cmdline is small
+HOST_FILE_LIMIT = 1 << 20      # sysfs attributes are one page
+# /proc/cmdline: COMMAND_LINE_SIZE is 2048 (x86, arm64, powerpc) to 4096 (s390)
+# bytes by default, and bootconfig adds at most 32 KiB; only s390 can be built
+# with more (up to 1 MiB). Splitting a command line costs a step per byte.
+CMDLINE_LIMIT = 64 << 10
 CHECKPOINT_LIMIT = 4 << 20     # a busy node's device checkpoint is ~1 MB; 4 MiB parse in ~12 ms
 
 log = logging.getLogger(PROGRAM)
@@ -406,10 +410,10 @@ class Host(object):
 
     # Files -----------------------------------------------------------------
 
-    def read(self, path):
+    def read(self, path, limit=HOST_FILE_LIMIT):
         """A host file's text the way the kernel's readers take it (up to the
         first NUL, whitespace stripped), or None when the file is absent."""
-        data = read_host_file(path)
+        data = read_host_file(path, limit)
         if data is None:
             return None
         return data.split(b"\0", 1)[0].decode("latin-1").strip()
@@ -493,7 +497,7 @@ class Host(object):
         return frozenset(result)
 
     def cmdline(self):
-        text = self.read(self.cmdline_path)
+        text = self.read(self.cmdline_path, CMDLINE_LIMIT)
         if text is None:
             raise InputError("%s: missing" % self.cmdline_path)
         return text
@@ -2571,7 +2575,7 @@ def read_node(config):
     facts.resource_name = config.resource_name
     sysfs, procfs = config.sysfs, config.procfs
     cpu_dir = os.path.join(sysfs, "devices", "system", "cpu")
-    facts.cmdline = read_file(os.path.join(procfs, "cmdline"))
+    facts.cmdline = read_file(os.path.join(procfs, "cmdline"), CMDLINE_LIMIT)
     facts.isolated, facts.origin, facts.isolated_error = frozenset(), "", None
     facts.devices, facts.topology, facts.online, facts.missing = (), {}, frozenset(), frozenset()
     host = Host(sysfs, procfs)                     # InputError: a bad --sysfs is a bad flag (exit 2)
