@@ -3036,6 +3036,26 @@ class DoctorUnitTests(unittest.TestCase):
                                         "UID u7 container 'app' holds CPUs 5 of the plugin but its cpuset is 0-1")
         self.assertLess(wide / narrow, 8)
 
+    def test_many_rcu_nocbs_cost_their_bytes(self):
+        facts = plugin.NodeFacts()
+        facts.last_cpu = facts.max_cpu = 8191
+        facts.isolated = frozenset(range(2, 8192))
+        facts.nohz_full = plugin.FileRead("nohz_full", "", None)
+
+        def cost(value):
+            facts.cmdline = plugin.FileRead("cmdline", "rcu_nocbs=%s " % value * 3000, None)
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                finding = plugin.check_rcu_nocbs(facts)
+                best = min(best, time.perf_counter() - started)
+            return best, finding
+        wide, finding = cost("0-8191")
+        self.assertEqual(finding.status, "PASS", finding)
+        narrow, finding = cost("2-3")
+        self.assertEqual((finding.status, finding.cpus), ("WARN", "4-8191"))
+        self.assertLess(wide / narrow, 8)
+
     def test_interrupt_names_and_quotas(self):
         text = ("           CPU0       CPU1\n  0:         12          0   IO-APIC   2-edge      timer\n"
                 " 24:          0       4096  IR-PCI-MSI 524288-edge      nvme0q1\nNMI:          0          0   "
