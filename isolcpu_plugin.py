@@ -157,6 +157,16 @@ def cpus_of_bits(bits):
     return frozenset(cpus)
 
 
+def bits_of_cpus(cpus):
+    """The bitmap of a set of CPUs (cpus_of_bits undone), in one pass."""
+    if not cpus:
+        return 0
+    digits = bytearray(b"0" * (max(cpus) + 1))
+    for cpu in cpus:
+        digits[cpu] = ord("1")
+    return int(bytes(digits[::-1]), 2)
+
+
 def parse_cpu_list(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
     """The CPUs a kernel cpu-list names, read as the kernel's bitmap_parselist does.
 
@@ -168,6 +178,12 @@ def parse_cpu_list(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
     refused, and each region costs a few operations on a max_cpu-bit
     number, however many CPUs it names.
     """
+    return cpus_of_bits(cpu_list_bits(text, last_cpu, max_cpu))
+
+
+def cpu_list_bits(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
+    """parse_cpu_list() as a bitmap (bit n = CPU n): for sets of many
+    lists, which as bitmaps cost no more than their text."""
     limit = cpu_list_limit(max_cpu)
     if len(text) > limit:
         raise InputError("%d characters: longer than a cpu-list for %d CPUs can be (%d)"
@@ -209,7 +225,7 @@ def parse_cpu_list(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
             bits |= ((2 << (end - start)) - 1) << start
         else:
             bits |= stride_bits(start, end, used, group)
-    return cpus_of_bits(bits)
+    return bits
 
 
 def format_cpu_list(cpus):
@@ -2880,12 +2896,22 @@ def kubelet_config_values(text):
 
 
 
-def _cpus(text, facts):
-    """A cpu-list text as a set, None when it does not parse."""
+def _bits(text, facts):
+    """A cpu-list text as a bitmap, None when it does not parse."""
     try:
-        return parse_cpu_list(text, facts.last_cpu, facts.max_cpu)
+        return cpu_list_bits(text, facts.last_cpu, facts.max_cpu)
     except InputError:
         return None
+
+
+def _cpus(text, facts):
+    """A cpu-list text as a set, None when it does not parse."""
+    bits = _bits(text, facts)
+    return None if bits is None else cpus_of_bits(bits)
+
+
+def _lowest_cpu(bits):
+    return (bits & -bits).bit_length() - 1
 
 
 def _mask(text, facts):
@@ -3024,10 +3050,11 @@ def check_rcu_nocbs(facts):
     if facts.cmdline.text is None:
         return Finding("rcu-nocbs", SKIP, "cannot read the kernel command line: %s" % why_unread(facts.cmdline),
                        "", files, "")
-    listed = frozenset()
+    listed = 0                                    # as a bitmap: a union of many lists costs their bytes
     for value in _cmdline_values(facts, "rcu_nocbs"):
         if value:                                 # a bare rcu_nocbs offloads no CPU at boot
-            listed |= _cpus(value, facts) or frozenset()
+            listed |= _bits(value, facts) or 0
+    listed = cpus_of_bits(listed)
     nohz, _ = _nohz_full_cpus(facts)
     covered = listed | (nohz or frozenset())      # nohz_full CPUs are offloaded as if listed
     left = facts.isolated - covered
@@ -3139,24 +3166,31 @@ def check_cpu_manager(facts):
                        "usable", "", files, "")
     if policy != "static":
         return Finding("cpu-manager", SKIP, "policy %s is not one this audit knows" % quote(policy), "", files, "")
-    default = _cpus(default_text, facts) or frozenset()
-    grant_cpus = {key: _cpus(text, facts) or frozenset() for key, text in grants.items()}
+    # grants as bitmaps: a state's many lists, each of up to every CPU, cost its bytes
+    default = _bits(default_text, facts) or 0
+    grant_bits = {key: _bits(text, facts) or 0 for key, text in grants.items()}
     holders = _holders_by_uid(facts)
-    problems, hit = [], set()
+    isolated = bits_of_cpus(facts.isolated)
+    held = collections.defaultdict(int)                 # {key: CPUs it holds through the plugin}
+    for cpu, keys in (holders or {}).items():
+        if cpu <= facts.max_cpu:
+            for key in keys:
+                held[key] |= 1 << cpu
+    problems, hit = [], 0
 
     def name(key):
         return "container ID %s" % quote(key[1], 70) if key[0] is None else "pod UID %s container %s" % (
             key[0], quote(key[1], 70))
     # isolated CPUs granted exclusively to a container that does not hold them through the plugin
     tenants = {}
-    for key, cpus in grant_cpus.items():
-        for cpu in cpus & facts.isolated:
-            if holders is None or key not in holders.get(cpu, ()):
-                tenants.setdefault(key, set()).add(cpu)
-    for key, cpus in sorted(tenants.items(), key=lambda item: min(item[1]))[:5]:
+    for key, bits in grant_bits.items():
+        foreign = bits & isolated & ~held.get(key, 0)
+        if foreign:
+            tenants[key] = foreign
+    for key, bits in sorted(tenants.items(), key=lambda item: _lowest_cpu(item[1]))[:5]:
         problems.append("the CPU manager gave isolated CPUs %s exclusively to %s, which does not hold them "
-                        "through the plugin: two tenants on a quiet core" % (_brief(cpus), name(key)))
-        hit |= cpus
+                        "through the plugin: two tenants on a quiet core" % (_brief(cpus_of_bits(bits)), name(key)))
+        hit |= bits
     if len(tenants) > 5:
         problems.append("(+%d more such grants)" % (len(tenants) - 5))
     # containers holding CPUs of ours whose cpuset lacks them
@@ -3164,21 +3198,20 @@ def check_cpu_manager(facts):
         lacking = {}
         for cpu, keys in holders.items():
             for key in keys:
-                cpuset = grant_cpus.get(key, default)
-                if cpu not in cpuset:
+                if not grant_bits.get(key, default) >> cpu & 1:
                     lacking.setdefault(key, set()).add(cpu)
         for key, cpus in sorted(lacking.items(), key=lambda item: min(item[1]))[:5]:
             problems.append("%s holds CPUs %s of the plugin but its cpuset is %s" % (
-                name(key), _brief(cpus), _brief(grant_cpus.get(key, default))))
-            hit |= cpus
+                name(key), _brief(cpus), _brief(cpus_of_bits(grant_bits.get(key, default)))))
+            hit |= bits_of_cpus(cpus)
     note = ("holders from the kubelet's checkpoint" if holders is not None
             else "holders unknown (%s)" % holders_note(facts.checkpoint))
     if old:
         note += "; old state format (by container ID): holders cannot be matched"
-    found = "policy static, shared pool %s; %s" % (_brief(default), note)
+    found = "policy static, shared pool %s; %s" % (_brief(cpus_of_bits(default)), note)
     if problems:
         return Finding("cpu-manager", FAIL, "%s: %s" % (found, "; ".join(problems)), CPU_MANAGER_LAYOUT, files,
-                       format_cpu_list(hit))
+                       format_cpu_list(cpus_of_bits(hit)))
     checked = ("every holder may run on its CPUs" if holders is not None and not old
                else "the holders' cpusets could not be checked")
     return Finding("cpu-manager", PASS, "%s; no isolated CPU is granted exclusively; %s" % (found, checked), "",
