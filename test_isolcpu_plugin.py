@@ -456,6 +456,24 @@ class HostTests(TempDirTest):
         write_files(self.tmp, {"sys/devices/system/cpu/isolated": "2-4\n"})
         self.assertIn("added 4", inv.scan())
 
+    def test_junk_after_a_nul_is_a_rescan_error_naming_the_file(self):
+        sysfs, procfs = fake_host(self.tmp, isolated="2-3")
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        path = os.path.join(sysfs, "devices/system/cpu/isolated")
+        for junk in (b"\x00\xff\x01abc", b"2-3\x00abc\n"):
+            with open(path, "wb") as f:
+                f.write(junk)
+            with self.assertRaises(InputError) as caught:
+                inv.scan()                          # served: the rescan condition's warning
+            self.assertIn(path, str(caught.exception))
+            self.assertIn("is not a cpu-list", str(caught.exception))
+            self.assertEqual([d.cpu for d in inv.devices], [2, 3])
+        for padded in (b"2-4\n\x00", b"2-4\x00\x00\n", b"2-4\n\x00\n\x00"):
+            with open(path, "wb") as f:
+                f.write(padded)
+            inv.scan()
+            self.assertEqual([d.cpu for d in inv.devices], [2, 3, 4], padded)
+
     def test_rescan_sees_offline_and_back(self):
         sysfs, procfs = fake_host(self.tmp, isolated="2-3")
         inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
@@ -978,6 +996,21 @@ class CliTests(TempDirTest):
         self.assertEqual(result.returncode, 2, result.stderr)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
         self.assertIn("not a regular file", result.stderr)
+
+    def test_junk_bytes_in_the_isolated_file_are_not_nothing_isolated(self):
+        # Host.read stopped at the first NUL: this read as "nothing isolated", unsaid
+        path = os.path.join(self.sysfs, "devices/system/cpu/isolated")
+        with open(path, "wb") as f:
+            f.write(b"\x00\xff\x01abc")
+        result = self.run_cli(*self.base + ["--list"])
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn(path, result.stderr)
+        self.assertIn("is not a cpu-list", result.stderr)
+        with open(path, "wb") as f:                 # a NUL after the newline, as real dumps have
+            f.write(b"2-3\n\x00")
+        result = self.run_cli(*self.base + ["--list", "--json"])
+        self.assertEqual([d["cpu"] for d in json.loads(result.stdout)["devices"]], [2, 3], result.stderr)
 
     def test_list_table_prints_ranges(self):
         sysfs, procfs = fake_host(os.path.join(self.tmp, "smt4"), sockets=1, cores=2, threads=4, isolated="0-7")
@@ -3270,6 +3303,17 @@ class DoctorHostTests(TempDirTest):
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+    def test_junk_bytes_are_said_not_read_as_nothing(self):
+        with open(self.path("sys/devices/system/cpu/isolated"), "wb") as f:
+            f.write(b"\x00\xff\x01abc")
+        with open(self.path("kubelet/cpu_manager_state"), "wb") as f:
+            f.write(b"\x00\xff\x01abc")
+        code, checks = self.doctor()
+        self.assertEqual((code, checks["isolated"]["status"]), (1, "FAIL"))
+        self.assertIn("isolated: '\\x00\xff\\x01abc' is not a cpu-list", checks["isolated"]["found"])
+        self.assertEqual(checks["cpu-manager"]["status"], "SKIP")
+        self.assertIn("cpu_manager_state: '\\x00\ufffd\\x01abc' is not text", checks["cpu-manager"]["found"])
 
     def test_garbage_everywhere_is_never_a_traceback(self):
         garbage = ["\x00\x01", "9" * 5000, "-", "ffff,ffff,zz", "{" * 50000, "isolated invalid"]
