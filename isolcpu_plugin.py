@@ -379,6 +379,16 @@ def unknown_cpu_info(cpu):
     return CpuInfo(cpu, (), None, None, None, None, ())
 
 
+def host_text(data, encoding="latin-1"):
+    """A host file's bytes as the kernel's readers take its text: up to the
+    first NUL (real dumps pad "0-31\\n" with one), whitespace stripped;
+    None when more than NULs and whitespace follow that NUL: not text."""
+    text, _, rest = data.partition(b"\0")
+    if rest.strip(b"\0 \t\n\r\x0b\x0c"):
+        return None
+    return text.decode(encoding, "replace").strip()
+
+
 def read_host_file(path, limit=HOST_FILE_LIMIT):
     """The bytes of a host file, None when it is absent. Opened so that it
     cannot block the event loop: only a regular file is opened at all (a FIFO
@@ -426,13 +436,16 @@ class Host(object):
 
     # Files -----------------------------------------------------------------
 
-    def read(self, path, limit=HOST_FILE_LIMIT):
-        """A host file's text the way the kernel's readers take it (up to the
-        first NUL, whitespace stripped), or None when the file is absent."""
+    def read(self, path, limit=HOST_FILE_LIMIT, what="text"):
+        """A host file's text (see host_text), or None when the file is
+        absent; InputError saying it is not `what` when it holds junk."""
         data = read_host_file(path, limit)
         if data is None:
             return None
-        return data.split(b"\0", 1)[0].decode("latin-1").strip()
+        text = host_text(data)
+        if text is None:
+            raise InputError("%s: %s is not %s" % (path, quote(data.decode("latin-1")), what))
+        return text
 
     def optional_text(self, path, problems=None):
         """read() for files that only refine what is advertised: unreadable
@@ -446,7 +459,7 @@ class Host(object):
 
     def cpu_list_file(self, path):
         """A cpu-list file as a set, None when absent; bad contents name the file."""
-        text = self.read(path)
+        text = self.read(path, what="a cpu-list")
         if text is None:
             return None
         try:
@@ -513,7 +526,7 @@ class Host(object):
         return frozenset(result)
 
     def cmdline(self):
-        text = self.read(self.cmdline_path, CMDLINE_LIMIT)
+        text = self.read(self.cmdline_path, CMDLINE_LIMIT, "a command line")
         if text is None:
             raise InputError("%s: missing" % self.cmdline_path)
         return text
@@ -548,7 +561,7 @@ class Host(object):
             try:
                 cpus = self.cpu_list_file(os.path.join(directory, "cpulist"))
                 if cpus is None:
-                    mask = self.read(os.path.join(directory, "cpumap"))
+                    mask = self.read(os.path.join(directory, "cpumap"), what="a cpumask")
                     cpus = parse_cpu_mask(mask, self.max_cpu) if mask is not None else None
             except InputError as e:                     # unreadable or unparseable alike
                 log.warning("topology: %s; NUMA node %s taken as unknown", e, name[4:])
@@ -726,7 +739,7 @@ class CpuInventory(object):
             return cpus, path
         # nohz_full: the file CONFIG_NO_HZ_FULL makes, else the command line (read once)
         path = os.path.join(host.cpu_dir, "nohz_full")
-        text = host.read(path)
+        text = host.read(path, what="a cpu-list")
         if text is None:
             self.cmdline_cpus = self._from_cmdline("nohz_full")
             return self.cmdline_cpus
@@ -2566,7 +2579,10 @@ def read_file(path, limit=HOST_FILE_LIMIT):
         return FileRead(path, None, str(e))
     if data is None:
         return FileRead(path, None, None)
-    return FileRead(path, data.split(b"\0", 1)[0].decode("utf-8", "replace").strip(), None)
+    text = host_text(data, "utf-8")
+    if text is None:
+        return FileRead(path, None, "%s: %s is not text" % (path, quote(data.decode("utf-8", "replace"))))
+    return FileRead(path, text, None)
 
 
 def why_unread(read):
