@@ -3315,6 +3315,72 @@ class DoctorHostTests(TempDirTest):
         self.assertEqual(checks["cpu-manager"]["status"], "SKIP")
         self.assertIn("cpu_manager_state: '\\x00\ufffd\\x01abc' is not text", checks["cpu-manager"]["found"])
 
+    def holding_pod(self, uid, cpus):
+        """A pod that holds `cpus` through the plugin, as the kubelet's checkpoint says."""
+        self.write({"device-plugins/kubelet_internal_checkpoint": json.dumps({"Data": {"PodDeviceEntries": [
+            {"PodUID": uid, "ContainerName": "app", "ResourceName": "windriver.com/isolcpus",
+             "DeviceIDs": {"0": cpus}}], "RegisteredDevices": {}}, "Checksum": 1})})
+        return "sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice" % (
+            uid.replace("-", "_"))
+
+    def test_a_deep_cgroup_tree_is_walked_without_recursion_and_what_is_skipped_is_said(self):
+        # a tenant with a delegated subtree can nest 1,200 levels: it was
+        # "internal error: RecursionError", exit 1, no report
+        uid = pod_uid("net", "dpdk-fwd-0")
+        self.holding_pod(uid, ["2", "3"])
+        deepest = self.path("sys/fs/cgroup/kubepods.slice")
+        os.mkdir(deepest)
+        for _ in range(1200):                                   # os.makedirs recurses
+            deepest = os.path.join(deepest, "d")
+            os.mkdir(deepest)
+        self.addCleanup(lambda: os.path.isdir(deepest) and os.removedirs(deepest))    # rmtree recurses too
+        code, checks = self.doctor()
+        self.assertEqual(checks["cgroup-isolated"]["status"], "WARN", checks["cgroup-isolated"])
+        self.assertIn("not looked at: 1 directory deeper than 32 levels", checks["cgroup-isolated"]["found"])
+        self.assertEqual(checks["pod-cgroups"]["status"], "WARN", checks["pod-cgroups"])
+        self.assertIn("pod %s: no cgroup found" % uid, checks["pod-cgroups"]["found"])
+        self.assertIn("not looked at: 1 directory deeper than 32 levels", checks["pod-cgroups"]["found"])
+
+    def test_the_walks_stay_in_the_trees_they_were_pointed_at(self):
+        # a container directory linked out of the cgroup tree was read: PASS where it should FAIL
+        uid = pod_uid("net", "dpdk-fwd-0")
+        pod = self.holding_pod(uid, ["2", "3"])
+        self.write({pod + "/cpu.max": "max 100000\n", "elsewhere/scope/cpuset.cpus.effective": "0-15\n",
+                    pod + "/cri-containerd-9b1f.scope/cpuset.cpus.effective": "0-1\n"})
+        os.symlink(self.path("elsewhere/scope"), self.path(pod + "/cri-containerd-0bad.scope"))
+        check = self.doctor()[1]["pod-cgroups"]
+        self.assertEqual(check["status"], "FAIL", check)
+        self.assertIn("no container may run on its CPUs 2-3 (cri-containerd-9b1f.scope: 0-1)", check["found"])
+        self.assertIn("1 symlink (not followed", check["found"])
+        # ... and so was a pod directory linked elsewhere
+        self.remove(pod)
+        os.symlink(self.path("elsewhere"), self.path(pod))
+        check = self.doctor()[1]["pod-cgroups"]
+        self.assertEqual(check["status"], "WARN", check)
+        self.assertIn("pod %s: no cgroup found" % uid, check["found"])
+        self.assertIn("1 symlink (not followed", check["found"])
+
+    def test_the_kubelet_config_is_read_inside_the_kubelets_root(self):
+        # --config=/../outside/... was joined to /proc/PID/root and read from outside it
+        self.write({"outside/config.yaml": "cpuManagerPolicy: static\nreservedSystemCPUs: 0-1\n"})
+        with open(self.path("proc/4242/cmdline"), "wb") as f:
+            f.write(b"/usr/bin/kubelet\0--config=/../outside/config.yaml\0")
+        check = self.doctor()[1]["kubelet-config"]
+        self.assertEqual(check["status"], "SKIP", check)
+        self.assertIn("'/../outside/config.yaml' of the running kubelet (pid 4242) leaves its root", check["found"])
+        # an absolute symlink inside its root means a file inside its root
+        self.remove("host-root/var/lib/kubelet/config.yaml")
+        self.write({"host-root/etc/kubernetes/kubelet.yaml": GOOD_KUBELET_CONFIG})
+        os.symlink("/etc/kubernetes/kubelet.yaml", self.path("host-root/var/lib/kubelet/config.yaml"))
+        os.symlink("../lib/kubelet/config.yaml", self.path("host-root/var/lib/config.yaml"))
+        for config in (b"/var/lib/kubelet/config.yaml", b"/var/lib/config.yaml", b"/var/../var/lib/./config.yaml"):
+            with self.subTest(config=config):
+                with open(self.path("proc/4242/cmdline"), "wb") as f:
+                    f.write(b"/usr/bin/kubelet\0--config=" + config + b"\0")
+                check = self.doctor()[1]["kubelet-config"]
+                self.assertEqual(check["status"], "PASS", check)
+                self.assertIn(self.path("proc/4242/root/etc/kubernetes/kubelet.yaml"), check["files"])
+
     def test_garbage_everywhere_is_never_a_traceback(self):
         garbage = ["\x00\x01", "9" * 5000, "-", "ffff,ffff,zz", "{" * 50000, "isolated invalid"]
         targets = ["sys/devices/system/cpu/nohz_full", "sys/devices/virtual/workqueue/cpumask",
