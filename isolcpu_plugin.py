@@ -389,15 +389,20 @@ def host_text(data, encoding="latin-1"):
     return text.decode(encoding, "replace").strip()
 
 
-def read_host_file(path, limit=HOST_FILE_LIMIT):
+def read_host_file(path, limit=HOST_FILE_LIMIT, follow_symlinks=True):
     """The bytes of a host file, None when it is absent. Opened so that it
     cannot block the event loop: only a regular file is opened at all (a FIFO
     or a device where a sysfs file or a checkpoint should be is an error),
-    with O_NONBLOCK in case it was swapped meanwhile, and read up to `limit`."""
+    with O_NONBLOCK in case it was swapped meanwhile, and read up to `limit`.
+    Without follow_symlinks, a symlink is an error too (O_NOFOLLOW)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        mode = (os.stat(path) if follow_symlinks else os.lstat(path)).st_mode
+        if stat.S_ISLNK(mode):
+            raise InputError("%s: a symlink, not followed" % path)
+        if not stat.S_ISREG(mode):
             raise InputError("%s: not a regular file" % path)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(path, flags if follow_symlinks else flags | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
@@ -2566,15 +2571,20 @@ FileRead = collections.namedtuple("FileRead", "path text error")
 AUDIT_FILE_LIMIT = 16 << 20          # /proc/interrupts: a line per IRQ, a column per CPU
 MAX_IRQS = 16384
 MAX_CGROUP_DIRS = 20000              # a walk of the cgroup tree stops there
+# ... and goes no deeper: a container is 4 levels below kubepods
+# (kubepods/<qos>/<pod>/<container>), nested runtimes add a few
+MAX_CGROUP_DEPTH = 32
+MAX_SYMLINKS = 40                    # the kernel's most in one path lookup
+PATH_MAX = 4096
 KUBELET_FLAGS = {"--cpu-manager-policy": "cpuManagerPolicy", "--reserved-cpus": "reservedSystemCPUs",
                  "--topology-manager-policy": "topologyManagerPolicy",
                  "--cpu-manager-policy-options": "cpuManagerPolicyOptions"}
 
 
-def read_file(path, limit=HOST_FILE_LIMIT):
+def read_file(path, limit=HOST_FILE_LIMIT, follow_symlinks=True):
     """A host file as a FileRead (see read_host_file for what cannot block)."""
     try:
-        data = read_host_file(path, limit)
+        data = read_host_file(path, limit, follow_symlinks)
     except InputError as e:
         return FileRead(path, None, str(e))
     if data is None:
@@ -2640,7 +2650,8 @@ def read_node(config):
     facts.cgroup_root = os.path.join(sysfs, "fs", "cgroup")
     facts.cgroup_v2 = os.path.exists(os.path.join(facts.cgroup_root, "cgroup.controllers"))
     facts.cgroup_isolated = read_file(os.path.join(facts.cgroup_root, "cpuset.cpus.isolated"))
-    facts.partitions = find_isolated_partitions(facts.cgroup_root) if facts.cgroup_v2 else []
+    facts.partitions, facts.partitions_skipped = (find_isolated_partitions(facts.cgroup_root) if facts.cgroup_v2
+                                                  else ([], ""))
     facts.procfs = procfs
     facts.processes = find_processes(procfs)
     facts.kubelet_dir = config.kubelet_dir
@@ -2663,7 +2674,7 @@ def read_node(config):
     facts.checkpoint = find_holders(None, ("PodResources gives no pod UIDs", True), config.device_plugin_path,
                                     config.resource_name)
     uids = {h.pod_uid for holders in (facts.checkpoint.by_cpu or {}).values() for h in holders}
-    facts.pod_cgroups = find_pod_cgroups(facts.cgroup_root, facts.cgroup_v2, uids)
+    facts.pod_cgroups, facts.pod_cgroups_skipped = find_pod_cgroups(facts.cgroup_root, facts.cgroup_v2, uids)
     return facts
 
 
@@ -2718,8 +2729,7 @@ def find_kubelet_config(config, procfs, kubelets):
             if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
                 value = args[i + 1]
             if name == "--config" and value:
-                root = os.path.join(procfs, str(kubelet.pid), "root" if value.startswith("/") else "cwd")
-                path = os.path.join(root, value.lstrip("/"))
+                path = kubelet_file(procfs, kubelet.pid, value)
                 found_by = "--config of the running kubelet (pid %d)" % kubelet.pid
             elif name in KUBELET_FLAGS and value:
                 flags[KUBELET_FLAGS[name]] = value
@@ -2727,23 +2737,147 @@ def find_kubelet_config(config, procfs, kubelets):
         path, found_by = config.kubelet_config, config.origin["kubelet_config"]
     if path is None:
         path, found_by = os.path.join(config.kubelet_dir, "config.yaml"), "the kubelet dir"
-    return flags, read_file(path), found_by
+    return flags, path if isinstance(path, FileRead) else read_file(path), found_by
+
+
+def kubelet_file(procfs, pid, name):
+    """Where to read the file a process names `name` (its --config): inside
+    its root (/proc/PID/root), as it would resolve it; a FileRead saying why
+    not when the name leads out of that root."""
+    root = os.path.join(procfs, str(pid), "root")
+    where = "--config %s of the running kubelet (pid %d)" % (quote(name, 200), pid)
+    if not name.startswith("/"):                 # relative to its working directory, inside its root
+        try:
+            top, cwd = os.readlink(root), os.readlink(os.path.join(procfs, str(pid), "cwd"))
+        except OSError as e:
+            return FileRead(root, None, "%s: its working directory is unknown (%s)" % (where, e.strerror or e))
+        if top != "/" and not cwd.startswith(top.rstrip("/") + "/"):
+            return FileRead(root, None, "%s: its working directory %s is outside its root" % (where, quote(cwd, 200)))
+        name = cwd[len(top.rstrip("/")):] + "/" + name
+    try:
+        return path_in_root(root, name)
+    except InputError as e:
+        return FileRead(root + "/" + name.lstrip("/"), None, "%s %s: not read" % (where, e))
+
+
+def path_in_root(root, path):
+    """`path` as a process whose root directory is `root` names it, resolved
+    inside root the way that process would: symlinks followed (an absolute
+    target starts again at root, not at ours, as /proc/PID/root would have
+    it), `..` taken lexically. InputError when it would leave root."""
+    if len(path) > PATH_MAX:
+        raise InputError("is longer than PATH_MAX (%d)" % PATH_MAX)
+    pending = [part for part in path.split("/") if part not in ("", ".")]
+    resolved, links = [], 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if not resolved:
+                raise InputError("leaves its root %s" % root)
+            resolved.pop()
+            continue
+        here = os.path.join(root, *(resolved + [part]))
+        try:
+            target = os.readlink(here)
+        except OSError:                          # not a symlink (or absent: reading says so)
+            resolved.append(part)
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise InputError("takes more than %d symlinks" % MAX_SYMLINKS)
+        if target.startswith("/"):
+            resolved = []
+        pending[:0] = [p for p in target.split("/") if p not in ("", ".")]
+    return os.path.join(root, *resolved)
+
+
+class CgroupWalk(object):
+    """Walks of a cgroup tree top-down, like os.walk, but without recursion
+    (os.walk recurses on Pythons before 3.12, and a tenant with a delegated
+    subtree can nest it 1,200 deep) and without following a symlink (every
+    directory of a cgroup tree is the kernel's; a link is someone's): at most
+    MAX_CGROUP_DEPTH levels below `root` and MAX_CGROUP_DIRS directories in
+    all. What they did not look at is counted, for the finding to say."""
+
+    def __init__(self, root):
+        self.root = root
+        self.seen = 0
+        self.stopped = False
+        self.skips = collections.OrderedDict()   # kind: [count, first path]
+
+    def _skip(self, kind, path):
+        self.skips.setdefault(kind, [0, path])[0] += 1
+
+    def entries(self, directory):
+        """(subdirectory names, file names) of a directory, sorted; symlinks
+        counted, not listed; None when it cannot be read."""
+        subdirs, files = [], []
+        try:
+            with os.scandir(directory) as found:
+                for entry in found:
+                    if entry.is_symlink():
+                        self._skip("links", entry.path)
+                    elif entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.name)
+                    else:
+                        files.append(entry.name)
+        except OSError:
+            self._skip("unreadable", directory)
+            return None
+        return sorted(subdirs), sorted(files)
+
+    def walk(self, name=None):
+        """(directory, subdirectory names, file names) from root, or from the
+        directory `name` under it (not followed if a link); remove names from
+        the list to prune, as with os.walk."""
+        if name is not None and os.path.islink(os.path.join(self.root, name)):
+            self._skip("links", os.path.join(self.root, name))
+            return
+        pending = [(self.root, 0) if name is None else (os.path.join(self.root, name), 1)]
+        while pending:
+            directory, depth = pending.pop()
+            if self.seen >= MAX_CGROUP_DIRS:
+                self.stopped = True
+                return
+            self.seen += 1
+            listed = self.entries(directory)
+            if listed is None:
+                continue
+            subdirs, files = listed
+            yield directory, subdirs, files
+            for sub in reversed(subdirs):
+                if depth >= MAX_CGROUP_DEPTH:
+                    self._skip("too_deep", os.path.join(directory, sub))
+                else:
+                    pending.append((os.path.join(directory, sub), depth + 1))
+
+    def skipped(self):
+        """What the walk did not look at, as a clause; "" when nothing."""
+        kinds = {"too_deep": ("director%s deeper than %d levels" % ("%s", MAX_CGROUP_DEPTH), "y", "ies"),
+                 "links": ("symlink%s, not followed (a cgroup tree has none)", "", "s"),
+                 "unreadable": ("unreadable director%s", "y", "ies")}
+        parts = []
+        for kind, (count, path) in self.skips.items():
+            what, one, many = kinds[kind]
+            parts.append("%d %s (e.g. %s)" % (count, what % (one if count == 1 else many), quote(path, 200)))
+        if self.stopped:
+            parts.append("what lies beyond the first %d directories" % MAX_CGROUP_DIRS)
+        return "not looked at: %s" % ", ".join(parts) if parts else ""
 
 
 def find_isolated_partitions(root):
-    """[(cgroup dir, cpuset.cpus.partition text, cpuset.cpus.effective text)]
-    of the cgroup v2 partitions that say isolated (valid or not)."""
-    found, seen = [], 0
-    for directory, subdirs, files in os.walk(root):
-        seen += 1
-        if seen > MAX_CGROUP_DIRS:
-            break
+    """([(cgroup dir, cpuset.cpus.partition text, cpuset.cpus.effective text)]
+    of the cgroup v2 partitions that say isolated (valid or not), what the
+    walk did not look at)."""
+    found = []
+    walk = CgroupWalk(root)
+    for directory, subdirs, files in walk.walk():
         if "cpuset.cpus.partition" in files:
-            text = read_file(os.path.join(directory, "cpuset.cpus.partition")).text or ""
+            text = read_file(os.path.join(directory, "cpuset.cpus.partition"), follow_symlinks=False).text or ""
             if text.startswith("isolated"):
-                effective = read_file(os.path.join(directory, "cpuset.cpus.effective")).text
+                effective = read_file(os.path.join(directory, "cpuset.cpus.effective"), follow_symlinks=False).text
                 found.append((directory, text, effective))
-    return found
+    return found, walk.skipped()
 
 
 # A pod's cgroups: its directory, [(container dir, effective cpuset FileRead)],
@@ -2752,21 +2886,21 @@ PodCgroup = collections.namedtuple("PodCgroup", "path containers quota")
 
 
 def find_pod_cgroups(root, v2, uids):
-    """{pod uid: PodCgroup} for the pods `uids` under the kubepods hierarchy:
+    """({pod uid: PodCgroup} for the pods `uids` under the kubepods hierarchy:
     systemd naming (kubepods-burstable-pod<uid with _>.slice) or cgroupfs
-    (pod<uid>), containerd, CRI-O or docker scopes below."""
+    (pod<uid>), containerd, CRI-O or docker scopes below; what the walk did
+    not look at)."""
     if not uids:
-        return {}
+        return {}, ""
     cpuset_root = root if v2 else os.path.join(root, "cpuset")
     names = {}
     for uid in uids:
         names["pod" + uid] = uid
         names["pod" + uid.replace("-", "_") + ".slice"] = uid
-    found, seen = {}, 0
+    found, walk = {}, CgroupWalk(cpuset_root)
     for top in sorted(n for n in list_dir(cpuset_root) if n.startswith("kubepods")):
-        for directory, subdirs, _ in os.walk(os.path.join(cpuset_root, top)):
-            seen += 1
-            if seen > MAX_CGROUP_DIRS or len(found) == len(uids):
+        for directory, subdirs, _ in walk.walk(top):
+            if len(found) == len(uids):
                 break
             for sub in list(subdirs):
                 uid = names.get(sub) or next((u for n, u in names.items() if sub.endswith("-" + n)), None)
@@ -2775,25 +2909,32 @@ def find_pod_cgroups(root, v2, uids):
                 subdirs.remove(sub)                  # a pod's containers are not pods
                 pod_dir = os.path.join(directory, sub)
                 containers = []
-                for child in sorted(list_dir(pod_dir)):
+                for child in (walk.entries(pod_dir) or ([], []))[0]:     # a linked container: counted, not read
                     child_dir = os.path.join(pod_dir, child)
-                    if os.path.isdir(child_dir):
-                        read = read_file(os.path.join(child_dir, "cpuset.cpus.effective"))
-                        if read.text is None and not v2:
-                            read = read_file(os.path.join(child_dir, "cpuset.effective_cpus"))
-                            if read.text is None:
-                                read = read_file(os.path.join(child_dir, "cpuset.cpus"))
-                        containers.append((child_dir, read))
+                    read = read_file(os.path.join(child_dir, "cpuset.cpus.effective"), follow_symlinks=False)
+                    if read.text is None and not v2:
+                        read = read_file(os.path.join(child_dir, "cpuset.effective_cpus"), follow_symlinks=False)
+                        if read.text is None:
+                            read = read_file(os.path.join(child_dir, "cpuset.cpus"), follow_symlinks=False)
+                    containers.append((child_dir, read))
                 if v2:
-                    quota = (read_file(os.path.join(pod_dir, "cpu.max")),)
+                    quota = (read_file(os.path.join(pod_dir, "cpu.max"), follow_symlinks=False),)
                 else:
                     relative = os.path.relpath(pod_dir, cpuset_root)
                     cpu_root = next((os.path.join(root, n) for n in ("cpu,cpuacct", "cpu")
                                      if os.path.isdir(os.path.join(root, n))), os.path.join(root, "cpu"))
-                    quota = (read_file(os.path.join(cpu_root, relative, "cpu.cfs_quota_us")),
-                             read_file(os.path.join(cpu_root, relative, "cpu.cfs_period_us")))
+                    quota = tuple(read_file(path, follow_symlinks=False) if not links_below(cpu_root, path)
+                                  else FileRead(path, None, "%s: under a symlink, not followed" % path)
+                                  for path in (os.path.join(cpu_root, relative, "cpu.cfs_quota_us"),
+                                               os.path.join(cpu_root, relative, "cpu.cfs_period_us")))
                 found[uid] = PodCgroup(pod_dir, containers, quota)
-    return found
+    return found, walk.skipped()
+
+
+def links_below(base, path):
+    """Whether a directory between base and path (path inside base) is a symlink."""
+    parts = os.path.relpath(os.path.dirname(path), base).split(os.sep)
+    return any(os.path.islink(os.path.join(base, *parts[:i + 1])) for i in range(len(parts)) if parts[i] != ".")
 
 
 # The checks ----------------------------------------------------------------------
@@ -3321,10 +3462,14 @@ def check_cgroup_isolated(facts):
     if unexplained:
         problems.append("the kernel lists CPUs %s as isolated, which the plugin does not serve and no isolated "
                         "partition holds" % _brief(unexplained))
+    skipped = [facts.partitions_skipped] if facts.partitions_skipped else []
     if problems:
-        return Finding("cgroup-isolated", WARN, "; ".join([found] + problems),
+        return Finding("cgroup-isolated", WARN, "; ".join([found] + problems + skipped),
                        "serve only CPUs outside isolated partitions (--cpus), or dissolve the partition "
                        "(echo member > cpuset.cpus.partition)", files, format_cpu_list(hit))
+    if skipped:                                   # a partition may be where the walk did not go
+        return Finding("cgroup-isolated", WARN, "; ".join([found] + skipped),
+                       "look for isolated partitions there yourself (cpuset.cpus.partition)", files, "")
     return Finding("cgroup-isolated", PASS, found, "", files, "")
 
 
@@ -3437,6 +3582,8 @@ def check_pod_cgroups(facts):
             warns.append("pod %s: its CPU limit (%.2f CPUs) is below the %d isolated CPUs it holds: busy-polling "
                          "threads get throttled" % (uid, limit, len(cpus)))
     found = "; ".join(fails + warns) or "the %d pods holding CPUs may run on them" % len(pods)
+    if facts.pod_cgroups_skipped:
+        found += "; " + facts.pod_cgroups_skipped
     advice = "; ".join(([CPU_MANAGER_LAYOUT] if fails else []) + (
         ["set a pod's CPU limit to at least the isolated CPUs it busy-polls, or leave the limit out"] if warns else []))
     return Finding("pod-cgroups", FAIL if fails else WARN if warns else PASS, found, advice, files,

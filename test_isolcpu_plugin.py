@@ -3336,10 +3336,10 @@ class DoctorHostTests(TempDirTest):
         self.addCleanup(lambda: os.path.isdir(deepest) and os.removedirs(deepest))    # rmtree recurses too
         code, checks = self.doctor()
         self.assertEqual(checks["cgroup-isolated"]["status"], "WARN", checks["cgroup-isolated"])
-        self.assertIn("not looked at: 1 directory deeper than 32 levels", checks["cgroup-isolated"]["found"])
+        self.assertIn("not looked at: 1 directory deeper than 32 levels (e.g. ", checks["cgroup-isolated"]["found"])
         self.assertEqual(checks["pod-cgroups"]["status"], "WARN", checks["pod-cgroups"])
         self.assertIn("pod %s: no cgroup found" % uid, checks["pod-cgroups"]["found"])
-        self.assertIn("not looked at: 1 directory deeper than 32 levels", checks["pod-cgroups"]["found"])
+        self.assertIn("not looked at: 1 directory deeper than 32 levels (e.g. ", checks["pod-cgroups"]["found"])
 
     def test_the_walks_stay_in_the_trees_they_were_pointed_at(self):
         # a container directory linked out of the cgroup tree was read: PASS where it should FAIL
@@ -3351,14 +3351,14 @@ class DoctorHostTests(TempDirTest):
         check = self.doctor()[1]["pod-cgroups"]
         self.assertEqual(check["status"], "FAIL", check)
         self.assertIn("no container may run on its CPUs 2-3 (cri-containerd-9b1f.scope: 0-1)", check["found"])
-        self.assertIn("1 symlink (not followed", check["found"])
+        self.assertIn("1 symlink, not followed", check["found"])
         # ... and so was a pod directory linked elsewhere
         self.remove(pod)
         os.symlink(self.path("elsewhere"), self.path(pod))
         check = self.doctor()[1]["pod-cgroups"]
         self.assertEqual(check["status"], "WARN", check)
         self.assertIn("pod %s: no cgroup found" % uid, check["found"])
-        self.assertIn("1 symlink (not followed", check["found"])
+        self.assertIn("1 symlink, not followed", check["found"])
 
     def test_the_kubelet_config_is_read_inside_the_kubelets_root(self):
         # --config=/../outside/... was joined to /proc/PID/root and read from outside it
@@ -3380,6 +3380,13 @@ class DoctorHostTests(TempDirTest):
                 check = self.doctor()[1]["kubelet-config"]
                 self.assertEqual(check["status"], "PASS", check)
                 self.assertIn(self.path("proc/4242/root/etc/kubernetes/kubelet.yaml"), check["files"])
+        # relative: to its working directory, also inside its root
+        os.symlink(self.path("host-root/var/lib/kubelet"), self.path("proc/4242/cwd"))
+        for config, status in ((b"config.yaml", "PASS"), (b"../../../../outside/config.yaml", "SKIP")):
+            with self.subTest(config=config):
+                with open(self.path("proc/4242/cmdline"), "wb") as f:
+                    f.write(b"/usr/bin/kubelet\0--config\0" + config + b"\0")
+                self.assertEqual(self.doctor()[1]["kubelet-config"]["status"], status)
 
     def test_garbage_everywhere_is_never_a_traceback(self):
         garbage = ["\x00\x01", "9" * 5000, "-", "ffff,ffff,zz", "{" * 50000, "isolated invalid"]
