@@ -409,6 +409,13 @@ class HostTests(TempDirTest):
     def test_cpus_the_host_lacks_are_dropped(self):
         inv = self.inventory(cpus="6-9,40")
         self.assertEqual([d.cpu for d in inv.devices], [6, 7])
+        shutil.rmtree(self.tmp)
+        with self.assertLogs(plugin.log, "WARNING") as logged:     # said in a bounded line, whatever was listed
+            inv = self.inventory(cpus="6-8191:1/2", kernel_max=8191)
+        self.assertEqual([d.cpu for d in inv.devices], [6])
+        self.assertIn("lists CPUs 8,10,12,", logged.output[0])
+        self.assertIn("(4092 CPUs) that this host does not have", logged.output[0])
+        self.assertLess(len(logged.output[0]), 400)
 
     def test_sources(self):
         cmdline = "ro isolcpus=nohz,managed_irq,1 isolcpus=domain,4-5 nohz_full=6-7 quiet"
