@@ -768,7 +768,7 @@ class CpuInventory(object):
         missing = served - present
         if missing and missing != self.served - self.present:
             log.warning("%s lists CPUs %s that this host does not have; they are left out",
-                        origin, format_cpu_list(missing))
+                        origin, brief_cpu_list(missing))
         wanted = served & present
         stale = {cpu for cpu in wanted
                  if cpu not in self.topology or (cpu in online) != (cpu in self.online)}
