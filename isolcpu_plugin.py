@@ -70,11 +70,19 @@ DEFAULT_DEVICE_PLUGIN_PATH = "/var/lib/kubelet/device-plugins"
 KUBELET_SOCKET_NAME = "kubelet.sock"
 HEALTHY = "Healthy"
 UNHEALTHY = "Unhealthy"
-# Highest CPU number accepted where the host does not say (no kernel_max):
-# CONFIG_NR_CPUS tops out at 8192 (x86 MAXSMP, powerpc).
+# Highest CPU number accepted, and where the host does not say (no
+# kernel_max): CONFIG_NR_CPUS tops out at 8192 (x86 MAXSMP, powerpc).
 FALLBACK_MAX_CPU = 8191
+# The shortest cpu-list any kernel takes whole: a kernel command line of the
+# default COMMAND_LINE_SIZE (4096 on s390, mips and loongarch; 2048 on x86,
+# arm64 and powerpc). See cpu_list_limit().
+CPU_LIST_FLOOR = 4096
 UNIX_PATH_MAX = 107            # sun_path is 108 bytes with its NUL
-HOST_FILE_LIMIT = 1 << 20      # sysfs attributes are one page; /proc/cmdline is small
+HOST_FILE_LIMIT = 1 << 20      # sysfs attributes are one page
+# /proc/cmdline: COMMAND_LINE_SIZE is 2048 (x86, arm64, powerpc) to 4096 (s390)
+# bytes by default, and bootconfig adds at most 32 KiB; only s390 can be built
+# with more (up to 1 MiB). Splitting a command line costs a step per byte.
+CMDLINE_LIMIT = 64 << 10
 CHECKPOINT_LIMIT = 4 << 20     # a busy node's device checkpoint is ~1 MB; 4 MiB parse in ~12 ms
 
 log = logging.getLogger(PROGRAM)
@@ -118,14 +126,73 @@ _CPULIST_REGION = re.compile(
     r"(?::(?P<used>{n})/(?P<group>{n}))?|(?P<single>{n}))\Z".format(n=_CPU_NUMBER))
 
 
+def cpu_list_limit(max_cpu):
+    """The longest cpu-list text parsed for a kernel whose highest CPU is
+    max_cpu: what cpuset.cpus takes (its write buffer is 100 + 6 * NR_CPUS
+    bytes, kernel/cgroup/cpuset.c), or a kernel command line's worth,
+    whichever is longer. Every list the kernel prints fits (canonical
+    lists take under 4 bytes per CPU), and so does every isolcpus= of a
+    default-size command line; with 8,192 CPUs it is 49,252 bytes."""
+    return max(100 + 6 * (max_cpu + 1), CPU_LIST_FLOOR)
+
+
+def stride_bits(start, end, used, group):
+    """The bitmap of the stride group start-end:used/group, built by doubling
+    one group's bits: log(groups) big-number steps, not a step per CPU."""
+    span = end - start + 1
+    pattern, width = (1 << used) - 1, group
+    while width < span:
+        pattern |= pattern << width
+        width *= 2
+    return (pattern & ((1 << span) - 1)) << start
+
+
+def cpus_of_bits(bits):
+    """The CPUs set in a bitmap (bit n = CPU n), a run of set bits at a time."""
+    text = bin(bits)[:1:-1]                 # lowest bit first
+    cpus = []
+    start = text.find("1")
+    while start >= 0:
+        end = text.find("0", start)
+        if end < 0:
+            end = len(text)
+        cpus.extend(range(start, end))
+        start = text.find("1", end)
+    return frozenset(cpus)
+
+
+def bits_of_cpus(cpus):
+    """The bitmap of a set of CPUs (cpus_of_bits undone), in one pass."""
+    if not cpus:
+        return 0
+    digits = bytearray(b"0" * (max(cpus) + 1))
+    for cpu in cpus:
+        digits[cpu] = ord("1")
+    return int(bytes(digits[::-1]), 2)
+
+
 def parse_cpu_list(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
     """The CPUs a kernel cpu-list names, read as the kernel's bitmap_parselist does.
 
-    Grammar: regions separated by commas or whitespace; a region is `a`,
-    `a-b`, `a-b:used/group` (stride groups: 0-15:2/4 = 0,1,4,5,8,9,12,13) or
-    `all` (optionally with a stride); `N` is last_cpu. A CPU above max_cpu is
-    an error, which also bounds the work for hostile input.
+    Grammar: regions separated by commas or whitespace, in any order and
+    overlapping (2-5,3); a region is `a`, `a-b`, `a-b:used/group` (stride
+    groups: 0-15:2/4 = 0,1,4,5,8,9,12,13) or `all` (optionally with a
+    stride); `N` is last_cpu. A CPU above max_cpu is an error. The work is
+    bounded before it starts: a text longer than cpu_list_limit() is
+    refused, and each region costs a few operations on a max_cpu-bit
+    number, however many CPUs it names.
     """
+    return cpus_of_bits(cpu_list_bits(text, last_cpu, max_cpu))
+
+
+def cpu_list_bits(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
+    """parse_cpu_list() as a bitmap (bit n = CPU n): for sets of many
+    lists, which as bitmaps cost no more than their text."""
+    limit = cpu_list_limit(max_cpu)
+    if len(text) > limit:
+        raise InputError("%d characters: longer than a cpu-list for %d CPUs can be (%d)"
+                         % (len(text), max_cpu + 1, limit))
+
     def number(digits, token):
         if digits == "N":
             return last_cpu
@@ -133,21 +200,22 @@ def parse_cpu_list(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
             raise InputError("number in %s is too large" % quote(token))
         return int(digits)
 
-    cpus = set()
+    bits = 0                                  # CPU n is bit n: a region merges in at once
     for token in _CPULIST_SEPARATORS.split(text):
         if not token:
             continue
         region = _CPULIST_REGION.match(token)
         if not region:
             raise InputError("%s is not a CPU, range or stride group" % quote(token))
-        if region.group("single") is not None:
-            start = end = number(region.group("single"), token)
-        elif region.group("all") is not None:
+        every, first, last, used, group, single = region.groups()
+        if single is not None:
+            start = end = number(single, token)
+        elif every is not None:
             start, end = 0, last_cpu
         else:
-            start, end = number(region.group("start"), token), number(region.group("end"), token)
-        if region.group("used") is not None:
-            used, group = number(region.group("used"), token), number(region.group("group"), token)
+            start, end = number(first, token), number(last, token)
+        if used is not None:
+            used, group = number(used, token), number(group, token)
         else:
             used = group = end - start + 1
         if start > end:
@@ -157,9 +225,11 @@ def parse_cpu_list(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
         if end > max_cpu:
             raise InputError("CPU %d in %s is above the highest possible CPU %d"
                              % (end, quote(token), max_cpu))
-        for base in range(start, end + 1, group):
-            cpus.update(range(base, min(base + used, end + 1)))
-    return frozenset(cpus)
+        if used == group:
+            bits |= ((2 << (end - start)) - 1) << start
+        else:
+            bits |= stride_bits(start, end, used, group)
+    return bits
 
 
 def format_cpu_list(cpus):
@@ -197,12 +267,7 @@ def parse_cpu_mask(text, max_cpu=FALLBACK_MAX_CPU):
     if value.bit_length() - 1 > max_cpu:
         raise InputError("cpumask %s sets CPU %d, above the highest possible CPU %d"
                          % (quote(text), value.bit_length() - 1, max_cpu))
-    cpus = set()
-    while value:
-        lowest = value & -value
-        cpus.add(lowest.bit_length() - 1)
-        value ^= lowest
-    return frozenset(cpus)
+    return cpus_of_bits(value)
 
 
 def kernel_parameters(cmdline):
@@ -318,15 +383,30 @@ def unknown_cpu_info(cpu):
     return CpuInfo(cpu, (), None, None, None, None, ())
 
 
-def read_host_file(path, limit=HOST_FILE_LIMIT):
+def host_text(data, encoding="latin-1"):
+    """A host file's bytes as the kernel's readers take its text: up to the
+    first NUL (real dumps pad "0-31\\n" with one), whitespace stripped;
+    None when more than NULs and whitespace follow that NUL: not text."""
+    text, _, rest = data.partition(b"\0")
+    if rest.strip(b"\0 \t\n\r\x0b\x0c"):
+        return None
+    return text.decode(encoding, "replace").strip()
+
+
+def read_host_file(path, limit=HOST_FILE_LIMIT, follow_symlinks=True):
     """The bytes of a host file, None when it is absent. Opened so that it
     cannot block the event loop: only a regular file is opened at all (a FIFO
     or a device where a sysfs file or a checkpoint should be is an error),
-    with O_NONBLOCK in case it was swapped meanwhile, and read up to `limit`."""
+    with O_NONBLOCK in case it was swapped meanwhile, and read up to `limit`.
+    Without follow_symlinks, a symlink is an error too (O_NOFOLLOW)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        mode = (os.stat(path) if follow_symlinks else os.lstat(path)).st_mode
+        if stat.S_ISLNK(mode):
+            raise InputError("%s: a symlink, not followed" % path)
+        if not stat.S_ISREG(mode):
             raise InputError("%s: not a regular file" % path)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(path, flags if follow_symlinks else flags | os.O_NOFOLLOW)
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as e:
@@ -365,13 +445,16 @@ class Host(object):
 
     # Files -----------------------------------------------------------------
 
-    def read(self, path):
-        """A host file's text the way the kernel's readers take it (up to the
-        first NUL, whitespace stripped), or None when the file is absent."""
-        data = read_host_file(path)
+    def read(self, path, limit=HOST_FILE_LIMIT, what="text"):
+        """A host file's text (see host_text), or None when the file is
+        absent; InputError saying it is not `what` when it holds junk."""
+        data = read_host_file(path, limit)
         if data is None:
             return None
-        return data.split(b"\0", 1)[0].decode("latin-1").strip()
+        text = host_text(data)
+        if text is None:
+            raise InputError("%s: %s is not %s" % (path, quote(data.decode("latin-1")), what))
+        return text
 
     def optional_text(self, path, problems=None):
         """read() for files that only refine what is advertised: unreadable
@@ -385,7 +468,7 @@ class Host(object):
 
     def cpu_list_file(self, path):
         """A cpu-list file as a set, None when absent; bad contents name the file."""
-        text = self.read(path)
+        text = self.read(path, what="a cpu-list")
         if text is None:
             return None
         try:
@@ -396,10 +479,15 @@ class Host(object):
     # CPU numbering ---------------------------------------------------------
 
     def _max_cpu(self):
+        """kernel_max, where it is one a kernel can have (what parsing costs
+        is bounded by it), else the most any kernel has."""
         text = self.optional_text(os.path.join(self.cpu_dir, "kernel_max"))
-        if text is not None and text.isdigit() and len(text) <= 6:
+        if text is not None and text.isdigit() and len(text) <= 6 and int(text) <= FALLBACK_MAX_CPU:
             return int(text)
-        return max([FALLBACK_MAX_CPU] + list(self._cpu_dirs()))
+        if text is not None:
+            log.warning("%s: %s is not a kernel_max any kernel has; CPUs up to %d are read",
+                        os.path.join(self.cpu_dir, "kernel_max"), quote(text), FALLBACK_MAX_CPU)
+        return FALLBACK_MAX_CPU
 
     def _last_cpu(self):
         """The last possible CPU (what `N` and `all` mean): from `possible`,
@@ -412,7 +500,7 @@ class Host(object):
             possible = None
         if possible:
             return max(possible)
-        return max(self._cpu_dirs() or [self.max_cpu])
+        return max([cpu for cpu in self._cpu_dirs() if cpu <= self.max_cpu] or [self.max_cpu])
 
     def _cpu_dirs(self):
         try:
@@ -447,7 +535,7 @@ class Host(object):
         return frozenset(result)
 
     def cmdline(self):
-        text = self.read(self.cmdline_path)
+        text = self.read(self.cmdline_path, CMDLINE_LIMIT, "a command line")
         if text is None:
             raise InputError("%s: missing" % self.cmdline_path)
         return text
@@ -482,7 +570,7 @@ class Host(object):
             try:
                 cpus = self.cpu_list_file(os.path.join(directory, "cpulist"))
                 if cpus is None:
-                    mask = self.read(os.path.join(directory, "cpumap"))
+                    mask = self.read(os.path.join(directory, "cpumap"), what="a cpumask")
                     cpus = parse_cpu_mask(mask, self.max_cpu) if mask is not None else None
             except InputError as e:                     # unreadable or unparseable alike
                 log.warning("topology: %s; NUMA node %s taken as unknown", e, name[4:])
@@ -660,7 +748,7 @@ class CpuInventory(object):
             return cpus, path
         # nohz_full: the file CONFIG_NO_HZ_FULL makes, else the command line (read once)
         path = os.path.join(host.cpu_dir, "nohz_full")
-        text = host.read(path)
+        text = host.read(path, what="a cpu-list")
         if text is None:
             self.cmdline_cpus = self._from_cmdline("nohz_full")
             return self.cmdline_cpus
@@ -684,7 +772,7 @@ class CpuInventory(object):
         missing = served - present
         if missing and missing != self.served - self.present:
             log.warning("%s lists CPUs %s that this host does not have; they are left out",
-                        origin, format_cpu_list(missing))
+                        origin, brief_cpu_list(missing))
         wanted = served & present
         stale = {cpu for cpu in wanted
                  if cpu not in self.topology or (cpu in online) != (cpu in self.online)}
@@ -3550,20 +3638,28 @@ FileRead = collections.namedtuple("FileRead", "path text error")
 AUDIT_FILE_LIMIT = 16 << 20          # /proc/interrupts: a line per IRQ, a column per CPU
 MAX_IRQS = 16384
 MAX_CGROUP_DIRS = 20000              # a walk of the cgroup tree stops there
+# ... and goes no deeper: a container is 4 levels below kubepods
+# (kubepods/<qos>/<pod>/<container>), nested runtimes add a few
+MAX_CGROUP_DEPTH = 32
+MAX_SYMLINKS = 40                    # the kernel's most in one path lookup
+PATH_MAX = 4096
 KUBELET_FLAGS = {"--cpu-manager-policy": "cpuManagerPolicy", "--reserved-cpus": "reservedSystemCPUs",
                  "--topology-manager-policy": "topologyManagerPolicy",
                  "--cpu-manager-policy-options": "cpuManagerPolicyOptions"}
 
 
-def read_file(path, limit=HOST_FILE_LIMIT):
+def read_file(path, limit=HOST_FILE_LIMIT, follow_symlinks=True):
     """A host file as a FileRead (see read_host_file for what cannot block)."""
     try:
-        data = read_host_file(path, limit)
+        data = read_host_file(path, limit, follow_symlinks)
     except InputError as e:
         return FileRead(path, None, str(e))
     if data is None:
         return FileRead(path, None, None)
-    return FileRead(path, data.split(b"\0", 1)[0].decode("utf-8", "replace").strip(), None)
+    text = host_text(data, "utf-8")
+    if text is None:
+        return FileRead(path, None, "%s: %s is not text" % (path, quote(data.decode("utf-8", "replace"))))
+    return FileRead(path, text, None)
 
 
 def why_unread(read):
@@ -3588,7 +3684,7 @@ def read_node(config):
     facts.resource_name = config.resource_name
     sysfs, procfs = config.sysfs, config.procfs
     cpu_dir = os.path.join(sysfs, "devices", "system", "cpu")
-    facts.cmdline = read_file(os.path.join(procfs, "cmdline"))
+    facts.cmdline = read_file(os.path.join(procfs, "cmdline"), CMDLINE_LIMIT)
     facts.isolated, facts.origin, facts.isolated_error = frozenset(), "", None
     facts.devices, facts.topology, facts.online, facts.missing = (), {}, frozenset(), frozenset()
     host = Host(sysfs, procfs)                     # InputError: a bad --sysfs is a bad flag (exit 2)
@@ -3621,7 +3717,8 @@ def read_node(config):
     facts.cgroup_root = os.path.join(sysfs, "fs", "cgroup")
     facts.cgroup_v2 = os.path.exists(os.path.join(facts.cgroup_root, "cgroup.controllers"))
     facts.cgroup_isolated = read_file(os.path.join(facts.cgroup_root, "cpuset.cpus.isolated"))
-    facts.partitions = find_isolated_partitions(facts.cgroup_root) if facts.cgroup_v2 else []
+    facts.partitions, facts.partitions_skipped = (find_isolated_partitions(facts.cgroup_root) if facts.cgroup_v2
+                                                  else ([], ""))
     facts.procfs = procfs
     facts.processes = find_processes(procfs)
     facts.kubelet_dir = config.kubelet_dir
@@ -3644,7 +3741,7 @@ def read_node(config):
     facts.checkpoint = find_holders(None, ("PodResources gives no pod UIDs", True), config.device_plugin_path,
                                     config.resource_name)
     uids = {h.pod_uid for holders in (facts.checkpoint.by_cpu or {}).values() for h in holders}
-    facts.pod_cgroups = find_pod_cgroups(facts.cgroup_root, facts.cgroup_v2, uids)
+    facts.pod_cgroups, facts.pod_cgroups_skipped = find_pod_cgroups(facts.cgroup_root, facts.cgroup_v2, uids)
     return facts
 
 
@@ -3699,8 +3796,7 @@ def find_kubelet_config(config, procfs, kubelets):
             if not eq and i + 1 < len(args) and not args[i + 1].startswith("--"):
                 value = args[i + 1]
             if name == "--config" and value:
-                root = os.path.join(procfs, str(kubelet.pid), "root" if value.startswith("/") else "cwd")
-                path = os.path.join(root, value.lstrip("/"))
+                path = kubelet_file(procfs, kubelet.pid, value)
                 found_by = "--config of the running kubelet (pid %d)" % kubelet.pid
             elif name in KUBELET_FLAGS and value:
                 flags[KUBELET_FLAGS[name]] = value
@@ -3708,23 +3804,147 @@ def find_kubelet_config(config, procfs, kubelets):
         path, found_by = config.kubelet_config, config.origin["kubelet_config"]
     if path is None:
         path, found_by = os.path.join(config.kubelet_dir, "config.yaml"), "the kubelet dir"
-    return flags, read_file(path), found_by
+    return flags, path if isinstance(path, FileRead) else read_file(path), found_by
+
+
+def kubelet_file(procfs, pid, name):
+    """Where to read the file a process names `name` (its --config): inside
+    its root (/proc/PID/root), as it would resolve it; a FileRead saying why
+    not when the name leads out of that root."""
+    root = os.path.join(procfs, str(pid), "root")
+    where = "--config %s of the running kubelet (pid %d)" % (quote(name, 200), pid)
+    if not name.startswith("/"):                 # relative to its working directory, inside its root
+        try:
+            top, cwd = os.readlink(root), os.readlink(os.path.join(procfs, str(pid), "cwd"))
+        except OSError as e:
+            return FileRead(root, None, "%s: its working directory is unknown (%s)" % (where, e.strerror or e))
+        if top != "/" and not cwd.startswith(top.rstrip("/") + "/"):
+            return FileRead(root, None, "%s: its working directory %s is outside its root" % (where, quote(cwd, 200)))
+        name = cwd[len(top.rstrip("/")):] + "/" + name
+    try:
+        return path_in_root(root, name)
+    except InputError as e:
+        return FileRead(root + "/" + name.lstrip("/"), None, "%s %s: not read" % (where, e))
+
+
+def path_in_root(root, path):
+    """`path` as a process whose root directory is `root` names it, resolved
+    inside root the way that process would: symlinks followed (an absolute
+    target starts again at root, not at ours, as /proc/PID/root would have
+    it), `..` taken lexically. InputError when it would leave root."""
+    if len(path) > PATH_MAX:
+        raise InputError("is longer than PATH_MAX (%d)" % PATH_MAX)
+    pending = [part for part in path.split("/") if part not in ("", ".")]
+    resolved, links = [], 0
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if not resolved:
+                raise InputError("leaves its root %s" % root)
+            resolved.pop()
+            continue
+        here = os.path.join(root, *(resolved + [part]))
+        try:
+            target = os.readlink(here)
+        except OSError:                          # not a symlink (or absent: reading says so)
+            resolved.append(part)
+            continue
+        links += 1
+        if links > MAX_SYMLINKS:
+            raise InputError("takes more than %d symlinks" % MAX_SYMLINKS)
+        if target.startswith("/"):
+            resolved = []
+        pending[:0] = [p for p in target.split("/") if p not in ("", ".")]
+    return os.path.join(root, *resolved)
+
+
+class CgroupWalk(object):
+    """Walks of a cgroup tree top-down, like os.walk, but without recursion
+    (os.walk recurses on Pythons before 3.12, and a tenant with a delegated
+    subtree can nest it 1,200 deep) and without following a symlink (every
+    directory of a cgroup tree is the kernel's; a link is someone's): at most
+    MAX_CGROUP_DEPTH levels below `root` and MAX_CGROUP_DIRS directories in
+    all. What they did not look at is counted, for the finding to say."""
+
+    def __init__(self, root):
+        self.root = root
+        self.seen = 0
+        self.stopped = False
+        self.skips = collections.OrderedDict()   # kind: [count, first path]
+
+    def _skip(self, kind, path):
+        self.skips.setdefault(kind, [0, path])[0] += 1
+
+    def entries(self, directory):
+        """(subdirectory names, file names) of a directory, sorted; symlinks
+        counted, not listed; None when it cannot be read."""
+        subdirs, files = [], []
+        try:
+            with os.scandir(directory) as found:
+                for entry in found:
+                    if entry.is_symlink():
+                        self._skip("links", entry.path)
+                    elif entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.name)
+                    else:
+                        files.append(entry.name)
+        except OSError:
+            self._skip("unreadable", directory)
+            return None
+        return sorted(subdirs), sorted(files)
+
+    def walk(self, name=None):
+        """(directory, subdirectory names, file names) from root, or from the
+        directory `name` under it (not followed if a link); remove names from
+        the list to prune, as with os.walk."""
+        if name is not None and os.path.islink(os.path.join(self.root, name)):
+            self._skip("links", os.path.join(self.root, name))
+            return
+        pending = [(self.root, 0) if name is None else (os.path.join(self.root, name), 1)]
+        while pending:
+            directory, depth = pending.pop()
+            if self.seen >= MAX_CGROUP_DIRS:
+                self.stopped = True
+                return
+            self.seen += 1
+            listed = self.entries(directory)
+            if listed is None:
+                continue
+            subdirs, files = listed
+            yield directory, subdirs, files
+            for sub in reversed(subdirs):
+                if depth >= MAX_CGROUP_DEPTH:
+                    self._skip("too_deep", os.path.join(directory, sub))
+                else:
+                    pending.append((os.path.join(directory, sub), depth + 1))
+
+    def skipped(self):
+        """What the walk did not look at, as a clause; "" when nothing."""
+        kinds = {"too_deep": ("director%s deeper than %d levels" % ("%s", MAX_CGROUP_DEPTH), "y", "ies"),
+                 "links": ("symlink%s, not followed (a cgroup tree has none)", "", "s"),
+                 "unreadable": ("unreadable director%s", "y", "ies")}
+        parts = []
+        for kind, (count, path) in self.skips.items():
+            what, one, many = kinds[kind]
+            parts.append("%d %s (e.g. %s)" % (count, what % (one if count == 1 else many), quote(path, 200)))
+        if self.stopped:
+            parts.append("what lies beyond the first %d directories" % MAX_CGROUP_DIRS)
+        return "not looked at: %s" % ", ".join(parts) if parts else ""
 
 
 def find_isolated_partitions(root):
-    """[(cgroup dir, cpuset.cpus.partition text, cpuset.cpus.effective text)]
-    of the cgroup v2 partitions that say isolated (valid or not)."""
-    found, seen = [], 0
-    for directory, subdirs, files in os.walk(root):
-        seen += 1
-        if seen > MAX_CGROUP_DIRS:
-            break
+    """([(cgroup dir, cpuset.cpus.partition text, cpuset.cpus.effective text)]
+    of the cgroup v2 partitions that say isolated (valid or not), what the
+    walk did not look at)."""
+    found = []
+    walk = CgroupWalk(root)
+    for directory, subdirs, files in walk.walk():
         if "cpuset.cpus.partition" in files:
-            text = read_file(os.path.join(directory, "cpuset.cpus.partition")).text or ""
+            text = read_file(os.path.join(directory, "cpuset.cpus.partition"), follow_symlinks=False).text or ""
             if text.startswith("isolated"):
-                effective = read_file(os.path.join(directory, "cpuset.cpus.effective")).text
+                effective = read_file(os.path.join(directory, "cpuset.cpus.effective"), follow_symlinks=False).text
                 found.append((directory, text, effective))
-    return found
+    return found, walk.skipped()
 
 
 # A pod's cgroups: its directory, [(container dir, effective cpuset FileRead)],
@@ -3733,21 +3953,21 @@ PodCgroup = collections.namedtuple("PodCgroup", "path containers quota")
 
 
 def find_pod_cgroups(root, v2, uids):
-    """{pod uid: PodCgroup} for the pods `uids` under the kubepods hierarchy:
+    """({pod uid: PodCgroup} for the pods `uids` under the kubepods hierarchy:
     systemd naming (kubepods-burstable-pod<uid with _>.slice) or cgroupfs
-    (pod<uid>), containerd, CRI-O or docker scopes below."""
+    (pod<uid>), containerd, CRI-O or docker scopes below; what the walk did
+    not look at)."""
     if not uids:
-        return {}
+        return {}, ""
     cpuset_root = root if v2 else os.path.join(root, "cpuset")
     names = {}
     for uid in uids:
         names["pod" + uid] = uid
         names["pod" + uid.replace("-", "_") + ".slice"] = uid
-    found, seen = {}, 0
+    found, walk = {}, CgroupWalk(cpuset_root)
     for top in sorted(n for n in list_dir(cpuset_root) if n.startswith("kubepods")):
-        for directory, subdirs, _ in os.walk(os.path.join(cpuset_root, top)):
-            seen += 1
-            if seen > MAX_CGROUP_DIRS or len(found) == len(uids):
+        for directory, subdirs, _ in walk.walk(top):
+            if len(found) == len(uids):
                 break
             for sub in list(subdirs):
                 uid = names.get(sub) or next((u for n, u in names.items() if sub.endswith("-" + n)), None)
@@ -3756,25 +3976,32 @@ def find_pod_cgroups(root, v2, uids):
                 subdirs.remove(sub)                  # a pod's containers are not pods
                 pod_dir = os.path.join(directory, sub)
                 containers = []
-                for child in sorted(list_dir(pod_dir)):
+                for child in (walk.entries(pod_dir) or ([], []))[0]:     # a linked container: counted, not read
                     child_dir = os.path.join(pod_dir, child)
-                    if os.path.isdir(child_dir):
-                        read = read_file(os.path.join(child_dir, "cpuset.cpus.effective"))
-                        if read.text is None and not v2:
-                            read = read_file(os.path.join(child_dir, "cpuset.effective_cpus"))
-                            if read.text is None:
-                                read = read_file(os.path.join(child_dir, "cpuset.cpus"))
-                        containers.append((child_dir, read))
+                    read = read_file(os.path.join(child_dir, "cpuset.cpus.effective"), follow_symlinks=False)
+                    if read.text is None and not v2:
+                        read = read_file(os.path.join(child_dir, "cpuset.effective_cpus"), follow_symlinks=False)
+                        if read.text is None:
+                            read = read_file(os.path.join(child_dir, "cpuset.cpus"), follow_symlinks=False)
+                    containers.append((child_dir, read))
                 if v2:
-                    quota = (read_file(os.path.join(pod_dir, "cpu.max")),)
+                    quota = (read_file(os.path.join(pod_dir, "cpu.max"), follow_symlinks=False),)
                 else:
                     relative = os.path.relpath(pod_dir, cpuset_root)
                     cpu_root = next((os.path.join(root, n) for n in ("cpu,cpuacct", "cpu")
                                      if os.path.isdir(os.path.join(root, n))), os.path.join(root, "cpu"))
-                    quota = (read_file(os.path.join(cpu_root, relative, "cpu.cfs_quota_us")),
-                             read_file(os.path.join(cpu_root, relative, "cpu.cfs_period_us")))
+                    quota = tuple(read_file(path, follow_symlinks=False) if not links_below(cpu_root, path)
+                                  else FileRead(path, None, "%s: under a symlink, not followed" % path)
+                                  for path in (os.path.join(cpu_root, relative, "cpu.cfs_quota_us"),
+                                               os.path.join(cpu_root, relative, "cpu.cfs_period_us")))
                 found[uid] = PodCgroup(pod_dir, containers, quota)
-    return found
+    return found, walk.skipped()
+
+
+def links_below(base, path):
+    """Whether a directory between base and path (path inside base) is a symlink."""
+    parts = os.path.relpath(os.path.dirname(path), base).split(os.sep)
+    return any(os.path.islink(os.path.join(base, *parts[:i + 1])) for i in range(len(parts)) if parts[i] != ".")
 
 
 # The checks ----------------------------------------------------------------------
@@ -3893,12 +4120,22 @@ def kubelet_config_values(text):
 
 
 
-def _cpus(text, facts):
-    """A cpu-list text as a set, None when it does not parse."""
+def _bits(text, facts):
+    """A cpu-list text as a bitmap, None when it does not parse."""
     try:
-        return parse_cpu_list(text, facts.last_cpu, facts.max_cpu)
+        return cpu_list_bits(text, facts.last_cpu, facts.max_cpu)
     except InputError:
         return None
+
+
+def _cpus(text, facts):
+    """A cpu-list text as a set, None when it does not parse."""
+    bits = _bits(text, facts)
+    return None if bits is None else cpus_of_bits(bits)
+
+
+def _lowest_cpu(bits):
+    return (bits & -bits).bit_length() - 1
 
 
 def _mask(text, facts):
@@ -4037,10 +4274,11 @@ def check_rcu_nocbs(facts):
     if facts.cmdline.text is None:
         return Finding("rcu-nocbs", SKIP, "cannot read the kernel command line: %s" % why_unread(facts.cmdline),
                        "", files, "")
-    listed = frozenset()
+    listed = 0                                    # as a bitmap: a union of many lists costs their bytes
     for value in _cmdline_values(facts, "rcu_nocbs"):
         if value:                                 # a bare rcu_nocbs offloads no CPU at boot
-            listed |= _cpus(value, facts) or frozenset()
+            listed |= _bits(value, facts) or 0
+    listed = cpus_of_bits(listed)
     nohz, _ = _nohz_full_cpus(facts)
     covered = listed | (nohz or frozenset())      # nohz_full CPUs are offloaded as if listed
     left = facts.isolated - covered
@@ -4132,24 +4370,31 @@ def check_cpu_manager(facts):
                        "usable", "", files, "")
     if policy != "static":
         return Finding("cpu-manager", SKIP, "policy %s is not one this audit knows" % quote(policy), "", files, "")
-    default = _cpus(default_text, facts) or frozenset()
-    grant_cpus = {key: _cpus(text, facts) or frozenset() for key, text in grants.items()}
+    # grants as bitmaps: a state's many lists, each of up to every CPU, cost its bytes
+    default = _bits(default_text, facts) or 0
+    grant_bits = {key: _bits(text, facts) or 0 for key, text in grants.items()}
     holders = _holders_by_uid(facts)
-    problems, hit = [], set()
+    isolated = bits_of_cpus(facts.isolated)
+    held = collections.defaultdict(int)                 # {key: CPUs it holds through the plugin}
+    for cpu, keys in (holders or {}).items():
+        if cpu <= facts.max_cpu:
+            for key in keys:
+                held[key] |= 1 << cpu
+    problems, hit = [], 0
 
     def name(key):
         return "container ID %s" % quote(key[1], 70) if key[0] is None else "pod UID %s container %s" % (
             key[0], quote(key[1], 70))
     # isolated CPUs granted exclusively to a container that does not hold them through the plugin
     tenants = {}
-    for key, cpus in grant_cpus.items():
-        for cpu in cpus & facts.isolated:
-            if holders is None or key not in holders.get(cpu, ()):
-                tenants.setdefault(key, set()).add(cpu)
-    for key, cpus in sorted(tenants.items(), key=lambda item: min(item[1]))[:5]:
+    for key, bits in grant_bits.items():
+        foreign = bits & isolated & ~held.get(key, 0)
+        if foreign:
+            tenants[key] = foreign
+    for key, bits in sorted(tenants.items(), key=lambda item: _lowest_cpu(item[1]))[:5]:
         problems.append("the CPU manager gave isolated CPUs %s exclusively to %s, which does not hold them "
-                        "through the plugin: two tenants on a quiet core" % (_brief(cpus), name(key)))
-        hit |= cpus
+                        "through the plugin: two tenants on a quiet core" % (_brief(cpus_of_bits(bits)), name(key)))
+        hit |= bits
     if len(tenants) > 5:
         problems.append("(+%d more such grants)" % (len(tenants) - 5))
     # containers holding CPUs of ours whose cpuset lacks them
@@ -4157,21 +4402,20 @@ def check_cpu_manager(facts):
         lacking = {}
         for cpu, keys in holders.items():
             for key in keys:
-                cpuset = grant_cpus.get(key, default)
-                if cpu not in cpuset:
+                if not grant_bits.get(key, default) >> cpu & 1:
                     lacking.setdefault(key, set()).add(cpu)
         for key, cpus in sorted(lacking.items(), key=lambda item: min(item[1]))[:5]:
             problems.append("%s holds CPUs %s of the plugin but its cpuset is %s" % (
-                name(key), _brief(cpus), _brief(grant_cpus.get(key, default))))
-            hit |= cpus
+                name(key), _brief(cpus), _brief(cpus_of_bits(grant_bits.get(key, default)))))
+            hit |= bits_of_cpus(cpus)
     note = ("holders from the kubelet's checkpoint" if holders is not None
             else "holders unknown (%s)" % holders_note(facts.checkpoint))
     if old:
         note += "; old state format (by container ID): holders cannot be matched"
-    found = "policy static, shared pool %s; %s" % (_brief(default), note)
+    found = "policy static, shared pool %s; %s" % (_brief(cpus_of_bits(default)), note)
     if problems:
         return Finding("cpu-manager", FAIL, "%s: %s" % (found, "; ".join(problems)), CPU_MANAGER_LAYOUT, files,
-                       format_cpu_list(hit))
+                       format_cpu_list(cpus_of_bits(hit)))
     checked = ("every holder may run on its CPUs" if holders is not None and not old
                else "the holders' cpusets could not be checked")
     return Finding("cpu-manager", PASS, "%s; no isolated CPU is granted exclusively; %s" % (found, checked), "",
@@ -4265,10 +4509,14 @@ def check_cgroup_isolated(facts):
     if unexplained:
         problems.append("the kernel lists CPUs %s as isolated, which the plugin does not serve and no isolated "
                         "partition holds" % _brief(unexplained))
+    skipped = [facts.partitions_skipped] if facts.partitions_skipped else []
     if problems:
-        return Finding("cgroup-isolated", WARN, "; ".join([found] + problems),
+        return Finding("cgroup-isolated", WARN, "; ".join([found] + problems + skipped),
                        "serve only CPUs outside isolated partitions (--cpus), or dissolve the partition "
                        "(echo member > cpuset.cpus.partition)", files, format_cpu_list(hit))
+    if skipped:                                   # a partition may be where the walk did not go
+        return Finding("cgroup-isolated", WARN, "; ".join([found] + skipped),
+                       "look for isolated partitions there yourself (cpuset.cpus.partition)", files, "")
     return Finding("cgroup-isolated", PASS, found, "", files, "")
 
 
@@ -4381,6 +4629,8 @@ def check_pod_cgroups(facts):
             warns.append("pod %s: its CPU limit (%.2f CPUs) is below the %d isolated CPUs it holds: busy-polling "
                          "threads get throttled" % (uid, limit, len(cpus)))
     found = "; ".join(fails + warns) or "the %d pods holding CPUs may run on them" % len(pods)
+    if facts.pod_cgroups_skipped:
+        found += "; " + facts.pod_cgroups_skipped
     advice = "; ".join(([CPU_MANAGER_LAYOUT] if fails else []) + (
         ["set a pod's CPU limit to at least the isolated CPUs it busy-polls, or leave the limit out"] if warns else []))
     return Finding("pod-cgroups", FAIL if fails else WARN if warns else PASS, found, advice, files,

@@ -178,6 +178,7 @@ class CpuListTests(unittest.TestCase):
             "0-10:3/4": [0, 1, 2, 4, 5, 6, 8, 9, 10], "4-4:0/1": [],
             "N": [15], "12-N": [12, 13, 14, 15], "all": list(range(16)), "ALL": list(range(16)),
             "all:1/8": [0, 8], "2-5,3-4": [2, 3, 4, 5], "007": [7],
+            "2-5,3": [2, 3, 4, 5], "9,2-3,0-15:8/16,2": [0, 1, 2, 3, 4, 5, 6, 7, 9],   # overlapping, unsorted
         }
         for text, expected in cases.items():
             with self.subTest(text=text):
@@ -206,6 +207,35 @@ class CpuListTests(unittest.TestCase):
                 self.assertLess(len(str(caught.exception)), 200)
         self.assertEqual(self.parse("63"), [63])
 
+    def test_work_follows_the_regions_not_the_cpus_they_name(self):
+        # as many regions, each naming 8,192 CPUs or 2: ranges merge as they
+        # come, so the cost is the regions' (it was CPUs named x times named)
+        def cost(text):
+            best = float("inf")
+            for _ in range(5):
+                started = time.perf_counter()
+                parse_cpu_list(text, 8191, 8191)
+                best = min(best, time.perf_counter() - started)
+            return best
+        for wide, narrow in (("0-8191,", "0-1,"), ("0-8191:1/2,", "0-3:1/2,"), ("all,", "N,")):
+            with self.subTest(wide=wide):
+                self.assertLess(cost(wide * 2000) / cost(narrow * 2000), 8)
+
+    def test_a_list_longer_than_the_kernel_takes_is_refused_before_any_work(self):
+        # cpuset.cpus takes at most 100 + 6 * NR_CPUS bytes (kernel/cgroup/cpuset.c)
+        limit = 100 + 6 * 8192
+        longest = "2-5,3," * ((limit - 1) // 6) + "7"
+        longest += " " * (limit - len(longest))
+        self.assertEqual(sorted(parse_cpu_list(longest, 8191, 8191)), [2, 3, 4, 5, 7])
+        for text in (longest + "0", "x" + longest):
+            with self.subTest(length=len(text), start=text[:3]):
+                with self.assertRaises(InputError) as caught:
+                    parse_cpu_list(text, 8191, 8191)
+                self.assertIn("%d characters" % len(text), str(caught.exception))    # not the bad token: no loop ran
+                self.assertIn(str(limit), str(caught.exception))
+        # a command line's worth is always taken, however few CPUs the kernel has
+        self.assertEqual(sorted(parse_cpu_list(("1," * 4096)[:4095], 3, 3)), [1])
+
     def test_brief_cpu_list_is_bounded(self):
         self.assertEqual(plugin.brief_cpu_list([1, 2, 3]), "1-3")
         text = plugin.brief_cpu_list(range(0, 30000, 3))
@@ -226,6 +256,20 @@ class CpuListTests(unittest.TestCase):
             text = format_cpu_list(cpus)
             self.assertEqual(parse_cpu_list(text, 127, 127), cpus)
             self.assertEqual(format_cpu_list(parse_cpu_list(text, 127, 127)), text)
+
+    def test_mask_work_is_linear_in_its_bits(self):
+        # 8 times the bits, about 8 times the work (it was 27: a loop over
+        # the set bits, each step on the whole number)
+        def cost(words):
+            text = ",".join(["ffffffff"] * words)
+            best = float("inf")
+            for _ in range(20):
+                started = time.perf_counter()
+                plugin.parse_cpu_mask(text, 8191)
+                best = min(best, time.perf_counter() - started)
+            return best
+        self.assertEqual(len(plugin.parse_cpu_mask(",".join(["ffffffff"] * 256), 8191)), 8192)
+        self.assertLess(cost(256) / cost(32), 16)
 
     def test_masks(self):
         mask = plugin.parse_cpu_mask
@@ -368,6 +412,13 @@ class HostTests(TempDirTest):
     def test_cpus_the_host_lacks_are_dropped(self):
         inv = self.inventory(cpus="6-9,40")
         self.assertEqual([d.cpu for d in inv.devices], [6, 7])
+        shutil.rmtree(self.tmp)
+        with self.assertLogs(plugin.log, "WARNING") as logged:     # said in a bounded line, whatever was listed
+            inv = self.inventory(cpus="6-8191:1/2", kernel_max=8191)
+        self.assertEqual([d.cpu for d in inv.devices], [6])
+        self.assertIn("lists CPUs 8,10,12,", logged.output[0])
+        self.assertIn("(4092 CPUs) that this host does not have", logged.output[0])
+        self.assertLess(len(logged.output[0]), 400)
 
     def test_sources(self):
         cmdline = "ro isolcpus=nohz,managed_irq,1 isolcpus=domain,4-5 nohz_full=6-7 quiet"
@@ -415,6 +466,24 @@ class HostTests(TempDirTest):
         write_files(self.tmp, {"sys/devices/system/cpu/isolated": "2-4\n"})
         self.assertIn("added 4", inv.scan())
 
+    def test_junk_after_a_nul_is_a_rescan_error_naming_the_file(self):
+        sysfs, procfs = fake_host(self.tmp, isolated="2-3")
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        path = os.path.join(sysfs, "devices/system/cpu/isolated")
+        for junk in (b"\x00\xff\x01abc", b"2-3\x00abc\n"):
+            with open(path, "wb") as f:
+                f.write(junk)
+            with self.assertRaises(InputError) as caught:
+                inv.scan()                          # served: the rescan condition's warning
+            self.assertIn(path, str(caught.exception))
+            self.assertIn("is not a cpu-list", str(caught.exception))
+            self.assertEqual([d.cpu for d in inv.devices], [2, 3])
+        for padded in (b"2-4\n\x00", b"2-4\x00\x00\n", b"2-4\n\x00\n\x00"):
+            with open(path, "wb") as f:
+                f.write(padded)
+            inv.scan()
+            self.assertEqual([d.cpu for d in inv.devices], [2, 3, 4], padded)
+
     def test_rescan_sees_offline_and_back(self):
         sysfs, procfs = fake_host(self.tmp, isolated="2-3")
         inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
@@ -423,6 +492,37 @@ class HostTests(TempDirTest):
         self.assertIn("now unhealthy (offline) 3", inv.scan())
         write_files(self.tmp, {"sys/devices/system/cpu/online": "0-7\n"})
         self.assertIn("healthy again 3", inv.scan())
+
+    def test_cpu_numbers_are_bounded_by_the_most_any_kernel_has(self):
+        # CONFIG_NR_CPUS is at most 8192 on every architecture: a kernel_max
+        # above that is not believed, so no list can ask for more work
+        sysfs, procfs = fake_host(self.tmp, kernel_max=999999)
+        self.assertEqual(plugin.Host(sysfs, procfs).max_cpu, 8191)
+        write_files(self.tmp, {"sys/devices/system/cpu/kernel_max": "4095\n"})
+        self.assertEqual(plugin.Host(sysfs, procfs).max_cpu, 4095)
+
+    def test_a_work_bomb_in_the_isolated_file_is_refused_at_once(self):
+        # 126 KB of 0-8191 took 5.3 s to parse, on every rescan
+        sysfs, procfs = fake_host(self.tmp, isolated="0-8191," * 18000, kernel_max=8191)
+        with self.assertRaises(InputError) as caught:
+            plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        self.assertIn(os.path.join(sysfs, "devices/system/cpu/isolated"), str(caught.exception))
+        self.assertIn("126000 characters", str(caught.exception))
+
+    def test_a_command_line_longer_than_a_kernel_keeps_is_refused(self):
+        # COMMAND_LINE_SIZE is 2-4 KiB by default and bootconfig adds at most
+        # 32 KiB; splitting 1 MiB of parameters held the event loop ~80 ms
+        limit = 64 << 10
+        padding = "quiet " * (limit // 6)
+        sysfs, procfs = fake_host(self.tmp, isolated_file=False, cmdline=("isolcpus=2-3 " + padding)[:limit - 1])
+        self.assertEqual(os.path.getsize(os.path.join(procfs, "cmdline")), limit)
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        self.assertEqual([d.cpu for d in inv.devices], [2, 3])
+        write_files(self.tmp, {"proc/cmdline": "isolcpus=2-3 " + padding * 16})
+        with self.assertRaises(InputError) as caught:
+            inv.reload()
+        self.assertIn(os.path.join(procfs, "cmdline"), str(caught.exception))
+        self.assertIn("larger than 65536 bytes", str(caught.exception))
 
     def test_host_files_are_opened_so_they_cannot_block(self):
         path = os.path.join(self.tmp, "fifo")
@@ -930,6 +1030,21 @@ class CliTests(TempDirTest):
         self.assertEqual(result.returncode, 2, result.stderr)
         self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
         self.assertIn("not a regular file", result.stderr)
+
+    def test_junk_bytes_in_the_isolated_file_are_not_nothing_isolated(self):
+        # Host.read stopped at the first NUL: this read as "nothing isolated", unsaid
+        path = os.path.join(self.sysfs, "devices/system/cpu/isolated")
+        with open(path, "wb") as f:
+            f.write(b"\x00\xff\x01abc")
+        result = self.run_cli(*self.base + ["--list"])
+        self.assertEqual(result.returncode, 2, result.stdout + result.stderr)
+        self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+        self.assertIn(path, result.stderr)
+        self.assertIn("is not a cpu-list", result.stderr)
+        with open(path, "wb") as f:                 # a NUL after the newline, as real dumps have
+            f.write(b"2-3\n\x00")
+        result = self.run_cli(*self.base + ["--list", "--json"])
+        self.assertEqual([d["cpu"] for d in json.loads(result.stdout)["devices"]], [2, 3], result.stderr)
 
     def test_list_table_prints_ranges(self):
         sysfs, procfs = fake_host(os.path.join(self.tmp, "smt4"), sockets=1, cores=2, threads=4, isolated="0-7")
@@ -5300,6 +5415,60 @@ class DoctorUnitTests(unittest.TestCase):
             with self.subTest(bad=bad[:20]):
                 self.assertRaises(ValueError, plugin.cpu_manager_state, bad)
 
+    def test_cpu_manager_state_costs_its_bytes_not_its_cpus(self):
+        # one 50 KB state of 2,000 grants of 0-8191 took 6 s and 1.5 GB: a
+        # set of 8,192 CPUs per grant; as many grants of 0-1 take a few ms
+        facts = plugin.NodeFacts()
+        facts.last_cpu = facts.max_cpu = 8191
+        facts.isolated = frozenset(range(2, 8192))
+        facts.checkpoint_path = "device-plugins/kubelet_internal_checkpoint"
+        facts.checkpoint = plugin.HolderReport({5: (plugin.Holder(None, None, "app", "u7", "checkpoint"),)},
+                                               "checkpoint", ())
+
+        def state(cpus, grants=2000):
+            entries = {"u%d" % i: {"app": cpus} for i in range(grants)}
+            return plugin.FileRead("cpu_manager_state", json.dumps(
+                {"policyName": "static", "defaultCpuSet": "0-1", "entries": entries}), None)
+
+        def cost(cpus):
+            facts.cpu_manager_state = state(cpus)
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                finding = plugin.check_cpu_manager(facts)
+                best = min(best, time.perf_counter() - started)
+            return best, finding
+        wide, finding = cost("0-8191")
+        self.assertEqual(finding.status, "FAIL")
+        self.assertIn("the CPU manager gave isolated CPUs 2-8191 exclusively to pod UID u0 container 'app'",
+                      finding.found)
+        self.assertIn("(+1995 more such grants)", finding.found)
+        self.assertEqual(finding.cpus, "2-8191")
+        narrow, finding = cost("0-1")
+        self.assertEqual(finding.found, "policy static, shared pool 0-1; holders from the kubelet's checkpoint: pod "
+                                        "UID u7 container 'app' holds CPUs 5 of the plugin but its cpuset is 0-1")
+        self.assertLess(wide / narrow, 8)
+
+    def test_many_rcu_nocbs_cost_their_bytes(self):
+        facts = plugin.NodeFacts()
+        facts.last_cpu = facts.max_cpu = 8191
+        facts.isolated = frozenset(range(2, 8192))
+        facts.nohz_full = plugin.FileRead("nohz_full", "", None)
+
+        def cost(value):
+            facts.cmdline = plugin.FileRead("cmdline", "rcu_nocbs=%s " % value * 3000, None)
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                finding = plugin.check_rcu_nocbs(facts)
+                best = min(best, time.perf_counter() - started)
+            return best, finding
+        wide, finding = cost("0-8191")
+        self.assertEqual(finding.status, "PASS", finding)
+        narrow, finding = cost("2-3")
+        self.assertEqual((finding.status, finding.cpus), ("WARN", "4-8191"))
+        self.assertLess(wide / narrow, 8)
+
     def test_interrupt_names_and_quotas(self):
         text = ("           CPU0       CPU1\n  0:         12          0   IO-APIC   2-edge      timer\n"
                 " 24:          0       4096  IR-PCI-MSI 524288-edge      nvme0q1\nNMI:          0          0   "
@@ -5514,6 +5683,90 @@ class DoctorHostTests(TempDirTest):
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertEqual(len(result.stderr.splitlines()), 1, result.stderr)
+
+    def test_junk_bytes_are_said_not_read_as_nothing(self):
+        with open(self.path("sys/devices/system/cpu/isolated"), "wb") as f:
+            f.write(b"\x00\xff\x01abc")
+        with open(self.path("kubelet/cpu_manager_state"), "wb") as f:
+            f.write(b"\x00\xff\x01abc")
+        code, checks = self.doctor()
+        self.assertEqual((code, checks["isolated"]["status"]), (1, "FAIL"))
+        self.assertIn("isolated: '\\x00\xff\\x01abc' is not a cpu-list", checks["isolated"]["found"])
+        self.assertEqual(checks["cpu-manager"]["status"], "SKIP")
+        self.assertIn("cpu_manager_state: '\\x00\ufffd\\x01abc' is not text", checks["cpu-manager"]["found"])
+
+    def holding_pod(self, uid, cpus):
+        """A pod that holds `cpus` through the plugin, as the kubelet's checkpoint says."""
+        self.write({"device-plugins/kubelet_internal_checkpoint": json.dumps({"Data": {"PodDeviceEntries": [
+            {"PodUID": uid, "ContainerName": "app", "ResourceName": "windriver.com/isolcpus",
+             "DeviceIDs": {"0": cpus}}], "RegisteredDevices": {}}, "Checksum": 1})})
+        return "sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice" % (
+            uid.replace("-", "_"))
+
+    def test_a_deep_cgroup_tree_is_walked_without_recursion_and_what_is_skipped_is_said(self):
+        # a tenant with a delegated subtree can nest 1,200 levels: it was
+        # "internal error: RecursionError", exit 1, no report
+        uid = pod_uid("net", "dpdk-fwd-0")
+        self.holding_pod(uid, ["2", "3"])
+        deepest = self.path("sys/fs/cgroup/kubepods.slice")
+        os.mkdir(deepest)
+        for _ in range(1200):                                   # os.makedirs recurses
+            deepest = os.path.join(deepest, "d")
+            os.mkdir(deepest)
+        self.addCleanup(lambda: os.path.isdir(deepest) and os.removedirs(deepest))    # rmtree recurses too
+        code, checks = self.doctor()
+        self.assertEqual(checks["cgroup-isolated"]["status"], "WARN", checks["cgroup-isolated"])
+        self.assertIn("not looked at: 1 directory deeper than 32 levels (e.g. ", checks["cgroup-isolated"]["found"])
+        self.assertEqual(checks["pod-cgroups"]["status"], "WARN", checks["pod-cgroups"])
+        self.assertIn("pod %s: no cgroup found" % uid, checks["pod-cgroups"]["found"])
+        self.assertIn("not looked at: 1 directory deeper than 32 levels (e.g. ", checks["pod-cgroups"]["found"])
+
+    def test_the_walks_stay_in_the_trees_they_were_pointed_at(self):
+        # a container directory linked out of the cgroup tree was read: PASS where it should FAIL
+        uid = pod_uid("net", "dpdk-fwd-0")
+        pod = self.holding_pod(uid, ["2", "3"])
+        self.write({pod + "/cpu.max": "max 100000\n", "elsewhere/scope/cpuset.cpus.effective": "0-15\n",
+                    pod + "/cri-containerd-9b1f.scope/cpuset.cpus.effective": "0-1\n"})
+        os.symlink(self.path("elsewhere/scope"), self.path(pod + "/cri-containerd-0bad.scope"))
+        check = self.doctor()[1]["pod-cgroups"]
+        self.assertEqual(check["status"], "FAIL", check)
+        self.assertIn("no container may run on its CPUs 2-3 (cri-containerd-9b1f.scope: 0-1)", check["found"])
+        self.assertIn("1 symlink, not followed", check["found"])
+        # ... and so was a pod directory linked elsewhere
+        self.remove(pod)
+        os.symlink(self.path("elsewhere"), self.path(pod))
+        check = self.doctor()[1]["pod-cgroups"]
+        self.assertEqual(check["status"], "WARN", check)
+        self.assertIn("pod %s: no cgroup found" % uid, check["found"])
+        self.assertIn("1 symlink, not followed", check["found"])
+
+    def test_the_kubelet_config_is_read_inside_the_kubelets_root(self):
+        # --config=/../outside/... was joined to /proc/PID/root and read from outside it
+        self.write({"outside/config.yaml": "cpuManagerPolicy: static\nreservedSystemCPUs: 0-1\n"})
+        with open(self.path("proc/4242/cmdline"), "wb") as f:
+            f.write(b"/usr/bin/kubelet\0--config=/../outside/config.yaml\0")
+        check = self.doctor()[1]["kubelet-config"]
+        self.assertEqual(check["status"], "SKIP", check)
+        self.assertIn("'/../outside/config.yaml' of the running kubelet (pid 4242) leaves its root", check["found"])
+        # an absolute symlink inside its root means a file inside its root
+        self.remove("host-root/var/lib/kubelet/config.yaml")
+        self.write({"host-root/etc/kubernetes/kubelet.yaml": GOOD_KUBELET_CONFIG})
+        os.symlink("/etc/kubernetes/kubelet.yaml", self.path("host-root/var/lib/kubelet/config.yaml"))
+        os.symlink("../lib/kubelet/config.yaml", self.path("host-root/var/lib/config.yaml"))
+        for config in (b"/var/lib/kubelet/config.yaml", b"/var/lib/config.yaml", b"/var/../var/lib/./config.yaml"):
+            with self.subTest(config=config):
+                with open(self.path("proc/4242/cmdline"), "wb") as f:
+                    f.write(b"/usr/bin/kubelet\0--config=" + config + b"\0")
+                check = self.doctor()[1]["kubelet-config"]
+                self.assertEqual(check["status"], "PASS", check)
+                self.assertIn(self.path("proc/4242/root/etc/kubernetes/kubelet.yaml"), check["files"])
+        # relative: to its working directory, also inside its root
+        os.symlink(self.path("host-root/var/lib/kubelet"), self.path("proc/4242/cwd"))
+        for config, status in ((b"config.yaml", "PASS"), (b"../../../../outside/config.yaml", "SKIP")):
+            with self.subTest(config=config):
+                with open(self.path("proc/4242/cmdline"), "wb") as f:
+                    f.write(b"/usr/bin/kubelet\0--config\0" + config + b"\0")
+                self.assertEqual(self.doctor()[1]["kubelet-config"]["status"], status)
 
     def test_garbage_everywhere_is_never_a_traceback(self):
         garbage = ["\x00\x01", "9" * 5000, "-", "ffff,ffff,zz", "{" * 50000, "isolated invalid"]
