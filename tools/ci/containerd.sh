@@ -165,7 +165,9 @@ launch() {  # containerd in the background, its own session (it outlives this sc
     pid=$!
     # ready = serving gRPC and the CRI plugin past its start (before that, CRI calls
     # fail with "server is not initialized yet")
-    while ! tail -n +"$((lines + 1))" "$dir/containerd.log" | grep -q 'containerd successfully booted'; do
+    # (awk reads the file itself: `tail | grep -q` under pipefail fails when grep stops early)
+    while ! awk -v from="$lines" 'NR > from && /containerd successfully booted/ { found = 1 } END { exit !found }' \
+            "$dir/containerd.log"; do
         kill -0 "$pid" 2>/dev/null || { tail -n 30 "$dir/containerd.log"; fail "containerd exited while starting"; }
         [ $((SECONDS - start)) -lt 30 ] || { tail -n 30 "$dir/containerd.log"; kill -9 "$pid"; fail "containerd not ready in 30 s"; }
         sleep 0.05
@@ -200,7 +202,10 @@ start() {
     image "$dir"
     ctr_ "$dir" images import --platform "linux/$(dpkg --print-architecture)" "$dir/busybox-oci.tar" >"$dir/import.log" 2>&1 \
         || { cat "$dir/import.log"; fail "ctr images import failed"; }
-    ctr_ "$dir" images check | grep -qF "$IMAGE_NAME" || fail "$IMAGE_NAME not in the image store after the import"
+    # into a file, not a pipe: grep -q stops reading at the first match, and with
+    # pipefail ctr's SIGPIPE would fail a check that passed
+    ctr_ "$dir" images check >"$dir/check.log" 2>&1 || { cat "$dir/check.log"; fail "ctr images check failed"; }
+    grep -qF "$IMAGE_NAME" "$dir/check.log" || fail "$IMAGE_NAME not in the image store after the import"
     echo "$(paste -sd, "$CACHE/versions" | sed 's/,/, /g'): containerd with NRI at $dir/nri/nri.sock," \
          "pid $(env_value "$dir" CONTAINERD_PID), ready in $((SECONDS - begin)) s; env in $dir/env"
 }
