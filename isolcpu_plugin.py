@@ -3741,7 +3741,13 @@ def read_node(config):
     facts.checkpoint = find_holders(None, ("PodResources gives no pod UIDs", True), config.device_plugin_path,
                                     config.resource_name)
     uids = {h.pod_uid for holders in (facts.checkpoint.by_cpu or {}).values() for h in holders}
-    facts.pod_cgroups, facts.pod_cgroups_skipped = find_pod_cgroups(facts.cgroup_root, facts.cgroup_v2, uids)
+    facts.pod_cgroups, facts.pod_cgroups_skipped = find_pod_cgroups(facts.cgroup_root, facts.cgroup_v2, uids,
+                                                                     procfs)
+    facts.nri_mode, facts.nri_socket = config.nri, config.nri_socket
+    try:                                           # not connected to: a runtime waits for a plugin that does
+        facts.nri_socket_present = stat.S_ISSOCK(os.stat(config.nri_socket).st_mode)
+    except OSError:
+        facts.nri_socket_present = False
     return facts
 
 
@@ -3947,18 +3953,36 @@ def find_isolated_partitions(root):
     return found, walk.skipped()
 
 
-# A pod's cgroups: its directory, [(container dir, effective cpuset FileRead)],
-# and its CPU quota as FileReads (v2: cpu.max; v1: cfs quota and period).
+# A pod's cgroups: its directory, [ContainerCgroup], and its CPU quota as
+# FileReads (v2: cpu.max; v1: cfs quota and period).
 PodCgroup = collections.namedtuple("PodCgroup", "path containers quota")
+# A container's cgroup: its directory, its effective cpuset (a FileRead), and
+# what runs in it: "tasks" (a process may run on that cpuset), "sandbox" (only
+# the pod's pause process), "none" (exited), or None (unreadable).
+ContainerCgroup = collections.namedtuple("ContainerCgroup", "path cpus runs")
+_POD_CGROUP = re.compile(r"(?:^|-)pod([0-9a-fA-F]{8}(?:[-_][0-9a-fA-F]{4}){3}[-_][0-9a-fA-F]{12})(?:\.slice)?\Z")
+MAX_TASKS_LOOKED_AT = 16          # processes of a container whose names are read (pause or not)
 
 
-def find_pod_cgroups(root, v2, uids):
-    """({pod uid: PodCgroup} for the pods `uids` under the kubepods hierarchy:
-    systemd naming (kubepods-burstable-pod<uid with _>.slice) or cgroupfs
-    (pod<uid>), containerd, CRI-O or docker scopes below; what the walk did
-    not look at)."""
-    if not uids:
-        return {}, ""
+def what_runs(directory, procfs):
+    """ContainerCgroup.runs of a container's cgroup directory."""
+    read = read_file(os.path.join(directory, "cgroup.procs"), follow_symlinks=False)
+    if read.text is None:
+        return None
+    pids = read.text.split()
+    if not pids:
+        return "none"
+    for pid in pids[:MAX_TASKS_LOOKED_AT]:
+        if not pid.isdigit() or read_file(os.path.join(procfs, pid, "comm")).text != "pause":
+            return "tasks"
+    return "sandbox" if len(pids) <= MAX_TASKS_LOOKED_AT else "tasks"
+
+
+def find_pod_cgroups(root, v2, uids, procfs):
+    """({pod uid: PodCgroup} for the pods under the kubepods hierarchy, `uids`
+    (any names) and every pod with a UUID: systemd naming
+    (kubepods-burstable-pod<uid with _>.slice) or cgroupfs (pod<uid>),
+    containerd, CRI-O or docker scopes below; what the walk did not look at)."""
     cpuset_root = root if v2 else os.path.join(root, "cpuset")
     names = {}
     for uid in uids:
@@ -3967,12 +3991,13 @@ def find_pod_cgroups(root, v2, uids):
     found, walk = {}, CgroupWalk(cpuset_root)
     for top in sorted(n for n in list_dir(cpuset_root) if n.startswith("kubepods")):
         for directory, subdirs, _ in walk.walk(top):
-            if len(found) == len(uids):
-                break
             for sub in list(subdirs):
                 uid = names.get(sub) or next((u for n, u in names.items() if sub.endswith("-" + n)), None)
                 if uid is None:
-                    continue
+                    match = _POD_CGROUP.search(sub)
+                    if match is None:
+                        continue
+                    uid = match.group(1).replace("_", "-")
                 subdirs.remove(sub)                  # a pod's containers are not pods
                 pod_dir = os.path.join(directory, sub)
                 containers = []
@@ -3983,7 +4008,7 @@ def find_pod_cgroups(root, v2, uids):
                         read = read_file(os.path.join(child_dir, "cpuset.effective_cpus"), follow_symlinks=False)
                         if read.text is None:
                             read = read_file(os.path.join(child_dir, "cpuset.cpus"), follow_symlinks=False)
-                    containers.append((child_dir, read))
+                    containers.append(ContainerCgroup(child_dir, read, what_runs(child_dir, procfs)))
                 if v2:
                     quota = (read_file(os.path.join(pod_dir, "cpu.max"), follow_symlinks=False),)
                 else:
@@ -4343,9 +4368,14 @@ def check_irq_affinity(facts):
 
 CPU_MANAGER_LAYOUT = ("under the static policy: put the isolated CPUs in reservedSystemCPUs (the CPU manager "
                       "then never grants them exclusively, and they stay in the shared pool); do not enable "
-                      "the strict-cpu-reservation option (it removes reserved CPUs from the shared pool); give "
-                      "pods that request isolated CPUs a Burstable QoS (a Guaranteed pod with integer CPUs gets "
-                      "only its exclusive CPUs)")
+                      "the strict-cpu-reservation option (it removes reserved CPUs from the shared pool); run the "
+                      "plugin with --nri auto on a runtime with NRI, which adds a holder's isolated CPUs to its "
+                      "cpuset (Guaranteed pods are then fine); without NRI, give pods that request isolated CPUs "
+                      "a Burstable QoS (a Guaranteed pod with integer CPUs gets only its exclusive CPUs)")
+NRI_ADVICE = ("run the plugin with --nri auto (or on) on a runtime with NRI: containerd 1.7 with "
+              "[plugins.\"io.containerd.nri.v1.nri\"] disable = false, containerd 2.x or CRI-O 1.30+ by default; "
+              "it keeps every container but a CPU's holder off the isolated CPUs; no other NRI plugin that sets "
+              "cpusets may run beside it")
 
 
 def _holders_by_uid(facts):
@@ -4397,12 +4427,13 @@ def check_cpu_manager(facts):
         hit |= bits
     if len(tenants) > 5:
         problems.append("(+%d more such grants)" % (len(tenants) - 5))
-    # containers holding CPUs of ours whose cpuset lacks them
+    # containers holding CPUs of ours whose cpuset lacks them (not where their pod's
+    # cgroups show the CPUs: the plugin's NRI mode adds them to what the kubelet gave)
     if holders is not None and not old:
         lacking = {}
         for cpu, keys in holders.items():
             for key in keys:
-                if not grant_bits.get(key, default) >> cpu & 1:
+                if not grant_bits.get(key, default) >> cpu & 1 and cpu not in _cpus_in_pod_cgroups(facts, key[0]):
                     lacking.setdefault(key, set()).add(cpu)
         for key, cpus in sorted(lacking.items(), key=lambda item: min(item[1]))[:5]:
             problems.append("%s holds CPUs %s of the plugin but its cpuset is %s" % (
@@ -4420,6 +4451,114 @@ def check_cpu_manager(facts):
                else "the holders' cpusets could not be checked")
     return Finding("cpu-manager", PASS, "%s; no isolated CPU is granted exclusively; %s" % (found, checked), "",
                    files, "")
+
+
+def _cpus_in_pod_cgroups(facts, uid):
+    """The CPUs some container of the pod may run on, by its cgroups."""
+    cgroup = facts.pod_cgroups.get(uid)
+    cpus = set()
+    for container in (cgroup.containers if cgroup else ()):
+        if container.cpus.text is not None and container.runs != "sandbox":
+            cpus |= _cpus(container.cpus.text, facts) or set()
+    return cpus
+
+
+def rule_breakers(facts):
+    """([(pod uid, container dir, held CPUs it may run on, holder pods)],
+    [(pod uid, container dir, free isolated CPUs it may run on)]) of the
+    running containers by their cgroups; None when the holders are unknown.
+    Judged per pod: cgroups name containers by runtime ID, not by name."""
+    holders = _holders_by_uid(facts)
+    if holders is None:
+        return None
+    held_by = collections.defaultdict(set)          # isolated CPU -> pod UIDs holding it
+    for cpu, keys in holders.items():
+        if cpu in facts.isolated:
+            held_by[cpu] |= {uid for uid, _ in keys}
+    held = bits_of_cpus(held_by)
+    free = bits_of_cpus(facts.isolated) & ~held
+    intruders, sharers = [], []
+    for uid, pod in sorted(facts.pod_cgroups.items()):
+        for container in pod.containers:
+            if container.runs != "tasks" or container.cpus.text is None:
+                continue
+            bits = _bits(container.cpus.text, facts) or 0
+            foreign = [cpu for cpu in cpus_of_bits(bits & held) if uid not in held_by[cpu]]
+            if foreign:
+                intruders.append((uid, container.path, foreign, sorted(set().union(*(held_by[c] for c in foreign)))))
+            if bits & free:
+                sharers.append((uid, container.path, cpus_of_bits(bits & free)))
+    return intruders, sharers
+
+
+def check_exclusive(facts):
+    files = [os.path.join(facts.cgroup_root, "kubepods...", "cpuset.cpus.effective"),
+             os.path.join(facts.cgroup_root, "kubepods...", "cgroup.procs"), facts.checkpoint_path]
+    if not facts.isolated:
+        return _nothing_isolated("exclusive", facts)
+    running = sum(1 for pod in facts.pod_cgroups.values() for c in pod.containers if c.runs == "tasks")
+    if not running:
+        return Finding("exclusive", SKIP, "no running container found under %s/kubepods%s" % (
+            facts.cgroup_root, "; " + facts.pod_cgroups_skipped if facts.pod_cgroups_skipped else ""), "", files, "")
+    found = rule_breakers(facts)
+    if found is None:
+        return Finding("exclusive", SKIP, "who holds the isolated CPUs is unknown (%s)" % holders_note(facts.checkpoint),
+                       "", files, "")
+    intruders, sharers = found
+    tail = "; " + facts.pod_cgroups_skipped if facts.pod_cgroups_skipped else ""
+
+    def shown(items, text):
+        parts = [text(item) for item in items[:4]]
+        return ", ".join(parts) + (" (+%d more)" % (len(items) - 4) if len(items) > 4 else "")
+    if intruders:
+        hit = set().union(*(set(cpus) for _, _, cpus, _ in intruders))
+        return Finding("exclusive", FAIL, "%d containers may run on isolated CPUs other pods hold: %s%s" % (
+            len(intruders), shown(intruders, lambda i: "pod %s %s on %s (held by pod %s)" % (
+                i[0], os.path.basename(i[1]), _brief(i[2]), ", ".join(i[3][:2]))), tail),
+            NRI_ADVICE, files, format_cpu_list(hit))
+    if sharers:
+        hit = set().union(*(set(cpus) for _, _, cpus in sharers))
+        return Finding("exclusive", WARN, "%d containers may run on isolated CPUs nobody holds yet (%s): the pod "
+                       "given them next shares them: %s%s" % (len(sharers), _brief(hit), shown(
+                           sharers, lambda i: "pod %s %s" % (i[0], os.path.basename(i[1]))), tail),
+                       NRI_ADVICE, files, format_cpu_list(hit))
+    return Finding("exclusive", PASS, "of %d running containers, only the holders may run on isolated CPUs%s"
+                   % (running, tail), "", files, "")
+
+
+def check_nri(facts):
+    files = [facts.nri_socket]
+    found = rule_breakers(facts) if facts.isolated else None
+    lacking = [uid for uid, cpus in _pods_holding(facts).items()
+               if uid in facts.pod_cgroups and not cpus <= _cpus_in_pod_cgroups(facts, uid)]
+    fixes = []
+    if found and found[0]:
+        fixes.append("exclusive (%d containers on CPUs others hold)" % len(found[0]))
+    if lacking:
+        fixes.append("pod-cgroups (%d holders without their CPUs)" % len(lacking))
+    would = "; with it the plugin would turn green: %s" % ", ".join(fixes) if fixes else ""
+    if facts.nri_socket_present:
+        if fixes:
+            return Finding("nri", WARN, "the runtime's NRI socket %s is there, but containers break the plugin's rule "
+                           "(is the plugin running with --nri auto or on, or another NRI plugin setting cpusets?)%s"
+                           % (facts.nri_socket, would), NRI_ADVICE, files, "")
+        return Finding("nri", PASS, "the runtime's NRI socket %s is there (--nri %s)" % (facts.nri_socket,
+                                                                                          facts.nri_mode), "", files, "")
+    text = "no runtime NRI socket at %s%s" % (facts.nri_socket, would)
+    if facts.nri_mode == "on":
+        return Finding("nri", FAIL, text + " (--nri on)", NRI_ADVICE, files, "")
+    if fixes:
+        return Finding("nri", WARN, text, NRI_ADVICE, files, "")
+    return Finding("nri", SKIP, text + "; nothing here needs it now", "", files, "")
+
+
+def _pods_holding(facts):
+    """{pod uid: the CPUs it holds} from the checkpoint ({} when unknown)."""
+    pods = {}
+    for cpu, keys in (_holders_by_uid(facts) or {}).items():
+        for uid, _ in keys:
+            pods.setdefault(uid, set()).add(cpu)
+    return pods
 
 
 def check_kubelet_config(facts):
@@ -4599,14 +4738,10 @@ def cpu_quota(reads):
 
 def check_pod_cgroups(facts):
     files = [os.path.join(facts.cgroup_root, "kubepods...", "cpuset.cpus.effective"), facts.checkpoint_path]
-    holders = _holders_by_uid(facts)
-    if holders is None:
+    if _holders_by_uid(facts) is None:
         return Finding("pod-cgroups", SKIP, "the pods holding CPUs are unknown by UID (%s)"
                        % holders_note(facts.checkpoint), "", files, "")
-    pods = {}
-    for cpu, keys in holders.items():
-        for uid, _ in keys:
-            pods.setdefault(uid, set()).add(cpu)
+    pods = _pods_holding(facts)
     if not pods:
         return Finding("pod-cgroups", SKIP, "no pod holds CPUs of the plugin", "", files, "")
     fails, warns, hit = [], [], set()
@@ -4615,7 +4750,8 @@ def check_pod_cgroups(facts):
         if cgroup is None:
             warns.append("pod %s: no cgroup found (ended?)" % uid)
             continue
-        effective = [(path, _cpus(read.text, facts)) for path, read in cgroup.containers if read.text is not None]
+        effective = [(c.path, _cpus(c.cpus.text, facts)) for c in cgroup.containers
+                     if c.cpus.text is not None and c.runs != "sandbox"]
         if not any(cpuset is not None and cpus <= cpuset for _, cpuset in effective):
             fails.append("pod %s: no container may run on its CPUs %s (%s)" % (
                 uid, _brief(cpus), ", ".join("%s: %s" % (os.path.basename(path), _brief(c) if c is not None else "?")
@@ -4673,7 +4809,7 @@ def check_housekeeping_masks(facts):
 
 CHECKS = (check_isolated, check_isolcpus_flags, check_smt_siblings, check_nohz_full, check_rcu_nocbs,
           check_irq_affinity, check_cpu_manager, check_kubelet_config, check_cgroup_isolated, check_housekeeping,
-          check_plugin, check_pod_cgroups, check_housekeeping_masks)
+          check_plugin, check_pod_cgroups, check_housekeeping_masks, check_exclusive, check_nri)
 
 
 def audit(facts):

@@ -5324,8 +5324,13 @@ def fake_node(root, cmdline=GOOD_CMDLINE, kubelet_config=GOOD_KUBELET_CONFIG, cp
     """A well-configured node where every host check of --doctor passes: two
     sockets x 4 cores x 2 threads (core c: CPUs c and c+8), CPUs 2-7,10-15
     isolated as whole cores, 0-1,8-9 for housekeeping; IRQs, workqueues and a
-    kubelet (pid 4242) on housekeeping CPUs; cgroup v2; the kubelet dir with
-    cpu_manager_state and config.yaml. Returns the doctor's path flags."""
+    kubelet (pid 4242) on housekeeping CPUs; cgroup v2, with one running
+    container (a shell, pid 5001) on housekeeping CPUs; the kubelet dir with
+    cpu_manager_state and config.yaml, a device checkpoint with no holders,
+    the runtime's NRI socket. Returns the doctor's path flags."""
+    web = pod_uid("shop", "web-0")
+    web_cgroup = "sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod%s.slice/" % (
+        web.replace("-", "_"))
     sysfs, procfs = fake_host(root, sockets=2, cores=4, isolated="2-7,10-15", cmdline=cmdline, extra={
         "sys/devices/system/cpu/nohz_full": "2-7,10-15\n",
         "sys/devices/virtual/workqueue/cpumask": "0303\n",
@@ -5346,12 +5351,23 @@ def fake_node(root, cmdline=GOOD_CMDLINE, kubelet_config=GOOD_KUBELET_CONFIG, cp
         "host-root/var/lib/kubelet/config.yaml": kubelet_config,
         "kubelet/cpu_manager_state": cpu_manager_state or json.dumps(
             {"policyName": "static", "defaultCpuSet": "0-15", "checksum": 1}),
+        web_cgroup + "cri-containerd-4e1a.scope/cpuset.cpus.effective": "0-1,8-9\n",
+        web_cgroup + "cri-containerd-4e1a.scope/cgroup.procs": "5001\n",
+        "proc/5001/comm": "sh\n",
+        "device-plugins/kubelet_internal_checkpoint": json.dumps(
+            {"Data": {"PodDeviceEntries": [], "RegisteredDevices": {}}, "Checksum": 0}),
     })
+    nri_socket = os.path.join(root, "run", "nri", "nri.sock")
+    os.makedirs(os.path.dirname(nri_socket))
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(nri_socket)                        # the file stays: the doctor only looks at it
+    listener.close()
     with open(os.path.join(procfs, "4242", "cmdline"), "wb") as f:
         f.write(b"/usr/bin/kubelet\0--config=/var/lib/kubelet/config.yaml\0--v=2\0")
     os.symlink(os.path.join(root, "host-root"), os.path.join(procfs, "4242", "root"))
     return ["--sysfs", sysfs, "--procfs", procfs, "--kubelet-dir", os.path.join(root, "kubelet"),
-            "--device-plugin-path", os.path.join(root, "device-plugins"), "--pod-resources-socket", "off"]
+            "--device-plugin-path", os.path.join(root, "device-plugins"), "--pod-resources-socket", "off",
+            "--nri-socket", nri_socket]
 
 
 def run_doctor(flags, *extra):
@@ -5366,7 +5382,7 @@ def run_doctor(flags, *extra):
 
 DOCTOR_CHECKS = ["isolated", "isolcpus-flags", "smt-siblings", "nohz-full", "rcu-nocbs", "irq-affinity",
                  "cpu-manager", "kubelet-config", "cgroup-isolated", "housekeeping", "plugin", "pod-cgroups",
-                 "housekeeping-masks"]
+                 "housekeeping-masks", "exclusive", "nri"]
 
 
 class DoctorUnitTests(unittest.TestCase):
@@ -5424,6 +5440,7 @@ class DoctorUnitTests(unittest.TestCase):
         facts.checkpoint_path = "device-plugins/kubelet_internal_checkpoint"
         facts.checkpoint = plugin.HolderReport({5: (plugin.Holder(None, None, "app", "u7", "checkpoint"),)},
                                                "checkpoint", ())
+        facts.pod_cgroups = {}
 
         def state(cpus, grants=2000):
             entries = {"u%d" % i: {"app": cpus} for i in range(grants)}
@@ -5529,7 +5546,7 @@ class DoctorHostTests(TempDirTest):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
         self.assertEqual(result.returncode, 0, result.stderr)
         lines = result.stdout.splitlines()
-        self.assertRegex(lines[0], r"^isolcpu-plugin doctor: 11 PASS, 2 SKIP; holders ")
+        self.assertRegex(lines[0], r"^isolcpu-plugin doctor: 13 PASS, 2 SKIP; holders ")
         rows = [line.split()[:2] for line in lines[1:] if not line.startswith(" ")]
         self.assertEqual([row[1] for row in rows], DOCTOR_CHECKS)
         self.assertTrue(all(line.startswith(("PASS", "WARN", "FAIL", "SKIP", "      ")) for line in lines[1:]))
@@ -5703,12 +5720,88 @@ class DoctorHostTests(TempDirTest):
         return "sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod%s.slice" % (
             uid.replace("-", "_"))
 
+    def container_cgroup(self, uid, name, cpus, comm="sh", pid=None, v2=True, qos="burstable"):
+        """A container's cgroup of pod `uid` with a process `comm` in it (v2:
+        systemd naming; v1: cgroupfs); its directory."""
+        pid = pid or 5100 + len(os.listdir(self.path("proc")))
+        if v2:
+            directory = "sys/fs/cgroup/kubepods.slice/kubepods-%s.slice/kubepods-%s-pod%s.slice/%s" % (
+                qos, qos, uid.replace("-", "_"), "cri-containerd-%s.scope" % name)
+            files = {directory + "/cpuset.cpus.effective": cpus + "\n"}
+        else:
+            directory = "sys/fs/cgroup/cpuset/kubepods/%s/pod%s/%s" % (qos, uid, name)
+            files = {directory + "/cpuset.cpus": cpus + "\n"}
+        files.update({directory + "/cgroup.procs": "%d\n" % pid if comm else "", "proc/%d/comm" % pid: "%s\n" % comm})
+        self.write(files)
+        return directory
+
+    def test_exclusive_and_nri_on_cgroup_v2_and_v1(self):
+        holder, other = pod_uid("net", "dpdk-fwd-0"), pod_uid("shop", "web-0")
+        self.holding_pod(holder, ["2", "3"])
+        for v2 in (True, False):
+            with self.subTest(cgroup_v2=v2):
+                if not v2:
+                    self.remove("sys/fs/cgroup")
+                    self.write({"sys/fs/cgroup/cpuset/cpuset.cpus": "0-15\n"})
+                # as the plugin's NRI mode leaves them: the holder on its CPUs, the others off all isolated ones
+                self.container_cgroup(holder, "9b1f", "0-1,2-3", v2=v2, qos="pod" if v2 else "guaranteed")
+                self.container_cgroup(holder, "pause", "0-15", comm="pause", v2=v2, qos="pod" if v2 else "guaranteed")
+                web = self.container_cgroup(other, "4e1a", "0-1,8-9", v2=v2, qos="besteffort")
+                self.container_cgroup(other, "exited", "0-15", comm=None, v2=v2, qos="besteffort")
+                code, checks = self.doctor()
+                self.assertEqual(checks["exclusive"]["status"], "PASS", checks["exclusive"])
+                self.assertIn("only the holders may run on isolated CPUs", checks["exclusive"]["found"])
+                self.assertEqual(checks["nri"]["status"], "PASS", checks["nri"])
+                self.assertEqual(checks["pod-cgroups"]["status"], "PASS", checks["pod-cgroups"])
+                # another pod's container may run on the holder's CPU 3 and on free ones
+                self.write({web + ("/cpuset.cpus.effective" if v2 else "/cpuset.cpus"): "0-1,3-4\n"})
+                code, checks = self.doctor()
+                check = checks["exclusive"]
+                self.assertEqual((code, check["status"], check["cpus"]), (1, "FAIL", "3"), check)
+                self.assertIn("pod %s cri-containerd-4e1a.scope on 3 (held by pod %s)" % (other, holder)
+                              if v2 else "pod %s 4e1a on 3 (held by pod %s)" % (other, holder), check["found"])
+                self.assertIn("--nri auto", check["advice"])
+                self.assertEqual(checks["nri"]["status"], "WARN", checks["nri"])
+                self.assertIn("exclusive (1 containers on CPUs others hold)", checks["nri"]["found"])
+                self.write({web + ("/cpuset.cpus.effective" if v2 else "/cpuset.cpus"): "0-1,4\n"})
+                check = self.doctor()[1]["exclusive"]
+                self.assertEqual((check["status"], check["cpus"]), ("WARN", "4"), check)
+                self.assertIn("nobody holds yet", check["found"])
+                # no NRI socket: what it would turn green, and a FAIL under --nri on
+                self.write({web + ("/cpuset.cpus.effective" if v2 else "/cpuset.cpus"): "0-1,3\n"})
+                nri_socket = self.flags[self.flags.index("--nri-socket") + 1]
+                os.rename(nri_socket, nri_socket + ".gone")
+                checks = self.doctor()[1]
+                self.assertEqual(checks["nri"]["status"], "WARN", checks["nri"])
+                self.assertIn("no runtime NRI socket at", checks["nri"]["found"])
+                self.assertIn("would turn green: exclusive", checks["nri"]["found"])
+                self.assertEqual(self.doctor("--nri", "on")[1]["nri"]["status"], "FAIL")
+                os.rename(nri_socket + ".gone", nri_socket)
+
+    def test_a_guaranteed_holder_whose_cgroup_has_its_cpus_passes(self):
+        holder = pod_uid("net", "dpdk-fwd-0")
+        self.holding_pod(holder, ["2", "3"])
+        # the kubelet's record: exclusive CPUs 0-1 (not 2-3); the cgroup, as NRI left it: 0-3
+        self.write({"kubelet/cpu_manager_state": json.dumps({"policyName": "static", "defaultCpuSet": "4-15",
+                                                             "entries": {holder: {"app": "0-1"}}, "checksum": 1})})
+        self.container_cgroup(holder, "9b1f", "0-3", qos="pod")
+        checks = self.doctor()[1]
+        self.assertEqual(checks["cpu-manager"]["status"], "PASS", checks["cpu-manager"])
+        self.assertEqual(checks["pod-cgroups"]["status"], "PASS", checks["pod-cgroups"])
+        self.write({self.container_cgroup(holder, "9b1f", "0-1", qos="pod") + "/x": ""})     # without NRI
+        checks = self.doctor()[1]
+        self.assertEqual(checks["cpu-manager"]["status"], "FAIL", checks["cpu-manager"])
+        self.assertIn("holds CPUs 2-3 of the plugin but its cpuset is 0-1", checks["cpu-manager"]["found"])
+        self.assertIn("--nri auto", checks["cpu-manager"]["advice"])
+        self.assertEqual(checks["nri"]["status"], "WARN", checks["nri"])
+        self.assertIn("pod-cgroups (1 holders without their CPUs)", checks["nri"]["found"])
+
     def test_a_deep_cgroup_tree_is_walked_without_recursion_and_what_is_skipped_is_said(self):
         # a tenant with a delegated subtree can nest 1,200 levels: it was
         # "internal error: RecursionError", exit 1, no report
         uid = pod_uid("net", "dpdk-fwd-0")
         self.holding_pod(uid, ["2", "3"])
-        deepest = self.path("sys/fs/cgroup/kubepods.slice")
+        deepest = self.path("sys/fs/cgroup/kubepods.slice/tenant.slice")
         os.mkdir(deepest)
         for _ in range(1200):                                   # os.makedirs recurses
             deepest = os.path.join(deepest, "d")
