@@ -976,6 +976,24 @@ def checkpoint_holders(text, resource_name):
     return by_cpu
 
 
+def name_the_running(by_cpu, running):
+    """Holders marked init_or_app resolved by what runs ({(pod UID,
+    container)}, as the runtime says): of a pod whose containers named for a
+    CPU include running ones, those are its holders; the others (an init
+    container that finished) are not."""
+    resolved = {}
+    for cpu, holders in by_cpu.items():
+        runs = {h.pod_uid for h in holders if h.init_or_app and (h.pod_uid, h.container) in running}
+        kept = []
+        for holder in holders:
+            if not (holder.init_or_app and holder.pod_uid in runs):
+                kept.append(holder)
+            elif (holder.pod_uid, holder.container) in running:
+                kept.append(holder._replace(init_or_app=False))
+        resolved[cpu] = tuple(kept)
+    return resolved
+
+
 def checkpoint_grants(text, resource_name):
     """{(pod UID, container name): frozenset of CPUs} of `resource_name` in
     the kubelet's device-manager checkpoint: what each container holds, as
@@ -2469,6 +2487,10 @@ class Plugin(object):
                 failure = (str(e), False)
         report = await self.off_loop(holder_report, self.api, self.pod_resources, answer, failure,
                                      self.config.device_plugin_path, self.config.resource_name)
+        if report.source == "checkpoint" and self.nri is not None and self.nri.connected:
+            # the checkpoint cannot tell an init container from the app that reuses its CPUs: the runtime can
+            report = report._replace(by_cpu=await self.off_loop(name_the_running, report.by_cpu,
+                                                                self.nri.running_names()))
         failed = {source: (why, normal) for source, why, normal in report.failures}
         for source, text in HOLDER_SOURCES.items():
             if source in failed:

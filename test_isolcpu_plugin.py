@@ -4701,6 +4701,14 @@ class WorkBoundUnitTests(unittest.TestCase):
         self.assertEqual([plugin.holder_name(h) for h in holders[7]], ["uid-a/app"])
         self.assertEqual([plugin.holder_record(h)["init_or_app"] for h in holders[6]], [True, True, False])
 
+    def test_the_runtime_tells_which_of_init_and_app_runs(self):
+        setup, app, other = (plugin.Holder(None, None, name, uid, "checkpoint", mark)
+                             for name, uid, mark in (("setup", "u1", True), ("app", "u1", True), ("x", "u2", False)))
+        resolved = plugin.name_the_running({6: (setup, app, other), 7: (app,)}, {("u1", "app"), ("u2", "x")})
+        self.assertEqual([plugin.holder_name(h) for h in resolved[6]], ["u1/app", "u2/x"])
+        self.assertEqual([plugin.holder_name(h) for h in resolved[7]], ["u1/app"])
+        self.assertEqual(plugin.name_the_running({6: (setup, app)}, set()), {6: (setup, app)})   # nobody runs: both
+
     def test_metrics_name_only_served_cpus(self):
         holders = {cpu: (plugin.Holder("ns", "p-%d" % cpu, "c", None, "pod-resources"),) for cpu in range(100000)}
         devices = plugin.build_devices([2, 3], {2, 3}, {})
@@ -5290,6 +5298,20 @@ class NriTests(NriRig):
         while "nri_connected{resource=\"windriver.com/isolcpus\"} 0" not in http_get(port, "/metrics")[1]:
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.1)
+
+    def test_with_nri_the_checkpoint_names_the_container_that_runs(self):
+        self.holdings = {(self.holder["uid"], "setup"): ["6"], (self.holder["uid"], "fwd"): ["6", "7"]}
+        self.write_checkpoint()
+        setup = nri_container(self.holder, "setup", cpus="0,4", env=["ISOLCPUS=6"], state=NRI_CONTAINER_STOPPED)
+        self.runtime.pods = collections.OrderedDict([(self.holder["id"], self.holder)])
+        self.runtime.containers = collections.OrderedDict((c["id"], c) for c in (setup, self.fwd()))
+        process = self.connected_plugin()
+        write_files(self.host, {"sys/devices/system/cpu/online": "0-5,7\n"})      # CPU 6 goes offline
+        process.wait_log("CPUs 6 are offline or no longer isolated but allocated")
+        line = [l for l in process.log().splitlines() if "CPUs 6 are offline" in l][0]
+        self.assertIn("6 to '%s/fwd'" % self.holder["uid"], line)
+        self.assertNotIn("setup", line)
+        self.assertNotIn("init or app", line)
 
     def test_bad_nri_flags_are_one_line(self):
         for flags, why in ((["--nri", "yes"], "expected one of off, auto, on"),
