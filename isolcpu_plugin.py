@@ -3146,36 +3146,49 @@ class NriConnection(object):
 
 class KubeletFile(object):
     """A file of the kubelet's, read and parsed again only when its
-    identity, size or modification time changed: cheap to consult on a
-    runtime request, where the kubelet may just have written it. Read within
-    read_host_file()'s bounds (regular file, non-blocking, `limit` bytes)."""
+    identity, size or modification time changed: a stat() to consult on a
+    runtime request, where the kubelet may just have written it. read() is
+    the reading, within read_host_file()'s bounds (regular file,
+    non-blocking, `limit` bytes), for the caller to run off the event loop;
+    `state` changes in one assignment, so the loop reads a whole one."""
 
     def __init__(self, path, limit, parse):
         self.path, self.limit, self.parse = path, limit, parse
-        self.key = ()                   # the stat it was read at; () before the first read
-        self.value = self.why = None
+        self.state = ((), None, "not read yet")    # (the stat it was read at, parsed value, why there is none)
 
-    def read(self):
-        """(parsed value, None), or (None, why it cannot be had)."""
+    def stat_key(self):
         try:
             st = os.stat(self.path)
-            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         except OSError as e:
-            key = e.errno
-        if key == self.key:
-            return self.value, self.why
-        self.key, self.value, self.why = key, None, None
+            return e.errno
+
+    def stale(self):
+        return self.stat_key() != self.state[0]
+
+    @property
+    def current(self):
+        """(parsed value, None), or (None, why it cannot be had), as last read."""
+        return self.state[1:]
+
+    def read(self):
+        """Read and parse it again if it changed; `current` after."""
+        key = self.stat_key()
+        if key == self.state[0]:
+            return self.current
+        value, why = None, None
         try:
             data = read_host_file(self.path, self.limit)
             if data is None:
-                self.why = "%s is absent" % self.path
+                why = "%s is absent" % self.path
             else:
-                self.value = self.parse(data)
+                value = self.parse(data)
         except InputError as e:
-            self.why = str(e)
+            why = str(e)
         except ValueError as e:
-            self.why = "%s: %s" % (self.path, e)
-        return self.value, self.why
+            why = "%s: %s" % (self.path, e)
+        self.state = (key, value, why)
+        return value, why
 
 
 # The kubelet's CPU manager record, as the rule reads it: its policy, the
@@ -3270,6 +3283,7 @@ class NriSession(object):
         self.socket_wakeup = asyncio.Event()
         self.watch = None
         self.stopping = False
+        self.reconsidering = set()      # spawn_reconsider()'s tasks
 
     @property
     def connected(self):
@@ -3339,6 +3353,8 @@ class NriSession(object):
         self.socket_wakeup.set()
         if self.connection is not None:
             self.connection.close("the plugin stopped")
+        for task in list(self.reconsidering):
+            task.cancel()
 
     def say_absent(self):
         """No socket: said once at info under --nri auto (the runtime may
@@ -3393,6 +3409,7 @@ class NriSession(object):
                 request = parse(payload)
         except (self.api.DecodeError, RecursionError) as e:
             raise ProtocolError("%s that does not parse (%s)" % (request_type, quote(one_line(e), 80)))
+        await self.read_kubelet_files()
         response = answer(self, request)
         if asyncio.iscoroutine(response):
             response = await response
@@ -3413,7 +3430,7 @@ class NriSession(object):
             return pb.SynchronizeResponse(more=True)
         chunks, self.sync_chunks = self.sync_chunks, []
         pods = {pod.id: pod for chunk in chunks for pod in chunk.pods}
-        record, _ = self.read_cpu_record()
+        record, _ = self.cpu_record_now()
         updates, holders, seen = [], 0, 0
         for chunk in chunks:
             for message in chunk.containers:
@@ -3501,8 +3518,15 @@ class NriSession(object):
         except InputError:
             return None
 
-    def read_cpu_record(self):
-        record, why = self.cpu_record.read()
+    async def read_kubelet_files(self):
+        """The checkpoint and the CPU manager record as they are now: read
+        again, off the event loop (each may be megabytes), where they changed."""
+        for record in (self.checkpoint, self.cpu_record):
+            if record.stale():
+                await self.off_loop(record.read)
+
+    def cpu_record_now(self):
+        record, why = self.cpu_record.current
         if record is None:
             self.conditions.report("nri-cpu-record", "NRI: the kubelet's CPU manager record cannot be read (%s): "
                                    "cpusets are judged by what containers have, and CPUs that leave the isolated "
@@ -3525,7 +3549,7 @@ class NriSession(object):
         what the kubelet's record says it wants: another NRI plugin changed
         it before us, and only one may set a container's CPUs."""
         container.kubelet = container.cpuset = kubelet
-        record, _ = self.read_cpu_record()
+        record, _ = self.cpu_record_now()
         if record is not None:
             wanted, _ = kubelet_wants(record, container.pod_uid, container.name, container.id)
             if wanted != kubelet:
@@ -3542,7 +3566,7 @@ class NriSession(object):
         online = self.inventory.online
         held = frozenset()
         if container.claims:
-            grants, why = self.checkpoint.read()
+            grants, why = self.checkpoint.current
             if grants is None:
                 self.conditions.report("nri-checkpoint", "NRI: containers that claim isolated CPUs are left as the "
                                        "kubelet set them: the kubelet's checkpoint cannot be read (%s)" % why)
@@ -3591,7 +3615,7 @@ class NriSession(object):
         UpdateContainers, which runs beside the runtime's requests."""
         if not self.connected:
             return
-        record, _ = self.read_cpu_record()
+        record, _ = self.cpu_record_now()
         for container in self.containers.values():
             if container.stopped or (claimants_only and not container.claims):
                 continue
@@ -3603,16 +3627,23 @@ class NriSession(object):
         if self.pending:
             self.updates_wakeup.set()
 
-    def host_changed(self):
-        self.reconsider()
-
     def kubelet_files_changed(self):
         """The device-plugin directory changed: a holder's checkpoint entry
-        may have come after its container (read again only if it changed)."""
-        key = self.checkpoint.key
-        self.checkpoint.read()
-        if self.checkpoint.key != key:
-            self.reconsider(claimants_only=True)
+        may have come after its container."""
+        if self.connected and self.checkpoint.stale():
+            self.spawn_reconsider(claimants_only=True)
+
+    def host_changed(self):
+        self.spawn_reconsider()
+
+    def spawn_reconsider(self, claimants_only=False):
+        """reconsider() once the kubelet's files are read, beside the loop's other work."""
+        async def reconsidering():
+            await self.read_kubelet_files()
+            self.reconsider(claimants_only)
+        task = asyncio.get_event_loop().create_task(reconsidering())
+        self.reconsidering.add(task)
+        task.add_done_callback(self.reconsidering.discard)
 
     async def send_updates(self, connection):
         pb = self.api.pb
