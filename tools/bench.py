@@ -46,8 +46,9 @@ sys.path.insert(0, ROOT)
 import isolcpu_plugin as plugin                      # noqa: E402
 from test_isolcpu_plugin import (NRI_CREATE_CONTAINER_REQUEST, NRI_SYNCHRONIZE_REQUEST,  # noqa: E402
                                  NRI_UPDATE_CONTAINER_REQUEST, FakeKubelet, FakeNriRuntime, PluginProcess,
-                                 encode_container_devices, fake_host, nri_container, nri_linux_resources, nri_pod,
-                                 pb, pb_encode, pb_field, synthetic_infos, task_files, write_files)
+                                 fake_host, http_get, many_pods_holding, metrics_port, nri_container,
+                                 nri_linux_resources, nri_pod, pb, pb_encode, synthetic_infos, task_files,
+                                 write_files)
 
 
 def percentiles(samples, digits=None):
@@ -107,15 +108,18 @@ class Rig(object):
     """A fake kubelet and a plugin process on a synthetic host, in a temp dir
     (on tmpfs where there is one: big hosts are many small files)."""
 
-    def __init__(self, *args, sysfs=None, sockets=2, cores=4, isolated="2-7,10-15"):
+    def __init__(self, *args, sysfs=None, sockets=2, cores=4, isolated="2-7,10-15", pod_resources=False):
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.tmp = tempfile.mkdtemp(prefix="isolcpu-bench-", dir=shm)
         self.host_root = os.path.join(self.tmp, "host")
         fake_sysfs, fake_procfs = fake_host(self.host_root, sockets=sockets, cores=cores, threads=2,
                                             isolated=isolated, kernel_max=8191)
         self.dir = os.path.join(self.tmp, "device-plugins")
-        self.kubelet = FakeKubelet(self.dir).start()
+        pod_resources_dir = os.path.join(self.tmp, "pod-resources")
+        self.kubelet = FakeKubelet(self.dir, pod_resources_dir if pod_resources else None).start()
         self.started = time.monotonic()
+        if "--pod-resources-socket" not in args:           # never the host's own
+            args = ("--pod-resources-socket", os.path.join(pod_resources_dir, "kubelet.sock")) + tuple(args)
         self.process = PluginProcess(self.tmp, ["--sysfs", sysfs or fake_sysfs, "--procfs", fake_procfs,
                                                 "--device-plugin-path", self.dir] + list(args), module=True)
 
@@ -538,11 +542,201 @@ def print_containerd(result):
           % (p["p50"], p["p99"], p["n"], p["p50"] - w["p50"]))
 
 
+PROBE = """
+import sys, time, grpc
+sys.path.insert(0, sys.argv[2])
+import deviceplugin_pb2 as pb, deviceplugin_pb2_grpc as pb_grpc
+stub = pb_grpc.DevicePluginStub(grpc.insecure_channel("unix:" + sys.argv[1]))
+stub.GetDevicePluginOptions(pb.Empty(), timeout=30)
+print("ready", flush=True)
+while not sys.stdin.closed:
+    started = time.monotonic()
+    stub.GetDevicePluginOptions(pb.Empty(), timeout=30)
+    now = time.monotonic()
+    print("%.6f %.6f" % (now, now - started), flush=True)
+    time.sleep(0.001)
+"""
+
+
+NRI_RUNTIME = """
+import os, sys
+sys.path.insert(0, sys.argv[2])
+from test_isolcpu_plugin import FakeNriRuntime, NRI_SYNCHRONIZE_REQUEST, nri_container, nri_pod, pb_encode
+holder = nri_pod("dpdk-0", "net")
+one = len(pb_encode(NRI_SYNCHRONIZE_REQUEST, {"pods": [], "containers": [nri_container(holder, "c-0")]}))
+containers = [nri_container(holder, "c-%d" % i, cpus="0-15") for i in range(int((4 << 20) * 0.97 / one))]
+size = len(pb_encode(NRI_SYNCHRONIZE_REQUEST, {"pods": [holder], "containers": containers}))
+print(size, len(containers), flush=True)
+runtime = FakeNriRuntime(os.path.join(sys.argv[1], "nri.sock"), pods=[holder], containers=containers,
+                         request_timeout=30.0).start()
+runtime.wait_ready(timeout=120)
+print("ready", flush=True)
+sys.stdin.read()
+runtime.stop()
+"""
+
+
+class LoopProbe(object):
+    """GetDevicePluginOptions on a plugin's socket, back to back, from a
+    process of its own (the bench's threads would hold its own GIL): the
+    longest round trip while an input is worked on is how long the plugin's
+    event loop stalled (a round trip is ~0.5 ms otherwise)."""
+
+    def __init__(self, socket_path):
+        self.proc = subprocess.Popen([sys.executable, "-c", PROBE, socket_path, ROOT], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, universal_newlines=True)
+        assert self.proc.stdout.readline().strip() == "ready"
+        self.samples = []                    # (end, seconds), monotonic
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            end, seconds = line.split()
+            self.samples.append((float(end), float(seconds)))
+
+    def longest(self, since):
+        """The longest round trip ended after `since` (monotonic), in ms."""
+        return round(1000 * max([seconds for end, seconds in list(self.samples) if end >= since] or [0]), 1)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        self.thread.join(10)
+
+
+def bench_stall(args):
+    """The largest input each byte bound admits, each worked on by a running
+    plugin while LoopProbe asks it: PodResources' List answer (grpc's 4 MiB)
+    and the kubelet's checkpoint (4 MiB), parsed for /metrics; an isolated
+    cpu-list as long as the parser takes (rescan); a /proc/cmdline of its
+    64 KiB bound with isolcpus= that long (SIGHUP); an NRI Synchronize of
+    about 4 MiB (the ttrpc bound)."""
+    results = []
+
+    def measure(name, size, start, trigger, finished, extra=()):
+        rig = start()
+        probe = None
+        try:
+            rig.kubelet.wait_list(lambda devices: devices, timeout=60)
+            probe = LoopProbe(os.path.join(rig.dir, "windriver.com-isolcpus.sock"))
+            # the plugin's event loop and the probe ahead of this harness's own threads (a fake
+            # runtime encodes megabytes in Python): the stall measured is the plugin's, not the CPU's
+            for pid in (rig.pid, probe.proc.pid):
+                os.setpriority(os.PRIO_PROCESS, pid, -10)
+            time.sleep(1.5)                 # past the start's question on holders, which scrapes would share
+            idle = probe.longest(time.monotonic() - 1.0)
+            began = time.monotonic()
+            trigger(rig)
+            finished(rig)
+            time.sleep(0.2)
+            results.append({"input": name, "bytes": size, "stall_ms": probe.longest(began), "idle_ms": idle,
+                            "took_ms": round(1000 * (time.monotonic() - began - 0.2))})
+        finally:
+            if probe is not None:
+                probe.close()
+            rig.close()
+
+    # PodResources: pods naming one CPU each, up to grpc's 4 MiB receive limit
+    pods = (4 << 20) // len(many_pods_holding(1))
+    while len(many_pods_holding(pods)) > (4 << 20) - 4096:     # the fake kubelet's own pods take the rest
+        pods -= 1000
+    answer = many_pods_holding(pods)
+
+    def pod_resources_rig():
+        rig = Rig("--metrics-address", "127.0.0.1:0", "--log-level", "info", pod_resources=True)
+        rig.kubelet.pod_resources_extra = answer
+        return rig
+
+    def scrape(rig):
+        status, body = http_get(metrics_port(rig.process), "/metrics", timeout=60)
+        assert status == 200 and "isolcpu_device_holders" in body, body[-300:]
+    measure("PodResources List, pods naming one CPU", len(answer), pod_resources_rig, scrape, lambda rig: None)
+
+    # the kubelet's checkpoint: entries of the plugin's resource, up to its 4 MiB bound
+    entry = {"PodUID": "00000000-0000-0000-0000-000000000000", "ContainerName": "c",
+             "ResourceName": "windriver.com/isolcpus", "DeviceIDs": {"0": ["3"]}, "AllocResp": "A" * 64}
+    count = int((plugin.CHECKPOINT_LIMIT - 200) / (len(json.dumps(entry)) + 2))
+    checkpoint = json.dumps({"Data": {"PodDeviceEntries": [entry] * count, "RegisteredDevices": {}}, "Checksum": 1})
+    while len(checkpoint) > plugin.CHECKPOINT_LIMIT:
+        count -= 100
+        checkpoint = json.dumps({"Data": {"PodDeviceEntries": [entry] * count}, "Checksum": 1})
+
+    def checkpoint_rig():
+        rig = Rig("--metrics-address", "127.0.0.1:0", "--log-level", "info", "--pod-resources-socket", "off")
+        write_files(rig.dir, {"kubelet_internal_checkpoint": checkpoint})
+        return rig
+    measure("kubelet checkpoint, entries naming one CPU", len(checkpoint), checkpoint_rig, scrape, lambda rig: None)
+
+    # an isolated file as long as a cpu-list may be, of regions that each name every CPU
+    limit = plugin.cpu_list_limit(8191)
+    regions = ("0-8191:1/2,1-8191:1/2," * (limit // 22 + 1))[:limit]
+    regions = regions[:regions.rfind(",")]
+
+    def isolated_rig():
+        return Rig("--log-level", "info")
+
+    def write_isolated(rig):
+        rig.set_cpu_file("isolated", regions + "\n")
+
+    def wait_isolated(rig):
+        rig.kubelet.wait_list(lambda devices: len(devices) == 16, timeout=10)
+    measure("isolated cpu-list, stride groups naming every CPU", len(regions), isolated_rig, write_isolated,
+            wait_isolated)
+
+    # /proc/cmdline at its bound, its isolcpus= as long as a cpu-list may be, read on SIGHUP
+    cmdline = ("quiet " * 3000)[:(64 << 10) - limit - 40] + " isolcpus=" + regions.replace("8191", "15")
+
+    def cmdline_rig():
+        rig = Rig("--log-level", "info", "--source", "cmdline")
+        write_files(rig.host_root, {"proc/cmdline": cmdline + "\n"})
+        return rig
+
+    def sighup(rig):
+        rig.process.proc.send_signal(signal.SIGHUP)
+        rig.process.wait_log("SIGHUP", timeout=10)
+    measure("/proc/cmdline with isolcpus=, on SIGHUP", len(cmdline), cmdline_rig, sighup, lambda rig: time.sleep(0.5))
+
+    # NRI: a Synchronize of about 4 MiB, from a fake runtime in a process of its own at the lowest
+    # priority (its Python encoding of megabytes would otherwise take the CPU the plugin needs)
+    runtime = {}
+
+    def nri_rig():
+        runtime["dir"] = tempfile.mkdtemp(prefix="isolcpu-bench-nri-")
+        return Rig("--log-level", "info", "--nri", "on", "--nri-socket", os.path.join(runtime["dir"], "nri.sock"))
+
+    def serve_nri(rig):
+        runtime["proc"] = subprocess.Popen([sys.executable, "-c", NRI_RUNTIME, runtime["dir"], ROOT],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, universal_newlines=True,
+                                           preexec_fn=lambda: os.nice(19))
+        runtime["size"] = runtime["proc"].stdout.readline().split()
+
+    def synchronized(rig):
+        line = runtime["proc"].stdout.readline().strip()
+        runtime["proc"].stdin.close()
+        runtime["proc"].wait(30)
+        shutil.rmtree(runtime["dir"], True)
+        assert line == "ready", line
+    measure("NRI Synchronize", None, nri_rig, serve_nri, synchronized)
+    results[-1]["input"] = "NRI Synchronize, %s containers" % runtime["size"][1]
+    results[-1]["bytes"] = int(runtime["size"][0])
+    return results
+
+
+def print_stall(rows):
+    print("Event-loop stall for the largest input each bound admits (target: < 50 ms; a probe's round trip "
+          "while idle in brackets)")
+    for row in rows:
+        print("  %-52s %9d bytes: longest stall %6.1f ms (idle %.1f ms); worked on for %d ms"
+              % (row["input"], row["bytes"], row["stall_ms"], row["idle_ms"], row["took_ms"]))
+
+
 SECTIONS = collections.OrderedDict([
     ("start", (bench_start, print_start)), ("rpc", (bench_rpc, print_rpc)),
     ("restart", (bench_restart, print_restart)), ("idle", (bench_idle, print_idle)),
     ("hotplug", (bench_hotplug, print_hotplug)), ("policy", (bench_policy, print_policy)),
-    ("nri", (bench_nri, print_nri)), ("containerd", (bench_containerd, print_containerd))])
+    ("nri", (bench_nri, print_nri)), ("containerd", (bench_containerd, print_containerd)),
+    ("stall", (bench_stall, print_stall))])
 
 
 def machine():
