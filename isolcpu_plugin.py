@@ -306,8 +306,13 @@ def socket_name_for(resource_name):
 
 # What sysfs says about one CPU. numa_nodes and thread_siblings are sorted
 # tuples, () when unknown; package, die, cluster and core_id are ints or None.
+# llc_cpus: the CPUs sharing its last-level cache (sorted), () when unknown or
+# private to its core; core_class: its kind of core, 0 the fastest on this
+# machine, None with one kind or unknown. Both default, so that the CpuInfo
+# of seven fields still builds.
 CpuInfo = collections.namedtuple(
-    "CpuInfo", "cpu numa_nodes package die cluster core_id thread_siblings")
+    "CpuInfo", "cpu numa_nodes package die cluster core_id thread_siblings llc_cpus core_class")
+CpuInfo.__new__.__defaults__ = ((), None)       # namedtuple(defaults=) needs Python 3.7
 
 
 def unknown_cpu_info(cpu):
@@ -346,18 +351,37 @@ def read_host_file(path, limit=HOST_FILE_LIMIT):
     return b"".join(chunks)
 
 
+# Hybrid Intel's PMU devices, each listing its CPUs: fastest kind first.
+HYBRID_PMUS = ("cpu_core", "cpu_atom")
+
+
+def capacity_classes(capacities):
+    """{cpu: kind of core} from {cpu: cpu_capacity}, 0 the fastest. A kind
+    starts at its highest capacity and takes every capacity within 5 % below
+    it: boost and binning make one kind of core report several (NVIDIA GB10's
+    big cores say 997, 1017 and 1024, its little ones 718 and 731)."""
+    kind_of, kind, top = {}, -1, None
+    for capacity in sorted(set(capacities.values()), reverse=True):
+        if top is None or capacity * 100 < top * 95:
+            kind, top = kind + 1, capacity
+        kind_of[capacity] = kind
+    return {cpu: kind_of[capacity] for cpu, capacity in capacities.items()}
+
+
 class Host(object):
     """A host's CPU files under a sysfs and a procfs root: all file reading
     lives here, so that everything else can be tested without a host."""
 
     def __init__(self, sysfs="/sys", procfs="/proc"):
         self.cpu_dir = os.path.join(sysfs, "devices", "system", "cpu")
+        self.devices_dir = os.path.join(sysfs, "devices")
         self.node_dir = os.path.join(sysfs, "devices", "system", "node")
         self.cmdline_path = os.path.join(procfs, "cmdline")
         if not os.path.isdir(self.cpu_dir):
             raise InputError("--sysfs %s: no devices/system/cpu directory there" % quote(sysfs, 200))
         self.max_cpu = self._max_cpu()
         self.last_cpu = self._last_cpu()
+        self._kinds = None              # core_kinds(), read once: kinds of core do not change while the kernel runs
 
     # Files -----------------------------------------------------------------
 
@@ -456,9 +480,13 @@ class Host(object):
         refines what is advertised."""
         node_cpus = self._node_cpu_lists()
         problems = {}
+        kinds = self.core_kinds(problems)[1]
+        caches = {}                              # what _last_level_cache() read, for the CPUs sharing a cache
         infos = {}
         for cpu in cpus:
-            infos[cpu] = self._one_cpu_topology(cpu, node_cpus, problems)
+            info = self._one_cpu_topology(cpu, node_cpus, problems)
+            infos[cpu] = info._replace(llc_cpus=self._last_level_cache(cpu, info.thread_siblings, caches, problems),
+                                       core_class=kinds.get(cpu))
         for kind, example in sorted(problems.items()):
             log.warning("topology: %s unreadable, taken as unknown (e.g. %s)", kind, example)
         return infos
@@ -527,6 +555,142 @@ class Host(object):
                        cluster=number("cluster_id"),
                        core_id=number("core_id"),
                        thread_siblings=tuple(sorted(siblings)) if siblings else ())
+
+    # Caches and kinds of core ----------------------------------------------
+
+    def _caches(self, cpu, memo, problems):
+        """[(level, directory)] of the CPU's data and unified caches, highest
+        level first (the index number is not the level: some machines keep L3
+        in index2, or an L2 instruction cache in index3); None without a cache
+        directory (an offline CPU on most kernels)."""
+        key = ("caches", cpu)
+        if key not in memo:
+            directory = os.path.join(self.cpu_dir, "cpu%d" % cpu, "cache")
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                names = None
+            caches = None
+            if names is not None:
+                caches = []
+                for name in names:
+                    if not re.match(r"index[0-9]{1,3}\Z", name):
+                        continue
+                    path = os.path.join(directory, name)
+                    if self.optional_text(os.path.join(path, "type"), problems) not in ("Data", "Unified"):
+                        continue
+                    level = self.optional_text(os.path.join(path, "level"), problems)
+                    if level is not None and re.match(r"[0-9]{1,2}\Z", level):
+                        caches.append((int(level), path))
+                    elif level is not None:
+                        problems.setdefault("level", "%s/level = %s" % (path, quote(level)))
+                caches.sort(key=lambda cache: (-cache[0], cache[1]))
+            memo[key] = caches
+        return memo[key]
+
+    def _cache_cpus(self, path, memo, problems):
+        """(id, CPUs) of one cache: its shared_cpu_list, else its
+        shared_cpu_map; CPUs None when neither reads, or when both do and
+        neither holds the other (that one leaves offline CPUs out is seen on
+        real kernels). The id (text, None when absent) only has to match."""
+        key = ("cpus", path)
+        if key not in memo:
+            found = []
+            for name, parse in (("shared_cpu_list", lambda text: parse_cpu_list(text, self.last_cpu, self.max_cpu)),
+                                ("shared_cpu_map", lambda text: parse_cpu_mask(text, self.max_cpu))):
+                text = self.optional_text(os.path.join(path, name), problems)
+                if text is None:
+                    continue
+                try:
+                    found.append(parse(text))
+                except InputError as e:
+                    problems.setdefault(name, "%s/%s: %s" % (path, name, e))
+            cpus = found[0] if found else None
+            if len(found) == 2 and not (found[0] <= found[1] or found[1] <= found[0]):
+                problems.setdefault("last-level cache", "%s: shared_cpu_list and shared_cpu_map disagree" % path)
+                cpus = None
+            memo[key] = (self.optional_text(os.path.join(path, "id"), problems), cpus)
+        return memo[key]
+
+    def _last_level_cache(self, cpu, siblings, memo, problems):
+        """The CPUs sharing the CPU's last-level cache: its highest-level data
+        or unified cache shared with more than its own core, as a sorted
+        tuple. () when there is none, and when the files contradict
+        themselves (a cache that does not list the CPU, a list and a mask
+        that disagree, a CPU of the cache that describes it otherwise): a
+        cache known wrong is worse for the policy than none."""
+        own = set(siblings) or {cpu}
+        for level, path in self._caches(cpu, memo, problems) or ():
+            ident, cpus = self._cache_cpus(path, memo, problems)
+            if cpus is None:
+                return ()
+            if cpu not in cpus:
+                problems.setdefault("last-level cache", "%s does not list cpu%d" % (path, cpu))
+                return ()
+            if cpus - own:
+                break
+        else:
+            return ()                    # no cache, or each private to the core
+        key = ("agreed", level, ident, cpus)
+        if key not in memo:              # once per cache: every CPU of it that has caches says the same
+            memo[key] = all(self._describes_cache(other, level, ident, cpus, memo, problems)
+                            for other in sorted(cpus) if other != cpu)
+            if not memo[key]:
+                problems.setdefault("last-level cache", "the CPUs of %s describe it differently" % path)
+        return tuple(sorted(cpus)) if memo[key] else ()
+
+    def _describes_cache(self, cpu, level, ident, cpus, memo, problems):
+        """Whether the CPU has the same cache at `level`, or no caches at all
+        (offline CPUs keep none on most kernels)."""
+        caches = self._caches(cpu, memo, problems)
+        if caches is None:
+            return True
+        for other_level, path in caches:
+            if other_level == level:
+                return self._cache_cpus(path, memo, problems) == (ident, cpus)
+        return False
+
+    def core_kinds(self, problems=None):
+        """(the files that tell the kinds of core, {cpu: kind} with 0 the
+        fastest). The kinds come from hybrid Intel's PMU lists, else from each
+        CPU's cpu_capacity (arm64, newer x86); with one kind, or where
+        neither tells, the map is empty. Frequencies alone make no kinds: a
+        part binned or boosted per core is one kind of core."""
+        if self._kinds is None:
+            self._kinds = self._read_core_kinds({} if problems is None else problems)
+        return self._kinds
+
+    def _read_core_kinds(self, problems):
+        files, kinds = [], {}
+        for kind, name in enumerate(HYBRID_PMUS):
+            path = os.path.join(self.devices_dir, name, "cpus")
+            text = self.optional_text(path, problems)
+            if text is None:
+                continue
+            try:
+                cpus = parse_cpu_list(text, self.last_cpu, self.max_cpu)
+            except InputError as e:
+                problems.setdefault(name + "/cpus", "%s: %s" % (path, e))
+                continue
+            files.append(path)
+            for cpu in cpus:
+                kinds[cpu] = None if cpu in kinds else kind          # in both lists: unknown
+        if not files:
+            capacities = {}
+            for cpu in sorted(self._cpu_dirs()):
+                path = os.path.join(self.cpu_dir, "cpu%d" % cpu, "cpu_capacity")
+                text = self.optional_text(path, problems)
+                if text is not None and re.match(r"[0-9]{1,7}\Z", text) and int(text) > 0:
+                    capacities[cpu] = int(text)
+                elif text is not None:
+                    problems.setdefault("cpu_capacity", "%s = %s" % (path, quote(text)))
+            if capacities:
+                files.append(os.path.join(self.cpu_dir, "cpuN", "cpu_capacity"))
+            kinds = capacity_classes(capacities)
+        kinds = {cpu: kind for cpu, kind in kinds.items() if kind is not None}
+        if len(set(kinds.values())) < 2:
+            kinds = {}
+        return files, kinds
 
     def _numa_nodes(self, cpu, cpu_path, node_cpus):
         """The nodes whose cpulist holds the CPU; failing that (an offline CPU
@@ -686,6 +850,17 @@ class CpuInventory(object):
                  if cpu not in self.topology or (cpu in online) != (cpu in self.online)}
         self.topology = {cpu: info for cpu, info in self.topology.items() if cpu in wanted}
         self.topology.update(self.host.cpu_topology(sorted(stale)))
+        # A CPU going off- or online leaves or joins the cache lists of the
+        # CPUs sharing its cache: read those again, found in their old lists
+        # or in the returning CPU's own.
+        hotplugged = (online ^ self.online) & present if self.online else frozenset()
+        if hotplugged:
+            back = self.host.cpu_topology(sorted(hotplugged & online - stale))
+            back.update((cpu, self.topology[cpu]) for cpu in hotplugged & stale)
+            hit = {llc for llc in {info.llc_cpus for info in self.topology.values()} if hotplugged.intersection(llc)}
+            mates = {cpu for cpu, info in self.topology.items() if info.llc_cpus in hit}
+            mates.update(cpu for info in back.values() for cpu in info.llc_cpus if cpu in wanted)
+            self.topology.update(self.host.cpu_topology(sorted(mates - stale)))
         self.served, self.present, self.online, self.origin = served, present, online, origin
         devices = build_devices(wanted, online, self.topology)
         change = describe_device_changes(self.devices, devices)
@@ -3596,7 +3771,8 @@ def device_record(device):
         ("id", device_id(device.cpu)), ("cpu", device.cpu),
         ("health", HEALTHY if device.healthy else UNHEALTHY),
         ("numa_nodes", list(info.numa_nodes)), ("package", info.package),
-        ("core_id", info.core_id), ("thread_siblings", list(info.thread_siblings))])
+        ("core_id", info.core_id), ("thread_siblings", list(info.thread_siblings)),
+        ("llc_cpus", list(info.llc_cpus) or None), ("core_class", info.core_class)])
 
 
 def list_holders(config):
@@ -3628,18 +3804,23 @@ def write_listing(config, inventory, holders, out):
         return
     out.write("%s: %d devices from %s; %s\n" % (config.resource_name, len(devices), inventory.origin,
                                                  holders_clause(holders)))
-    rows = [("ID", "CPU", "HEALTH", "NUMA", "PACKAGE", "CORE", "THREAD SIBLINGS", "HOLDER")]
+    # L3: the last-level cache, named by its first CPU; KIND only where cores differ
+    kinds = any(d.info.core_class is not None for d in devices)
+    rows = [("ID", "CPU", "HEALTH", "NUMA", "PACKAGE", "CORE", "THREAD SIBLINGS", "L3") + ("KIND",) * kinds
+            + ("HOLDER",)]
     for d in devices:
         info = d.info
         if by_cpu is None:
             holder = "?"
         else:
             holder = ", ".join(sorted(holder_name(h) for h in by_cpu.get(d.cpu, ()))) or "-"
+        kind = ("-" if info.core_class is None else str(info.core_class),) * kinds
         rows.append((device_id(d.cpu), str(d.cpu), HEALTHY if d.healthy else UNHEALTHY,
                      format_cpu_list(info.numa_nodes) or "-",
                      "-" if info.package is None else str(info.package),
                      "-" if info.core_id is None else str(info.core_id),
-                     format_cpu_list(info.thread_siblings) or "-", holder))
+                     format_cpu_list(info.thread_siblings) or "-",
+                     str(info.llc_cpus[0]) if info.llc_cpus else "-") + kind + (holder,))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")
