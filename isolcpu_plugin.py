@@ -45,6 +45,7 @@ if __name__ == "__main__":
 
 import argparse
 import asyncio
+import bisect
 import collections
 import itertools
 import json
@@ -1055,7 +1056,12 @@ def container_allocation(cpus, env_name, cpuid_paths):
 # siblings); package, die, cluster: keys of the domains around that core.
 # Whatever sysfs does not tell becomes a singleton of the CPU's own, so an
 # unknown CPU costs a node, a core and a domain of its own: it ranks last.
-Placement = collections.namedtuple("Placement", "numa core package die cluster known")
+# llc: the key of its last-level cache (named by its first CPU: the CPUs of a
+# cache agree on it), its core's own when unknown (a cache per core costs
+# nothing the count of cores does not); kind: its kind of core, 0 the
+# fastest, UNKNOWN_KIND on machines of one kind and where unknown.
+Placement = collections.namedtuple("Placement", "numa core package die cluster known llc kind")
+UNKNOWN_KIND = 1 << 16          # after every kind a machine has
 
 
 def cpu_placement(info):
@@ -1065,7 +1071,9 @@ def cpu_placement(info):
     package = ("package", info.package) if info.package is not None else ("core", core)
     die = package + (info.die,) if info.die is not None else package       # absent level: one per parent
     cluster = die + (info.cluster,) if info.cluster is not None else die
-    return Placement(numa, core, package, die, cluster, bool(info.numa_nodes and info.thread_siblings))
+    return Placement(numa, core, package, die, cluster, bool(info.numa_nodes and info.thread_siblings),
+                     ("llc", info.llc_cpus[0]) if info.llc_cpus else ("core", core),
+                     UNKNOWN_KIND if info.core_class is None else info.core_class)
 
 
 def cpu_placements(infos):
@@ -1083,15 +1091,21 @@ def preferred_allocation(placements, available, must_include, size):
     by, most important first:
       1. the fewest NUMA nodes;
       2. the fewest physical cores (SMT siblings together, any SMT width);
-      3. known topology before unknown; the fewest packages, then dies, then
+      3. one kind of core: an answer of one kind before a mixed one, then the
+         fastest slowest core (a pod runs at the speed of its slowest);
+      4. the fewest last-level caches;
+      5. known topology before unknown; the fewest packages, then dies, then
          clusters; filling partly taken cores (a sibling not available)
-         before breaking wholly free ones; the NUMA node set with the least
-         room to spare (best fit, keeping big free blocks for big pods);
-      4. the lowest CPU numbers: the same request gets the same answer.
+         before breaking wholly free ones; the NUMA node set, and among as
+         few caches those, with the least room to spare (best fit, keeping
+         big free blocks for big pods);
+      6. the lowest CPU numbers: the same request gets the same answer.
     A request that cannot be met (size above what is available, must-include
     not available, size <= 0) gets the best valid subset, with the reason in
-    `problems`. Ranks 1 and 2 are exact (exhaustive over NUMA node sets, a
-    histogram count for cores); rank 3 is a careful greedy.
+    `problems`. Ranks 1-4 are exact (exhaustive over NUMA node sets, a
+    histogram count for cores, per kind for kinds, a dynamic programme for
+    caches; each within a bound of work, then greedy); rank 5 is a careful
+    greedy.
     """
     problems = []
     available = frozenset(available)
@@ -1126,12 +1140,25 @@ class _Request(object):
             self.cores.setdefault(place[cpu].core, []).append(cpu)
         self.must_cores = {place[cpu].core for cpu in must}
         self.group_cores = collections.defaultdict(list)  # NUMA group -> its other cores
-        self.group_sizes = collections.defaultdict(collections.Counter)   # ... their sizes
+        traits = collections.defaultdict(list)
         for core, cpus in self.cores.items():
             if core not in self.must_cores:
-                group = place[cpus[0]].numa
-                self.group_cores[group].append(core)
-                self.group_sizes[group][len(cpus)] += 1
+                where = place[cpus[0]]                    # a core's CPUs share its kind and caches
+                self.group_cores[where.numa].append(core)
+                traits[where.numa].append((where.kind, where.llc, len(cpus)))
+        self.group_traits = {group: collections.Counter(keys) for group, keys in traits.items()}  # (kind, cache, size)
+        self.group_sizes = {}                                                                     # ... and size alone
+        for group, counts in self.group_traits.items():
+            sizes = self.group_sizes[group] = collections.Counter()
+            for (_, _, size), count in counts.items():
+                sizes[size] += count
+        self.must_kinds = {place[self.cores[core][0]].kind for core in self.must_cores}
+        self.must_caches = {place[self.cores[core][0]].llc for core in self.must_cores}
+        traits = [key for counts in self.group_traits.values() for key in counts]
+        self.several_kinds = len({kind for kind, _, _ in traits} | self.must_kinds) > 1
+        self.caches_known = any(cache[0] == "llc" for _, cache, _ in traits) or any(
+            cache[0] == "llc" for cache in self.must_caches)
+        self._group_caches = {}
 
     def wholly_free(self, core):
         """Every thread of the core is available (taking part of it breaks it)."""
@@ -1195,21 +1222,96 @@ class _Request(object):
         others = [core for group in groups for core in self.group_cores.get(group, ())]
         return len(self.must_cores) + extra, need, others, extra
 
-    # Rank 3 and the final pick -------------------------------------------------
+    # Ranks 3 and 4 -------------------------------------------------------------
+
+    def kind_plan(self, groups, need, extra):
+        """((mixed, slowest kind) of the best answer, the kinds it draws
+        from or None for any): the first kind whose cores alone hold what
+        the must cores leave (`extra` cores for `need` CPUs), else the
+        fastest kinds that do together."""
+        if not self.several_kinds:
+            return (False, 0), None
+        by_kind = collections.defaultdict(collections.Counter)
+        for group in groups:
+            for (kind, _, size), count in self.group_traits.get(group, {}).items():
+                by_kind[kind][size] += count
+        if need <= 0:
+            return (len(self.must_kinds) > 1, max(self.must_kinds)), None
+        for kind in sorted(by_kind):
+            if self.must_kinds <= {kind} and _top_sum(by_kind[kind], extra) >= need:
+                return (False, kind), frozenset([kind])
+        slowest_must = max(self.must_kinds) if self.must_kinds else -1
+        pooled = collections.Counter()
+        for kind in sorted(by_kind):
+            pooled.update(by_kind[kind])
+            if kind >= slowest_must and _top_sum(pooled, extra) >= need:
+                return (True, kind), frozenset(k for k in by_kind if k <= kind)
+        return (True, max(by_kind)), None                 # not reached: the cores hold it (rank 2)
+
+    def caches_of(self, groups, kinds):
+        """{cache: Counter of core sizes} of the other cores of `kinds` (None:
+        any) in the NUMA groups; per group once (node sets share groups)."""
+        merged = {}
+        for group in groups:
+            caches = self._group_caches.get((group, kinds))
+            if caches is None:
+                caches = self._group_caches[group, kinds] = collections.defaultdict(collections.Counter)
+                for (kind, cache, size), count in self.group_traits.get(group, {}).items():
+                    if kinds is None or kind in kinds:
+                        caches[cache][size] += count
+            for cache, sizes in caches.items():
+                merged[cache] = merged[cache] + sizes if cache in merged else sizes
+        return merged
+
+    def kinds_and_caches(self, chosen):
+        """(mixed, slowest kind) and the count of caches of an answer."""
+        kinds = {self.place[cpu].kind for cpu in chosen}
+        return (len(kinds) > 1, max(kinds)), len({self.place[cpu].llc for cpu in chosen})
+
+    # Rank 5 and the final pick -------------------------------------------------
 
     def choose(self):
         plans = []
         for nodes, groups in self.numa_candidates():
             cores, need, others, extra = self.core_plan(groups)
             fit = sum(len(self.cores[c]) for c in others)      # best fit: the tightest node set
-            plans.append((cores, fit, sorted(_sort_key(n) for n in nodes), need, others, extra))
-        plans.sort(key=lambda plan: plan[:3])
-        best = None
-        for cores, fit, _, need, others, extra in plans[:8]:    # the few equal on ranks 1-2
-            if cores != plans[0][0]:
+            plans.append([cores, None, None, fit, sorted(_sort_key(n) for n in nodes), need, others, extra, groups])
+        fewest = min(plan[0] for plan in plans)
+        plans = [plan for plan in plans if plan[0] == fewest]
+        for plan in plans:                    # rank 3, and a bound on rank 4 (exact where cores are whole)
+            need, extra, groups = plan[5], plan[7], plan[8]
+            plan[1], kinds = self.kind_plan(groups, need, extra)
+            caches = self.caches_of(groups, kinds) if self.caches_known else None
+            plan[2] = _cache_bound(caches, self.must_caches, extra, need) if caches is not None else 0
+            plan[8] = kinds, caches
+        # Rank 4 exactly, in the order of the bounds, until no node set left
+        # could be among the (at most 8) best: plans[:8] of all, as if each
+        # were counted.
+        plans.sort(key=lambda plan: plan[1:5])
+        counted, tied = [], []                # tied: the best ranks 3-4 so far, by fit
+        for plan in plans:
+            if tied and (plan[1:3] > tied[0][:2] or (len(tied) >= 8 and plan[1:5] > tied[7])):
                 break
+            kinds, caches = plan[8]
+            chosen_caches = None
+            if caches is not None:
+                plan[2], chosen_caches = _fewest_caches(caches, self.must_caches, plan[7], plan[5])
+            plan[8] = kinds, chosen_caches
+            counted.append(plan)
+            if not tied or plan[1:3] < tied[0][:2]:
+                tied = []
+            if not tied or plan[1:3] == tied[0][:2]:
+                bisect.insort(tied, plan[1:5])
+        counted.sort(key=lambda plan: plan[:5])
+        best = None
+        for cores, kind, count, fit, _, need, others, extra, (kinds, caches) in counted[:8]:  # the few equal on ranks 1-4
+            if (kind, count) != tuple(counted[0][1:3]):
+                break
+            if kinds is not None or caches is not None:             # the cores ranks 3 and 4 draw from
+                others = [core for core in others if (kinds is None or self.place[self.cores[core][0]].kind in kinds)
+                          and (caches is None or self.place[self.cores[core][0]].llc in caches)]
             chosen = self.fill(need, others, extra)
-            cost = (self.rank3_cost(chosen), fit, sorted(chosen))
+            cost = (self.kinds_and_caches(chosen), self.rank3_cost(chosen), fit, sorted(chosen))
             if best is None or cost < best[0]:
                 best = (cost, chosen)
         return sorted(best[1])
@@ -1324,6 +1426,120 @@ def _top_sum(counter, count):
         if count <= 0:
             break
     return total
+
+
+CACHE_PLAN_BUDGET = 1 << 17    # steps of _fewest_caches' dynamic programme before it settles for greedy
+
+
+def _cache_slack(caches, budget, need):
+    """(the biggest core w, how many CPUs `budget` cores may fall short of w in all)."""
+    widest = max([size for sizes in caches.values() for size in sizes] or [1])
+    return widest, budget * widest - need
+
+
+def _cache_bound(caches, required, budget, need):
+    """At most as many caches as _fewest_caches() counts, from what each
+    cache offers alone: its whole cores, and one partly taken core per CPU
+    of slack. Exact without slack (only whole cores will do), which is the
+    common case: then the caches with the most whole cores go first."""
+    if need <= 0:
+        return len(required)
+    widest, slack = _cache_slack(caches, budget, need)
+    slack = max(slack, 0)
+    free = collections.Counter()
+    for cache in required:
+        free.update(caches.get(cache, {}))
+    offers = [sizes.get(widest, 0) + (min(sum(sizes.values()) - sizes.get(widest, 0), slack) if slack else 0)
+              for cache, sizes in caches.items() if cache not in required]
+    cores = free.get(widest, 0) + min(sum(free.values()) - free.get(widest, 0), slack)
+    count = len(required)
+    for more in sorted(offers, reverse=True):
+        if cores >= budget:
+            break
+        cores += more
+        count += 1
+    return count
+
+
+def _fewest_caches(caches, required, budget, need):
+    """(how many caches, which) for `budget` cores to hold `need` CPUs:
+    the fewest caches, counting `required` (those the must cores touch:
+    their other cores come free), from caches: cache -> Counter of the core
+    sizes there; among as few, those with the least room to spare.
+
+    Exact: with w the biggest core, the answer's cores fall short of w by
+    at most budget * w - need CPUs in all (the slack, small where cores are
+    whole), so a dynamic programme over (caches taken, CPUs short) finds
+    the most cores any m caches offer. Greedy, biggest caches first, where
+    that would take more than CACHE_PLAN_BUDGET steps."""
+    free = collections.Counter()
+    for cache in required:
+        free.update(caches.get(cache, {}))
+    optional = sorted((c for c in caches if c not in required),
+                      key=lambda c: (sum(size * n for size, n in caches[c].items()), _sort_key(c)))
+    chosen_free = [c for c in required if c in caches]
+    if need <= 0:
+        return len(required), chosen_free
+    widest, slack = _cache_slack(caches, budget, need)
+    most = min(len(optional), budget)
+    if slack < 0 or len(optional) * (most + 1) * (slack + 1) ** 2 > CACHE_PLAN_BUDGET:
+        chosen, pooled = [], collections.Counter(free)
+        for cache in sorted(optional, key=lambda c: (-_top_sum(caches[c], budget), _sort_key(c))):
+            if _top_sum(pooled, budget) >= need:
+                break
+            chosen.append(cache)
+            pooled.update(caches[cache])
+        return len(required) + len(chosen), chosen_free + chosen
+
+    def reach(sizes):
+        """reach[s]: the most cores (at most `budget`) of these falling s CPUs short of w, or less."""
+        cores, short, most_cores = 0, 0, [0] * (slack + 1)
+        for size in sorted(sizes, reverse=True):
+            gap = widest - size
+            take = min(sizes[size], budget - cores)
+            if gap:
+                take = min(take, (slack - short) // gap)
+            for _ in range(take if gap else 1 if take else 0):
+                cores, short = (cores + 1, short + gap) if gap else (cores + take, short)
+                most_cores[short] = cores
+        for s in range(1, slack + 1):
+            most_cores[s] = max(most_cores[s], most_cores[s - 1])
+        return most_cores
+
+    # best[m][s]: the most cores with at most m optional caches, at most s short;
+    # rows beyond the fewest caches found so far no longer matter
+    best = [reach(free) for _ in range(most + 1)]
+    taken = 0 if best[0][slack] >= budget else None
+    history, reaches = [], []
+    for i, cache in enumerate(optional):
+        if taken == 0:
+            break
+        offer = reach(caches[cache])
+        reaches.append(offer)
+        top_row = min(i + 1, most if taken is None else taken)
+        history.append([row[:] for row in best[:top_row + 1]])
+        for m in range(top_row, 0, -1):
+            fewer, row = best[m - 1], best[m]
+            for s in range(slack, -1, -1):
+                top = row[s]
+                for t in range(s + 1):
+                    if fewer[s - t] + offer[t] > top:
+                        top = fewer[s - t] + offer[t]
+                row[s] = min(top, budget)
+            if row[slack] >= budget and (taken is None or m < taken):
+                taken = m
+    if taken is None:                                           # not reached: rank 2 found them
+        return len(required) + len(optional), chosen_free + optional
+    # Which: walking back from the roomiest cache, leave out each the others do without.
+    chosen, m, s, cores = [], taken, slack, budget
+    for i in range(len(history) - 1, -1, -1):
+        if m == 0 or cores <= 0 or (m < len(history[i]) and history[i][m][s] >= cores):
+            continue
+        fewer, offer = history[i][m - 1], reaches[i]
+        t = next(t for t in range(s + 1) if fewer[s - t] + offer[t] >= cores)
+        chosen.append(optional[i])
+        m, s, cores = m - 1, s - t, cores - offer[t]
+    return len(required) + taken, chosen_free + chosen
 
 
 def _fewest_domains(sizes, required, budget, need):

@@ -843,10 +843,14 @@ class CorpusTests(unittest.TestCase):
 # Preferred allocation
 # ---------------------------------------------------------------------------
 
-def synthetic_infos(sockets=1, cores=4, threads=2, nodes_per_socket=1, node_ids=None, unknown=()):
+def synthetic_infos(sockets=1, cores=4, threads=2, nodes_per_socket=1, node_ids=None, unknown=(),
+                    cores_per_cache=None, kinds=None):
     """{cpu: CpuInfo} of a machine numbered as Linux numbers x86 (thread t of
     core c of socket s is CPU t*(sockets*cores) + s*cores + c); nodes split
-    each socket's cores evenly; CPUs in `unknown` have no topology at all."""
+    each socket's cores evenly; CPUs in `unknown` have no topology at all.
+    With cores_per_cache, a last-level cache per that many cores of a socket
+    (core c's is the cache of cores c // cores_per_cache); with kinds, core
+    c of each socket is of kind kinds[c] (0 the fastest)."""
     per_thread = sockets * cores
     node_ids = node_ids or list(range(sockets * nodes_per_socket))
     infos = {}
@@ -855,15 +859,22 @@ def synthetic_infos(sockets=1, cores=4, threads=2, nodes_per_socket=1, node_ids=
         sock, core = divmod(rest, cores)
         node = node_ids[sock * nodes_per_socket + core * nodes_per_socket // cores]
         siblings = tuple(t * per_thread + rest for t in range(threads))
-        infos[cpu] = plugin.CpuInfo(cpu, (node,), sock, None, None, core, siblings)
+        cache = ()
+        if cores_per_cache:
+            first = sock * cores + core // cores_per_cache * cores_per_cache
+            cache = tuple(sorted(t * per_thread + c for t in range(threads) for c in range(first, first + cores_per_cache)))
+        infos[cpu] = plugin.CpuInfo(cpu, (node,), sock, None, None, core, siblings, cache,
+                                    kinds[core] if kinds else None)
     for cpu in unknown:
         infos[cpu] = plugin.unknown_cpu_info(cpu)
     return infos
 
 
-def oracle_ranks_1_2(infos, available, must, size):
-    """The best (NUMA nodes, physical cores) over every valid answer, by
-    exhaustive search. Unknown topology: a node and a core of the CPU's own."""
+def oracle_ranks_1_4(infos, available, must, size):
+    """The best (NUMA nodes, physical cores, (mixed kinds, slowest kind),
+    last-level caches) over every valid answer, by exhaustive search.
+    Unknown topology: a node, a core and a cache of the CPU's own; an
+    unknown cache is its core's; an unknown kind is slower than any."""
     def nodes(cpu):
         info = infos.get(cpu)
         return set(info.numa_nodes) if info and info.numa_nodes else {("cpu", cpu)}
@@ -872,10 +883,20 @@ def oracle_ranks_1_2(infos, available, must, size):
         info = infos.get(cpu)
         return frozenset(info.thread_siblings) if info and info.thread_siblings else ("cpu", cpu)
 
+    def cache(cpu):
+        info = infos.get(cpu)
+        return frozenset(info.llc_cpus) if info and info.llc_cpus else core(cpu)
+
+    def kind(cpu):
+        info = infos.get(cpu)
+        return info.core_class if info and info.core_class is not None else float("inf")
+
     best = None
     for extra in itertools.combinations(sorted(set(available) - set(must)), size - len(must)):
         chosen = set(must) | set(extra)
-        cost = (len(set().union(*(nodes(c) for c in chosen))), len({core(c) for c in chosen}))
+        kinds = {kind(c) for c in chosen}
+        cost = (len(set().union(*(nodes(c) for c in chosen))), len({core(c) for c in chosen}),
+                (len(kinds) > 1, max(kinds)), len({cache(c) for c in chosen}))
         if best is None or cost < best:
             best = cost
     return best
@@ -916,8 +937,8 @@ class PreferredAllocationTests(unittest.TestCase):
             self.assertEqual(len(set(answer)), size, context)
             self.assertTrue(set(answer) <= set(available), context)
             self.assertTrue(set(must) <= set(answer), context)
-            got = oracle_ranks_1_2(infos, answer, answer, size)
-            self.assertEqual(got, oracle_ranks_1_2(infos, available, must, size), context)
+            got = oracle_ranks_1_4(infos, answer, answer, size)
+            self.assertEqual(got, oracle_ranks_1_4(infos, available, must, size), context)
             shuffled = list(available)
             rng.shuffle(shuffled)
             self.assertEqual(plugin.preferred_allocation(placements, shuffled, list(reversed(must)), size)[0],
@@ -945,6 +966,38 @@ class PreferredAllocationTests(unittest.TestCase):
             self.skipTest("sysfs corpus absent")
         self.assertEqual(len(infos), 20)
         self.check_against_oracle(infos, seed=6, requests=150)
+
+    def test_oracle_two_caches_per_node(self):
+        infos = synthetic_infos(sockets=1, cores=8, threads=2, nodes_per_socket=2, cores_per_cache=2)
+        self.check_against_oracle(infos, seed=8, requests=150)
+
+    def test_oracle_smt1_caches_and_two_kinds(self):
+        infos = synthetic_infos(sockets=2, cores=6, threads=1, cores_per_cache=3, kinds=(0, 1, 0, 1, 1, 0))
+        self.check_against_oracle(infos, seed=9, requests=150)
+
+    def test_oracle_kinds_caches_and_unknown_cpus(self):
+        infos = synthetic_infos(sockets=1, cores=8, threads=2, nodes_per_socket=2, cores_per_cache=2,
+                                kinds=(0, 0, 1, 1, 1, 0, 0, 1), unknown=(3, 12))
+        for cpu in (6, 14):                                                 # core 6: its kind unknown
+            infos[cpu] = infos[cpu]._replace(core_class=None)
+        for cpu in (7, 15):                                                 # core 7: its cache unknown
+            infos[cpu] = infos[cpu]._replace(llc_cpus=())
+        self.check_against_oracle(infos, seed=10, requests=150)
+
+    def test_oracle_many_nodes_of_two_caches(self):
+        # 12 NUMA nodes of 2 caches x 2 cores: more node sets tie on ranks 1-2 than are filled
+        infos = synthetic_infos(sockets=1, cores=48, threads=1, nodes_per_socket=12, cores_per_cache=2,
+                                kinds=[0, 0, 1, 1] * 12)
+        self.check_against_oracle(infos, seed=12, requests=200, max_available=12)
+
+    def test_oracle_corpus_two_kinds_two_caches(self):
+        infos = corpus_infos("nvidia-dgx-gb10")                  # 10 little and 10 big cores, an L3 per 10 CPUs
+        if infos is None:
+            self.skipTest("sysfs corpus absent")
+        self.assertEqual(len(infos), 20)
+        self.assertEqual({i.core_class for i in infos.values()}, {0, 1})
+        self.assertEqual({i.llc_cpus for i in infos.values()}, {tuple(range(10)), tuple(range(10, 20))})
+        self.check_against_oracle(infos, seed=11, requests=200)
 
     def test_oracle_corpus_power_smt4_multi_node(self):
         infos = corpus_infos("256ppc-8n8s4t")
@@ -999,6 +1052,43 @@ class PreferredAllocationTests(unittest.TestCase):
         # node 0: cores {0,6} {1,7} {2,8}; node 1: cores {3,9} {4,10} {5,11}
         self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 9], size=3), [0, 1, 2])       # 1 node, 3 cores
         self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 9, 4, 10], size=3), [3, 4, 9])  # 1 node, 2 cores
+
+    # Ranks 3 and 4 -------------------------------------------------------------
+
+    def test_one_cache_where_it_fits(self):
+        infos = synthetic_infos(sockets=1, cores=8, threads=2, cores_per_cache=4)
+        # cache A: cores 0-3 (CPUs 0-3,8-11), cache B: cores 4-7 (4-7,12-15); core 0 taken
+        free = set(range(16)) - {0, 8}
+        self.assertEqual(self.prefer(infos, free, size=8), [4, 5, 6, 7, 12, 13, 14, 15])   # only B holds 4 cores
+        self.assertEqual(self.prefer(infos, free, size=6), [1, 2, 3, 9, 10, 11])           # A, the tighter
+        self.assertEqual(self.prefer(infos, free, size=2), [1, 9])
+        self.assertEqual(self.prefer(infos, free, must=[12], size=4), [4, 5, 12, 13])      # the must CPU's cache
+        self.assertEqual(self.prefer(infos, free, size=10), [1, 2, 3, 4, 5, 9, 10, 11, 12, 13])   # two: the fewest
+        # fewer cores outrank fewer caches: two whole cores in two caches, not three cores in one
+        self.assertEqual(self.prefer(infos, [1, 2, 3, 5, 13], size=4), [1, 2, 5, 13])
+
+    def test_one_kind_of_core_where_one_suffices(self):
+        infos = synthetic_infos(sockets=1, cores=8, threads=1, kinds=(1, 1, 1, 1, 0, 0, 0, 0))    # 4-7 fast
+        self.assertEqual(self.prefer(infos, range(8), size=2), [4, 5])
+        self.assertEqual(self.prefer(infos, range(8), size=4), [4, 5, 6, 7])
+        self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 4, 5], size=3), [0, 1, 2])       # all slow, not mixed
+        self.assertEqual(self.prefer(infos, [0, 1, 4, 5], size=3), [0, 1, 4])            # mixed: there is no other
+        self.assertEqual(self.prefer(infos, [0, 1, 4, 5], must=[1], size=2), [0, 1])     # one kind with the must CPU
+        # P-cores with two threads and E-cores with one: fewer cores outrank one kind
+        infos = {cpu: plugin.CpuInfo(cpu, (0,), 0, None, None, cpu % 4, siblings, (), kind)
+                 for cpu, siblings, kind in ((0, (0, 4), 0), (4, (0, 4), 0), (1, (1, 5), 0), (5, (1, 5), 0),
+                                             (2, (2,), 1), (3, (3,), 1))}
+        self.assertEqual(self.prefer(infos, [0, 2, 3], size=2), [2, 3])                  # one kind of two cores
+        self.assertEqual(self.prefer(infos, [0, 4, 2, 3], size=2), [0, 4])               # one core
+        self.assertEqual(self.prefer(infos, [0, 4, 2, 3], size=3), [0, 2, 4])            # two cores, mixed
+
+    def test_one_kind_of_core_outranks_one_cache(self):
+        # NVIDIA GB10's layout in small: an L3 per 4 cores, each with two fast and two slow cores
+        infos = synthetic_infos(sockets=1, cores=8, threads=1, cores_per_cache=4, kinds=(0, 0, 1, 1, 0, 0, 1, 1))
+        self.assertEqual(self.prefer(infos, [0, 2, 3, 4], size=2), [0, 4])               # fast, in two caches
+        self.assertEqual(self.prefer(infos, [0, 2, 3, 6], size=2), [2, 3])               # slow in one, not mixed
+        self.assertEqual(self.prefer(infos, range(8), size=3), [0, 1, 4])                # the fast ones span two
+        self.assertEqual(self.prefer(infos, range(8), size=2), [0, 1])
 
     def test_the_readme_worked_example(self):
         """The README's table, row by row, as the kubelet asks under each
