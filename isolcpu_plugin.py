@@ -1304,7 +1304,7 @@ class _Request(object):
                 bisect.insort(tied, plan[1:5])
         counted.sort(key=lambda plan: plan[:5])
         best = None
-        for cores, kind, count, fit, _, need, others, extra, (kinds, caches) in counted[:8]:  # the few equal on ranks 1-4
+        for cores, kind, count, fit, _, need, others, extra, (kinds, caches) in counted[:8]:   # equal on ranks 1-4
             if (kind, count) != tuple(counted[0][1:3]):
                 break
             if kinds is not None or caches is not None:             # the cores ranks 3 and 4 draw from
@@ -2930,6 +2930,7 @@ def read_node(config):
         facts.topology = {d.cpu: d.info for d in inventory.devices}
     except InputError as e:
         facts.isolated_error = str(e)
+    facts.core_kinds = host.core_kinds()
     facts.nohz_full = read_file(os.path.join(cpu_dir, "nohz_full"))
     facts.workqueue = read_file(os.path.join(sysfs, "devices", "virtual", "workqueue", "cpumask"))
     irq_dir = os.path.join(procfs, "irq")
@@ -3324,6 +3325,37 @@ def check_smt_siblings(facts):
                        % (_brief(others), _brief(shared)), files, format_cpu_list(shared))
     return Finding("smt-siblings", PASS, "every isolated CPU's thread siblings are isolated too%s" % tail, "",
                    files, "")
+
+
+def check_core_kinds(facts):
+    cpu_dir = os.path.dirname(facts.nohz_full.path)
+    devices = os.path.dirname(os.path.dirname(cpu_dir))
+    files, kinds = facts.core_kinds
+    files = files or [os.path.join(devices, name, "cpus") for name in HYBRID_PMUS] + [
+        os.path.join(cpu_dir, "cpuN", "cpu_capacity")]
+    if not facts.isolated:
+        return _nothing_isolated("core-kinds", facts)
+    if not facts.core_kinds[0]:
+        return Finding("core-kinds", SKIP, "the kinds of core are unknown: no hybrid PMU lists and no cpu_capacity",
+                       "", files, "")
+    if not kinds:
+        return Finding("core-kinds", PASS, "every CPU is of one kind of core", "", files, "")
+    of_kind = collections.defaultdict(set)
+    for cpu in facts.isolated:
+        of_kind[kinds.get(cpu)].add(cpu)
+    known = sorted(kind for kind in of_kind if kind is not None)
+    tail = "; kind unknown for %s" % _brief(of_kind[None]) if None in of_kind else ""
+    scale = " (0 the fastest of %d)" % len(set(kinds.values()))
+    if len(known) > 1:
+        slower = set().union(*(of_kind[kind] for kind in known[1:]))
+        return Finding("core-kinds", WARN, "isolated CPUs mix kinds of core: %s%s%s; a pod may be given a slow core"
+                       % ("; ".join("%s of kind %d" % (_brief(of_kind[kind]), kind) for kind in known), scale, tail),
+                       "isolate CPUs of one kind (e.g. only %s); the plugin gives a pod one kind where it can, and "
+                       "the fastest" % _brief(of_kind[known[0]]), files, format_cpu_list(slower))
+    if known:
+        return Finding("core-kinds", PASS, "every isolated CPU is of kind %d%s%s" % (known[0], scale, tail),
+                       "", files, "")
+    return Finding("core-kinds", SKIP, "the kinds of the isolated CPUs are unknown%s" % tail, "", files, "")
 
 
 def _nohz_full_cpus(facts):
@@ -3765,7 +3797,7 @@ def check_housekeeping_masks(facts):
                    files, "")
 
 
-CHECKS = (check_isolated, check_isolcpus_flags, check_smt_siblings, check_nohz_full, check_rcu_nocbs,
+CHECKS = (check_isolated, check_isolcpus_flags, check_smt_siblings, check_core_kinds, check_nohz_full, check_rcu_nocbs,
           check_irq_affinity, check_cpu_manager, check_kubelet_config, check_cgroup_isolated, check_housekeeping,
           check_plugin, check_pod_cgroups, check_housekeeping_masks)
 

@@ -798,6 +798,27 @@ class CorpusTests(unittest.TestCase):
         self.assertGreater(cpus["compared"], 1500)
         self.assertGreater(cpus["llc"], 800)
 
+    def test_doctor_core_kinds_agrees_with_hwloc(self):
+        statuses = collections.Counter()
+        for machine in self.machines:
+            with self.subTest(machine=machine):
+                root = os.path.join(self.tmp, machine)
+                truth = hwloc_truth(root)
+                kinds = hwloc_caches_and_kinds(hwloc_xml(root), lambda cpu: truth[cpu][0])[1]
+                code, out, err = run_main(["--doctor", "--json", "--cpus", "all",
+                                           "--sysfs", os.path.join(root, "sys"), "--procfs", os.path.join(root, "proc"),
+                                           "--kubelet-dir", os.path.join(self.tmp, "no-kubelet"),
+                                           "--device-plugin-path", os.path.join(self.tmp, "no-kubelet"),
+                                           "--pod-resources-socket", "off"])
+                self.assertIn(code, (0, 1), err)
+                check = {c["id"]: c for c in json.loads(out)["checks"]}["core-kinds"]
+                slower = {cpu for cpu, kind in kinds.items() if kind}
+                self.assertEqual(set(expand_cpu_list(check["cpus"])), slower, check["found"])
+                self.assertEqual(check["status"] == "WARN", bool(slower), check["found"])
+                statuses[check["status"]] += 1
+        self.assertEqual(statuses["WARN"], 2)
+        self.assertEqual(statuses["PASS"], 1)                  # 128arm-2pa2n8cluster4co: cpu_capacity 1024 on all
+
     def test_doctor_smt_siblings_agrees_with_hwloc(self):
         compared = warned = 0
         for machine in self.machines:
@@ -862,7 +883,8 @@ def synthetic_infos(sockets=1, cores=4, threads=2, nodes_per_socket=1, node_ids=
         cache = ()
         if cores_per_cache:
             first = sock * cores + core // cores_per_cache * cores_per_cache
-            cache = tuple(sorted(t * per_thread + c for t in range(threads) for c in range(first, first + cores_per_cache)))
+            cache = tuple(sorted(t * per_thread + c for t in range(threads)
+                                 for c in range(first, first + cores_per_cache)))
         infos[cpu] = plugin.CpuInfo(cpu, (node,), sock, None, None, core, siblings, cache,
                                     kinds[core] if kinds else None)
     for cpu in unknown:
@@ -2111,7 +2133,8 @@ class FuzzTests(TempDirTest):
                  "cpu2/cache/index2/type", "cpu6/cache", "cpu2/cpu_capacity", "../../cpu_core/cpus"]
         contents = ["", "\n", "garbage", "\x00\x01\x02", "\xff\xfe\x00binary", "1-99999999999", "-1",
                     "0-4294967295", "\u0663", "7" * 100000, "1," * 600000, "<dir>", "<missing>"]
-        degrade = ("/topology/", "/node0/", "kernel_max", "possible", "/cache", "cpu_capacity", "cpu_core")   # refine only
+        degrade = ("/topology/", "/node0/", "kernel_max", "possible",      # refine only: never fail
+                   "/cache", "cpu_capacity", "cpu_core")
         for name in files:
             for content in contents:
                 with self.subTest(file=name, content=content[:12]):
@@ -3219,7 +3242,7 @@ def run_doctor(flags, *extra):
     return result.returncode, checks, result.stderr
 
 
-DOCTOR_CHECKS = ["isolated", "isolcpus-flags", "smt-siblings", "nohz-full", "rcu-nocbs", "irq-affinity",
+DOCTOR_CHECKS = ["isolated", "isolcpus-flags", "smt-siblings", "core-kinds", "nohz-full", "rcu-nocbs", "irq-affinity",
                  "cpu-manager", "kubelet-config", "cgroup-isolated", "housekeeping", "plugin", "pod-cgroups",
                  "housekeeping-masks"]
 
@@ -3315,8 +3338,8 @@ class DoctorHostTests(TempDirTest):
     def test_a_good_node_passes(self):
         code, checks = self.doctor()
         statuses = {name: check["status"] for name, check in checks.items()}
-        self.assertEqual(statuses, dict({name: "PASS" for name in DOCTOR_CHECKS},
-                                        plugin="SKIP", **{"pod-cgroups": "SKIP"}), checks)
+        self.assertEqual(statuses, dict({name: "PASS" for name in DOCTOR_CHECKS},     # no kinds of core to tell
+                                        plugin="SKIP", **{"pod-cgroups": "SKIP", "core-kinds": "SKIP"}), checks)
         self.assertEqual(code, 0)
         self.assertIn("2-7,10-15 (12 CPUs)", checks["isolated"]["found"])
         self.assertIn("cpuManagerPolicy=static", checks["kubelet-config"]["found"])
@@ -3330,7 +3353,7 @@ class DoctorHostTests(TempDirTest):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
         self.assertEqual(result.returncode, 0, result.stderr)
         lines = result.stdout.splitlines()
-        self.assertRegex(lines[0], r"^isolcpu-plugin doctor: 11 PASS, 2 SKIP; holders ")
+        self.assertRegex(lines[0], r"^isolcpu-plugin doctor: 11 PASS, 3 SKIP; holders ")
         rows = [line.split()[:2] for line in lines[1:] if not line.startswith(" ")]
         self.assertEqual([row[1] for row in rows], DOCTOR_CHECKS)
         self.assertTrue(all(line.startswith(("PASS", "WARN", "FAIL", "SKIP", "      ")) for line in lines[1:]))
@@ -3369,6 +3392,26 @@ class DoctorHostTests(TempDirTest):
         for cpu in range(16):
             self.remove("sys/devices/system/cpu/cpu%d/topology" % cpu)
         self.assertEqual(self.doctor()[1]["smt-siblings"]["status"], "SKIP")
+
+    def test_core_kinds(self):
+        # socket 0 (CPUs 0-3,8-11) fast, socket 1 (4-7,12-15) slow; isolated 2-7,10-15
+        capacity = "sys/devices/system/cpu/cpu%d/cpu_capacity"
+        self.write({capacity % cpu: "%d\n" % (1024 if cpu % 8 < 4 else 446) for cpu in range(16)})
+        check = self.doctor()[1]["core-kinds"]
+        self.assertEqual((check["status"], check["cpus"]), ("WARN", "4-7,12-15"), check)
+        self.assertIn("isolated CPUs mix kinds of core: 2-3,10-11 of kind 0; 4-7,12-15 of kind 1", check["found"])
+        self.assertIn("only 2-3,10-11", check["advice"])
+        self.write({"sys/devices/system/cpu/isolated": "4-7,12-15\n"})
+        check = self.doctor()[1]["core-kinds"]
+        self.assertEqual(check["status"], "PASS")
+        self.assertIn("every isolated CPU is of kind 1 (0 the fastest of 2)", check["found"])
+        self.write({capacity % cpu: "1024\n" for cpu in range(16)})
+        self.assertEqual(self.doctor()[1]["core-kinds"]["status"], "PASS")
+        self.write({"sys/devices/cpu_core/cpus": "0-3,8-11\n", "sys/devices/cpu_atom/cpus": "4-7,12-15\n",
+                    "sys/devices/system/cpu/isolated": "2-7,10-15\n"})
+        check = self.doctor()[1]["core-kinds"]                        # the PMU lists win over capacities
+        self.assertEqual((check["status"], check["cpus"]), ("WARN", "4-7,12-15"), check)
+        self.assertIn(self.path("sys/devices/cpu_core/cpus"), check["files"])
 
     def test_nohz_full_and_rcu_nocbs(self):
         self.write({"sys/devices/system/cpu/nohz_full": "2-7\n",
@@ -3490,7 +3533,8 @@ class DoctorHostTests(TempDirTest):
         targets = ["sys/devices/system/cpu/nohz_full", "sys/devices/virtual/workqueue/cpumask",
                    "proc/irq/default_smp_affinity", "proc/irq/24/effective_affinity_list", "proc/interrupts",
                    "kubelet/cpu_manager_state", "host-root/var/lib/kubelet/config.yaml",
-                   "proc/4242/task/4242/status", "sys/fs/cgroup/cpuset.cpus.isolated"]
+                   "proc/4242/task/4242/status", "sys/fs/cgroup/cpuset.cpus.isolated",
+                   "sys/devices/system/cpu/cpu2/cpu_capacity", "sys/devices/cpu_core/cpus"]
         rng = random.Random(5)
         for target in targets:
             with self.subTest(target=target):
