@@ -1249,18 +1249,21 @@ class _Request(object):
         return (True, max(by_kind)), None                 # not reached: the cores hold it (rank 2)
 
     def caches_of(self, groups, kinds):
-        """{cache: Counter of core sizes} of the other cores of `kinds` (None:
+        """{cache: {core size: cores}} of the other cores of `kinds` (None:
         any) in the NUMA groups; per group once (node sets share groups)."""
         merged = {}
         for group in groups:
             caches = self._group_caches.get((group, kinds))
             if caches is None:
-                caches = self._group_caches[group, kinds] = collections.defaultdict(collections.Counter)
+                caches = self._group_caches[group, kinds] = {}
                 for (kind, cache, size), count in self.group_traits.get(group, {}).items():
                     if kinds is None or kind in kinds:
-                        caches[cache][size] += count
+                        sizes = caches.setdefault(cache, {})
+                        sizes[size] = sizes.get(size, 0) + count
             for cache, sizes in caches.items():
-                merged[cache] = merged[cache] + sizes if cache in merged else sizes
+                if cache in merged:                      # a cache across NUMA nodes
+                    sizes = collections.Counter(merged[cache]) + collections.Counter(sizes)
+                merged[cache] = sizes
         return merged
 
     def kinds_and_caches(self, chosen):

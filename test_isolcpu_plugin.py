@@ -1006,6 +1006,11 @@ class PreferredAllocationTests(unittest.TestCase):
             infos[cpu] = infos[cpu]._replace(llc_cpus=())
         self.check_against_oracle(infos, seed=10, requests=150)
 
+    def test_oracle_a_cache_across_two_nodes(self):
+        # sub-NUMA clustering: an L3 per socket, split between two NUMA nodes
+        infos = synthetic_infos(sockets=2, cores=4, threads=2, nodes_per_socket=2, cores_per_cache=4)
+        self.check_against_oracle(infos, seed=13, requests=150)
+
     def test_oracle_many_nodes_of_two_caches(self):
         # 12 NUMA nodes of 2 caches x 2 cores: more node sets tie on ranks 1-2 than are filled
         infos = synthetic_infos(sockets=1, cores=48, threads=1, nodes_per_socket=12, cores_per_cache=2,
