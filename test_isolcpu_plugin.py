@@ -3043,7 +3043,8 @@ class PodResourcesTests(PodResourcesRig):
         self.assertEqual(data["holders_source"], "pod-resources")
         by_id = {d["id"]: d for d in data["devices"]}
         self.assertEqual(set(by_id["3"]) - {"holder", "holders"},
-                         {"id", "cpu", "health", "numa_nodes", "package", "core_id", "thread_siblings"})
+                         {"id", "cpu", "health", "numa_nodes", "package", "core_id", "thread_siblings",
+                          "llc_cpus", "core_class"})
         self.assertEqual(by_id["3"]["holder"], {"namespace": "trading", "pod": "order-gateway-7f9c",
                                                 "container": "gateway", "pod_uid": None, "source": "pod-resources"})
         self.assertIsNone(by_id["2"]["holder"])
