@@ -1058,8 +1058,9 @@ def container_allocation(cpus, env_name, cpuid_paths):
 # unknown CPU costs a node, a core and a domain of its own: it ranks last.
 # llc: the key of its last-level cache (named by its first CPU: the CPUs of a
 # cache agree on it), its core's own when unknown (a cache per core costs
-# nothing the count of cores does not); kind: its kind of core, 0 the
-# fastest, UNKNOWN_KIND on machines of one kind and where unknown.
+# nothing the count of cores does not; named by the core's first CPU, cheap
+# to hash); kind: its kind of core, 0 the fastest, UNKNOWN_KIND on machines
+# of one kind and where unknown.
 Placement = collections.namedtuple("Placement", "numa core package die cluster known llc kind")
 UNKNOWN_KIND = 1 << 16          # after every kind a machine has
 
@@ -1072,7 +1073,7 @@ def cpu_placement(info):
     die = package + (info.die,) if info.die is not None else package       # absent level: one per parent
     cluster = die + (info.cluster,) if info.cluster is not None else die
     return Placement(numa, core, package, die, cluster, bool(info.numa_nodes and info.thread_siblings),
-                     ("llc", info.llc_cpus[0]) if info.llc_cpus else ("core", core),
+                     ("llc", info.llc_cpus[0]) if info.llc_cpus else ("core", (info.thread_siblings or (info.cpu,))[0]),
                      UNKNOWN_KIND if info.core_class is None else info.core_class)
 
 
@@ -1145,7 +1146,8 @@ class _Request(object):
             if core not in self.must_cores:
                 where = place[cpus[0]]                    # a core's CPUs share its kind and caches
                 self.group_cores[where.numa].append(core)
-                traits[where.numa].append((where.kind, where.llc, len(cpus)))
+                # None: the core's own cache (unknown), so that machines without caches add few keys
+                traits[where.numa].append((where.kind, where.llc if where.llc[0] == "llc" else None, len(cpus)))
         self.group_traits = {group: collections.Counter(keys) for group, keys in traits.items()}  # (kind, cache, size)
         self.group_sizes = {}                                                                     # ... and size alone
         for group, counts in self.group_traits.items():
@@ -1156,7 +1158,7 @@ class _Request(object):
         self.must_caches = {place[self.cores[core][0]].llc for core in self.must_cores}
         traits = [key for counts in self.group_traits.values() for key in counts]
         self.several_kinds = len({kind for kind, _, _ in traits} | self.must_kinds) > 1
-        self.caches_known = any(cache[0] == "llc" for _, cache, _ in traits) or any(
+        self.caches_known = any(cache is not None for _, cache, _ in traits) or any(
             cache[0] == "llc" for cache in self.must_caches)
         self._group_caches = {}
 
@@ -1257,9 +1259,14 @@ class _Request(object):
             if caches is None:
                 caches = self._group_caches[group, kinds] = {}
                 for (kind, cache, size), count in self.group_traits.get(group, {}).items():
-                    if kinds is None or kind in kinds:
+                    if (kinds is None or kind in kinds) and cache is not None:
                         sizes = caches.setdefault(cache, {})
                         sizes[size] = sizes.get(size, 0) + count
+                if any(cache is None for _, cache, _ in self.group_traits.get(group, {})):
+                    for core in self.group_cores[group]:       # cores of unknown cache: a cache each
+                        where = self.place[self.cores[core][0]]
+                        if where.llc[0] != "llc" and (kinds is None or where.kind in kinds):
+                            caches[where.llc] = {len(self.cores[core]): 1}
             for cache, sizes in caches.items():
                 if cache in merged:                      # a cache across NUMA nodes
                     sizes = collections.Counter(merged[cache]) + collections.Counter(sizes)
