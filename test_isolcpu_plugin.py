@@ -1145,6 +1145,28 @@ class PreferredAllocationTests(unittest.TestCase):
                 self.assertEqual(format_cpu_list(self.prefer(infos, sorted(free), size=size)), with_none)
                 self.assertEqual(format_cpu_list(under_topology_policy(free, size)), with_topology)
 
+    def test_the_readme_worked_example_with_two_caches_per_node(self):
+        """The README's second table: one socket, two NUMA nodes of two L3
+        caches of 4 cores x 2 threads (core c: CPUs c, c+16; L3s 0-3,16-19 |
+        4-7,20-23 | 8-11,24-27 | 12-15,28-31), isolcpus=1-15,17-31, under
+        each topology manager policy as in the first example."""
+        infos = synthetic_infos(sockets=1, cores=16, threads=2, nodes_per_socket=2, cores_per_cache=4)
+        isolated = set(range(32)) - {0, 16}
+
+        def under_topology_policy(free, size):
+            offer = next((cpus for cpus in ([c for c in sorted(free) if infos[c].numa_nodes == (node,)]
+                                            for node in (0, 1)) if len(cpus) >= size), sorted(free))
+            return offer if len(offer) == size else self.prefer(infos, offer, size=size)
+
+        rows = [(isolated, 2, "1,17"), (isolated, 6, "1-3,17-19"), (isolated, 8, "4-7,20-23"),
+                (isolated - set(range(4, 8)) - set(range(20, 24)), 8, "8-11,24-27"),
+                ({2, 3, 18, 19, 7, 23} | set(range(12, 16)) | set(range(28, 32)), 1, "7"),
+                (isolated, 10, "1-5,17-21")]
+        for free, size, expected in rows:
+            with self.subTest(free=format_cpu_list(free), size=size):
+                self.assertEqual(format_cpu_list(self.prefer(infos, sorted(free), size=size)), expected)
+                self.assertEqual(format_cpu_list(under_topology_policy(free, size)), expected)
+
     def test_requests_that_cannot_be_met(self):
         placements = plugin.cpu_placements(synthetic_infos(sockets=1, cores=4, threads=2))
         prefer = plugin.preferred_allocation
