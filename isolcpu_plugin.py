@@ -1281,6 +1281,8 @@ class _Request(object):
     # Rank 5 and the final pick -------------------------------------------------
 
     def choose(self):
+        # a plan: [cores, (mixed, slowest kind), caches, fit, nodes, need,
+        # other cores, extra cores, groups; later (kinds, caches) to draw from]
         plans = []
         for nodes, groups in self.numa_candidates():
             cores, need, others, extra = self.core_plan(groups)
