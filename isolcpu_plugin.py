@@ -45,6 +45,7 @@ if __name__ == "__main__":
 
 import argparse
 import asyncio
+import bisect
 import collections
 import concurrent.futures
 import errno
@@ -375,8 +376,13 @@ def socket_name_for(resource_name):
 
 # What sysfs says about one CPU. numa_nodes and thread_siblings are sorted
 # tuples, () when unknown; package, die, cluster and core_id are ints or None.
+# llc_cpus: the CPUs sharing its last-level cache (sorted), () when unknown or
+# private to its core; core_class: its kind of core, 0 the fastest on this
+# machine, None with one kind or unknown. Both default, so that the CpuInfo
+# of seven fields still builds.
 CpuInfo = collections.namedtuple(
-    "CpuInfo", "cpu numa_nodes package die cluster core_id thread_siblings")
+    "CpuInfo", "cpu numa_nodes package die cluster core_id thread_siblings llc_cpus core_class")
+CpuInfo.__new__.__defaults__ = ((), None)       # namedtuple(defaults=) needs Python 3.7
 
 
 def unknown_cpu_info(cpu):
@@ -430,18 +436,37 @@ def read_host_file(path, limit=HOST_FILE_LIMIT, follow_symlinks=True):
     return b"".join(chunks)
 
 
+# Hybrid Intel's PMU devices, each listing its CPUs: fastest kind first.
+HYBRID_PMUS = ("cpu_core", "cpu_atom")
+
+
+def capacity_classes(capacities):
+    """{cpu: kind of core} from {cpu: cpu_capacity}, 0 the fastest. A kind
+    starts at its highest capacity and takes every capacity within 5 % below
+    it: boost and binning make one kind of core report several (NVIDIA GB10's
+    big cores say 997, 1017 and 1024, its little ones 718 and 731)."""
+    kind_of, kind, top = {}, -1, None
+    for capacity in sorted(set(capacities.values()), reverse=True):
+        if top is None or capacity * 100 < top * 95:
+            kind, top = kind + 1, capacity
+        kind_of[capacity] = kind
+    return {cpu: kind_of[capacity] for cpu, capacity in capacities.items()}
+
+
 class Host(object):
     """A host's CPU files under a sysfs and a procfs root: all file reading
     lives here, so that everything else can be tested without a host."""
 
     def __init__(self, sysfs="/sys", procfs="/proc"):
         self.cpu_dir = os.path.join(sysfs, "devices", "system", "cpu")
+        self.devices_dir = os.path.join(sysfs, "devices")
         self.node_dir = os.path.join(sysfs, "devices", "system", "node")
         self.cmdline_path = os.path.join(procfs, "cmdline")
         if not os.path.isdir(self.cpu_dir):
             raise InputError("--sysfs %s: no devices/system/cpu directory there" % quote(sysfs, 200))
         self.max_cpu = self._max_cpu()
         self.last_cpu = self._last_cpu()
+        self._kinds = None              # core_kinds(), read once: kinds of core do not change while the kernel runs
 
     # Files -----------------------------------------------------------------
 
@@ -548,9 +573,13 @@ class Host(object):
         refines what is advertised."""
         node_cpus = self._node_cpu_lists()
         problems = {}
+        kinds = self.core_kinds(problems)[1]
+        caches = {}                              # what _last_level_cache() read, for the CPUs sharing a cache
         infos = {}
         for cpu in cpus:
-            infos[cpu] = self._one_cpu_topology(cpu, node_cpus, problems)
+            info = self._one_cpu_topology(cpu, node_cpus, problems)
+            infos[cpu] = info._replace(llc_cpus=self._last_level_cache(cpu, info.thread_siblings, caches, problems),
+                                       core_class=kinds.get(cpu))
         for kind, example in sorted(problems.items()):
             log.warning("topology: %s unreadable, taken as unknown (e.g. %s)", kind, example)
         return infos
@@ -619,6 +648,142 @@ class Host(object):
                        cluster=number("cluster_id"),
                        core_id=number("core_id"),
                        thread_siblings=tuple(sorted(siblings)) if siblings else ())
+
+    # Caches and kinds of core ----------------------------------------------
+
+    def _caches(self, cpu, memo, problems):
+        """[(level, directory)] of the CPU's data and unified caches, highest
+        level first (the index number is not the level: some machines keep L3
+        in index2, or an L2 instruction cache in index3); None without a cache
+        directory (an offline CPU on most kernels)."""
+        key = ("caches", cpu)
+        if key not in memo:
+            directory = os.path.join(self.cpu_dir, "cpu%d" % cpu, "cache")
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                names = None
+            caches = None
+            if names is not None:
+                caches = []
+                for name in names:
+                    if not re.match(r"index[0-9]{1,3}\Z", name):
+                        continue
+                    path = os.path.join(directory, name)
+                    if self.optional_text(os.path.join(path, "type"), problems) not in ("Data", "Unified"):
+                        continue
+                    level = self.optional_text(os.path.join(path, "level"), problems)
+                    if level is not None and re.match(r"[0-9]{1,2}\Z", level):
+                        caches.append((int(level), path))
+                    elif level is not None:
+                        problems.setdefault("level", "%s/level = %s" % (path, quote(level)))
+                caches.sort(key=lambda cache: (-cache[0], cache[1]))
+            memo[key] = caches
+        return memo[key]
+
+    def _cache_cpus(self, path, memo, problems):
+        """(id, CPUs) of one cache: its shared_cpu_list, else its
+        shared_cpu_map; CPUs None when neither reads, or when both do and
+        neither holds the other (that one leaves offline CPUs out is seen on
+        real kernels). The id (text, None when absent) only has to match."""
+        key = ("cpus", path)
+        if key not in memo:
+            found = []
+            for name, parse in (("shared_cpu_list", lambda text: parse_cpu_list(text, self.last_cpu, self.max_cpu)),
+                                ("shared_cpu_map", lambda text: parse_cpu_mask(text, self.max_cpu))):
+                text = self.optional_text(os.path.join(path, name), problems)
+                if text is None:
+                    continue
+                try:
+                    found.append(parse(text))
+                except InputError as e:
+                    problems.setdefault(name, "%s/%s: %s" % (path, name, e))
+            cpus = found[0] if found else None
+            if len(found) == 2 and not (found[0] <= found[1] or found[1] <= found[0]):
+                problems.setdefault("last-level cache", "%s: shared_cpu_list and shared_cpu_map disagree" % path)
+                cpus = None
+            memo[key] = (self.optional_text(os.path.join(path, "id"), problems), cpus)
+        return memo[key]
+
+    def _last_level_cache(self, cpu, siblings, memo, problems):
+        """The CPUs sharing the CPU's last-level cache: its highest-level data
+        or unified cache shared with more than its own core, as a sorted
+        tuple. () when there is none, and when the files contradict
+        themselves (a cache that does not list the CPU, a list and a mask
+        that disagree, a CPU of the cache that describes it otherwise): a
+        cache known wrong is worse for the policy than none."""
+        own = set(siblings) or {cpu}
+        for level, path in self._caches(cpu, memo, problems) or ():
+            ident, cpus = self._cache_cpus(path, memo, problems)
+            if cpus is None:
+                return ()
+            if cpu not in cpus:
+                problems.setdefault("last-level cache", "%s does not list cpu%d" % (path, cpu))
+                return ()
+            if cpus - own:
+                break
+        else:
+            return ()                    # no cache, or each private to the core
+        key = ("agreed", level, ident, cpus)
+        if key not in memo:              # once per cache: every CPU of it that has caches says the same
+            memo[key] = all(self._describes_cache(other, level, ident, cpus, memo, problems)
+                            for other in sorted(cpus) if other != cpu)
+            if not memo[key]:
+                problems.setdefault("last-level cache", "the CPUs of %s describe it differently" % path)
+        return tuple(sorted(cpus)) if memo[key] else ()
+
+    def _describes_cache(self, cpu, level, ident, cpus, memo, problems):
+        """Whether the CPU has the same cache at `level`, or no caches at all
+        (offline CPUs keep none on most kernels)."""
+        caches = self._caches(cpu, memo, problems)
+        if caches is None:
+            return True
+        for other_level, path in caches:
+            if other_level == level:
+                return self._cache_cpus(path, memo, problems) == (ident, cpus)
+        return False
+
+    def core_kinds(self, problems=None):
+        """(the files that tell the kinds of core, {cpu: kind} with 0 the
+        fastest). The kinds come from hybrid Intel's PMU lists, else from each
+        CPU's cpu_capacity (arm64, newer x86); with one kind, or where
+        neither tells, the map is empty. Frequencies alone make no kinds: a
+        part binned or boosted per core is one kind of core."""
+        if self._kinds is None:
+            self._kinds = self._read_core_kinds({} if problems is None else problems)
+        return self._kinds
+
+    def _read_core_kinds(self, problems):
+        files, kinds = [], {}
+        for kind, name in enumerate(HYBRID_PMUS):
+            path = os.path.join(self.devices_dir, name, "cpus")
+            text = self.optional_text(path, problems)
+            if text is None:
+                continue
+            try:
+                cpus = parse_cpu_list(text, self.last_cpu, self.max_cpu)
+            except InputError as e:
+                problems.setdefault(name + "/cpus", "%s: %s" % (path, e))
+                continue
+            files.append(path)
+            for cpu in cpus:
+                kinds[cpu] = None if cpu in kinds else kind          # in both lists: unknown
+        if not files:
+            capacities = {}
+            for cpu in sorted(self._cpu_dirs()):
+                path = os.path.join(self.cpu_dir, "cpu%d" % cpu, "cpu_capacity")
+                text = self.optional_text(path, problems)
+                if text is not None and re.match(r"[0-9]{1,7}\Z", text) and int(text) > 0:
+                    capacities[cpu] = int(text)
+                elif text is not None:
+                    problems.setdefault("cpu_capacity", "%s = %s" % (path, quote(text)))
+            if capacities:
+                files.append(os.path.join(self.cpu_dir, "cpuN", "cpu_capacity"))
+            kinds = capacity_classes(capacities)
+        kinds = {cpu: kind for cpu, kind in kinds.items() if kind is not None}
+        if len(set(kinds.values())) < 2:
+            kinds = {}
+        return files, kinds
 
     def _numa_nodes(self, cpu, cpu_path, node_cpus):
         """The nodes whose cpulist holds the CPU; failing that (an offline CPU
@@ -778,6 +943,17 @@ class CpuInventory(object):
                  if cpu not in self.topology or (cpu in online) != (cpu in self.online)}
         self.topology = {cpu: info for cpu, info in self.topology.items() if cpu in wanted}
         self.topology.update(self.host.cpu_topology(sorted(stale)))
+        # A CPU going off- or online leaves or joins the cache lists of the
+        # CPUs sharing its cache: read those again, found in their old lists
+        # or in the returning CPU's own.
+        hotplugged = (online ^ self.online) & present if self.online else frozenset()
+        if hotplugged:
+            back = self.host.cpu_topology(sorted(hotplugged & online - stale))
+            back.update((cpu, self.topology[cpu]) for cpu in hotplugged & stale)
+            hit = {llc for llc in {info.llc_cpus for info in self.topology.values()} if hotplugged.intersection(llc)}
+            mates = {cpu for cpu, info in self.topology.items() if info.llc_cpus in hit}
+            mates.update(cpu for info in back.values() for cpu in info.llc_cpus if cpu in wanted)
+            self.topology.update(self.host.cpu_topology(sorted(mates - stale)))
         self.served, self.present, self.online, self.origin = served, present, online, origin
         devices = build_devices(wanted, online, self.topology)
         change = describe_device_changes(self.devices, devices)
@@ -1060,7 +1236,13 @@ def container_allocation(cpus, env_name, cpuid_paths):
 # siblings); package, die, cluster: keys of the domains around that core.
 # Whatever sysfs does not tell becomes a singleton of the CPU's own, so an
 # unknown CPU costs a node, a core and a domain of its own: it ranks last.
-Placement = collections.namedtuple("Placement", "numa core package die cluster known")
+# llc: the key of its last-level cache (named by its first CPU: the CPUs of a
+# cache agree on it), its core's own when unknown (a cache per core costs
+# nothing the count of cores does not; named by the core's first CPU, cheap
+# to hash); kind: its kind of core, 0 the fastest, UNKNOWN_KIND on machines
+# of one kind and where unknown.
+Placement = collections.namedtuple("Placement", "numa core package die cluster known llc kind")
+UNKNOWN_KIND = 1 << 16          # after every kind a machine has
 
 
 def cpu_placement(info):
@@ -1070,7 +1252,9 @@ def cpu_placement(info):
     package = ("package", info.package) if info.package is not None else ("core", core)
     die = package + (info.die,) if info.die is not None else package       # absent level: one per parent
     cluster = die + (info.cluster,) if info.cluster is not None else die
-    return Placement(numa, core, package, die, cluster, bool(info.numa_nodes and info.thread_siblings))
+    return Placement(numa, core, package, die, cluster, bool(info.numa_nodes and info.thread_siblings),
+                     ("llc", info.llc_cpus[0]) if info.llc_cpus else ("core", (info.thread_siblings or (info.cpu,))[0]),
+                     UNKNOWN_KIND if info.core_class is None else info.core_class)
 
 
 def cpu_placements(infos):
@@ -1088,15 +1272,21 @@ def preferred_allocation(placements, available, must_include, size):
     by, most important first:
       1. the fewest NUMA nodes;
       2. the fewest physical cores (SMT siblings together, any SMT width);
-      3. known topology before unknown; the fewest packages, then dies, then
+      3. one kind of core: an answer of one kind before a mixed one, then the
+         fastest slowest core (a pod runs at the speed of its slowest);
+      4. the fewest last-level caches;
+      5. known topology before unknown; the fewest packages, then dies, then
          clusters; filling partly taken cores (a sibling not available)
-         before breaking wholly free ones; the NUMA node set with the least
-         room to spare (best fit, keeping big free blocks for big pods);
-      4. the lowest CPU numbers: the same request gets the same answer.
+         before breaking wholly free ones; the NUMA node set, and among as
+         few caches those, with the least room to spare (best fit, keeping
+         big free blocks for big pods);
+      6. the lowest CPU numbers: the same request gets the same answer.
     A request that cannot be met (size above what is available, must-include
     not available, size <= 0) gets the best valid subset, with the reason in
-    `problems`. Ranks 1 and 2 are exact (exhaustive over NUMA node sets, a
-    histogram count for cores); rank 3 is a careful greedy.
+    `problems`. Ranks 1-4 are exact (exhaustive over NUMA node sets, a
+    histogram count for cores, per kind for kinds, a dynamic programme for
+    caches; each within a bound of work, then greedy); rank 5 is a careful
+    greedy.
     """
     problems = []
     available = frozenset(available)
@@ -1131,12 +1321,26 @@ class _Request(object):
             self.cores.setdefault(place[cpu].core, []).append(cpu)
         self.must_cores = {place[cpu].core for cpu in must}
         self.group_cores = collections.defaultdict(list)  # NUMA group -> its other cores
-        self.group_sizes = collections.defaultdict(collections.Counter)   # ... their sizes
+        traits = collections.defaultdict(list)
         for core, cpus in self.cores.items():
             if core not in self.must_cores:
-                group = place[cpus[0]].numa
-                self.group_cores[group].append(core)
-                self.group_sizes[group][len(cpus)] += 1
+                where = place[cpus[0]]                    # a core's CPUs share its kind and caches
+                self.group_cores[where.numa].append(core)
+                # None: the core's own cache (unknown), so that machines without caches add few keys
+                traits[where.numa].append((where.kind, where.llc if where.llc[0] == "llc" else None, len(cpus)))
+        self.group_traits = {group: collections.Counter(keys) for group, keys in traits.items()}  # (kind, cache, size)
+        self.group_sizes = {}                                                                     # ... and size alone
+        for group, counts in self.group_traits.items():
+            sizes = self.group_sizes[group] = collections.Counter()
+            for (_, _, size), count in counts.items():
+                sizes[size] += count
+        self.must_kinds = {place[self.cores[core][0]].kind for core in self.must_cores}
+        self.must_caches = {place[self.cores[core][0]].llc for core in self.must_cores}
+        traits = [key for counts in self.group_traits.values() for key in counts]
+        self.several_kinds = len({kind for kind, _, _ in traits} | self.must_kinds) > 1
+        self.caches_known = any(cache is not None for _, cache, _ in traits) or any(
+            cache[0] == "llc" for cache in self.must_caches)
+        self._group_caches = {}
 
     def wholly_free(self, core):
         """Every thread of the core is available (taking part of it breaks it)."""
@@ -1200,21 +1404,106 @@ class _Request(object):
         others = [core for group in groups for core in self.group_cores.get(group, ())]
         return len(self.must_cores) + extra, need, others, extra
 
-    # Rank 3 and the final pick -------------------------------------------------
+    # Ranks 3 and 4 -------------------------------------------------------------
+
+    def kind_plan(self, groups, need, extra):
+        """((mixed, slowest kind) of the best answer, the kinds it draws
+        from or None for any): the first kind whose cores alone hold what
+        the must cores leave (`extra` cores for `need` CPUs), else the
+        fastest kinds that do together."""
+        if not self.several_kinds:
+            return (False, 0), None
+        by_kind = collections.defaultdict(collections.Counter)
+        for group in groups:
+            for (kind, _, size), count in self.group_traits.get(group, {}).items():
+                by_kind[kind][size] += count
+        if need <= 0:
+            return (len(self.must_kinds) > 1, max(self.must_kinds)), None
+        for kind in sorted(by_kind):
+            if self.must_kinds <= {kind} and _top_sum(by_kind[kind], extra) >= need:
+                return (False, kind), frozenset([kind])
+        slowest_must = max(self.must_kinds) if self.must_kinds else -1
+        pooled = collections.Counter()
+        for kind in sorted(by_kind):
+            pooled.update(by_kind[kind])
+            if kind >= slowest_must and _top_sum(pooled, extra) >= need:
+                return (True, kind), frozenset(k for k in by_kind if k <= kind)
+        return (True, max(by_kind)), None                 # not reached: the cores hold it (rank 2)
+
+    def caches_of(self, groups, kinds):
+        """{cache: {core size: cores}} of the other cores of `kinds` (None:
+        any) in the NUMA groups; per group once (node sets share groups)."""
+        merged = {}
+        for group in groups:
+            caches = self._group_caches.get((group, kinds))
+            if caches is None:
+                caches = self._group_caches[group, kinds] = {}
+                for (kind, cache, size), count in self.group_traits.get(group, {}).items():
+                    if (kinds is None or kind in kinds) and cache is not None:
+                        sizes = caches.setdefault(cache, {})
+                        sizes[size] = sizes.get(size, 0) + count
+                if any(cache is None for _, cache, _ in self.group_traits.get(group, {})):
+                    for core in self.group_cores[group]:       # cores of unknown cache: a cache each
+                        where = self.place[self.cores[core][0]]
+                        if where.llc[0] != "llc" and (kinds is None or where.kind in kinds):
+                            caches[where.llc] = {len(self.cores[core]): 1}
+            for cache, sizes in caches.items():
+                if cache in merged:                      # a cache across NUMA nodes
+                    sizes = collections.Counter(merged[cache]) + collections.Counter(sizes)
+                merged[cache] = sizes
+        return merged
+
+    def kinds_and_caches(self, chosen):
+        """(mixed, slowest kind) and the count of caches of an answer."""
+        kinds = {self.place[cpu].kind for cpu in chosen}
+        return (len(kinds) > 1, max(kinds)), len({self.place[cpu].llc for cpu in chosen})
+
+    # Rank 5 and the final pick -------------------------------------------------
 
     def choose(self):
+        # a plan: [cores, (mixed, slowest kind), caches, fit, nodes, need,
+        # other cores, extra cores, groups; later (kinds, caches) to draw from]
         plans = []
         for nodes, groups in self.numa_candidates():
             cores, need, others, extra = self.core_plan(groups)
             fit = sum(len(self.cores[c]) for c in others)      # best fit: the tightest node set
-            plans.append((cores, fit, sorted(_sort_key(n) for n in nodes), need, others, extra))
-        plans.sort(key=lambda plan: plan[:3])
-        best = None
-        for cores, fit, _, need, others, extra in plans[:8]:    # the few equal on ranks 1-2
-            if cores != plans[0][0]:
+            plans.append([cores, None, None, fit, sorted(_sort_key(n) for n in nodes), need, others, extra, groups])
+        fewest = min(plan[0] for plan in plans)
+        plans = [plan for plan in plans if plan[0] == fewest]
+        for plan in plans:                    # rank 3, and a bound on rank 4 (exact where cores are whole)
+            need, extra, groups = plan[5], plan[7], plan[8]
+            plan[1], kinds = self.kind_plan(groups, need, extra)
+            caches = self.caches_of(groups, kinds) if self.caches_known else None
+            plan[2] = _cache_bound(caches, self.must_caches, extra, need) if caches is not None else 0
+            plan[8] = kinds, caches
+        # Rank 4 exactly, in the order of the bounds, until no node set left
+        # could be among the (at most 8) best: plans[:8] of all, as if each
+        # were counted.
+        plans.sort(key=lambda plan: plan[1:5])
+        counted, tied = [], []                # tied: the best ranks 3-4 so far, by fit
+        for plan in plans:
+            if tied and (plan[1:3] > tied[0][:2] or (len(tied) >= 8 and plan[1:5] > tied[7])):
                 break
+            kinds, caches = plan[8]
+            chosen_caches = None
+            if caches is not None:
+                plan[2], chosen_caches = _fewest_caches(caches, self.must_caches, plan[7], plan[5])
+            plan[8] = kinds, chosen_caches
+            counted.append(plan)
+            if not tied or plan[1:3] < tied[0][:2]:
+                tied = []
+            if not tied or plan[1:3] == tied[0][:2]:
+                bisect.insort(tied, plan[1:5])
+        counted.sort(key=lambda plan: plan[:5])
+        best = None
+        for cores, kind, count, fit, _, need, others, extra, (kinds, caches) in counted[:8]:   # equal on ranks 1-4
+            if (kind, count) != tuple(counted[0][1:3]):
+                break
+            if kinds is not None or caches is not None:             # the cores ranks 3 and 4 draw from
+                others = [core for core in others if (kinds is None or self.place[self.cores[core][0]].kind in kinds)
+                          and (caches is None or self.place[self.cores[core][0]].llc in caches)]
             chosen = self.fill(need, others, extra)
-            cost = (self.rank3_cost(chosen), fit, sorted(chosen))
+            cost = (self.kinds_and_caches(chosen), self.rank3_cost(chosen), fit, sorted(chosen))
             if best is None or cost < best[0]:
                 best = (cost, chosen)
         return sorted(best[1])
@@ -1329,6 +1618,120 @@ def _top_sum(counter, count):
         if count <= 0:
             break
     return total
+
+
+CACHE_PLAN_BUDGET = 1 << 17    # steps of _fewest_caches' dynamic programme before it settles for greedy
+
+
+def _cache_slack(caches, budget, need):
+    """(the biggest core w, how many CPUs `budget` cores may fall short of w in all)."""
+    widest = max([size for sizes in caches.values() for size in sizes] or [1])
+    return widest, budget * widest - need
+
+
+def _cache_bound(caches, required, budget, need):
+    """At most as many caches as _fewest_caches() counts, from what each
+    cache offers alone: its whole cores, and one partly taken core per CPU
+    of slack. Exact without slack (only whole cores will do), which is the
+    common case: then the caches with the most whole cores go first."""
+    if need <= 0:
+        return len(required)
+    widest, slack = _cache_slack(caches, budget, need)
+    slack = max(slack, 0)
+    free = collections.Counter()
+    for cache in required:
+        free.update(caches.get(cache, {}))
+    offers = [sizes.get(widest, 0) + (min(sum(sizes.values()) - sizes.get(widest, 0), slack) if slack else 0)
+              for cache, sizes in caches.items() if cache not in required]
+    cores = free.get(widest, 0) + min(sum(free.values()) - free.get(widest, 0), slack)
+    count = len(required)
+    for more in sorted(offers, reverse=True):
+        if cores >= budget:
+            break
+        cores += more
+        count += 1
+    return count
+
+
+def _fewest_caches(caches, required, budget, need):
+    """(how many caches, which) for `budget` cores to hold `need` CPUs:
+    the fewest caches, counting `required` (those the must cores touch:
+    their other cores come free), from caches: cache -> Counter of the core
+    sizes there; among as few, those with the least room to spare.
+
+    Exact: with w the biggest core, the answer's cores fall short of w by
+    at most budget * w - need CPUs in all (the slack, small where cores are
+    whole), so a dynamic programme over (caches taken, CPUs short) finds
+    the most cores any m caches offer. Greedy, biggest caches first, where
+    that would take more than CACHE_PLAN_BUDGET steps."""
+    free = collections.Counter()
+    for cache in required:
+        free.update(caches.get(cache, {}))
+    optional = sorted((c for c in caches if c not in required),
+                      key=lambda c: (sum(size * n for size, n in caches[c].items()), _sort_key(c)))
+    chosen_free = [c for c in required if c in caches]
+    if need <= 0:
+        return len(required), chosen_free
+    widest, slack = _cache_slack(caches, budget, need)
+    most = min(len(optional), budget)
+    if slack < 0 or len(optional) * (most + 1) * (slack + 1) ** 2 > CACHE_PLAN_BUDGET:
+        chosen, pooled = [], collections.Counter(free)
+        for cache in sorted(optional, key=lambda c: (-_top_sum(caches[c], budget), _sort_key(c))):
+            if _top_sum(pooled, budget) >= need:
+                break
+            chosen.append(cache)
+            pooled.update(caches[cache])
+        return len(required) + len(chosen), chosen_free + chosen
+
+    def reach(sizes):
+        """reach[s]: the most cores (at most `budget`) of these falling s CPUs short of w, or less."""
+        cores, short, most_cores = 0, 0, [0] * (slack + 1)
+        for size in sorted(sizes, reverse=True):
+            gap = widest - size
+            take = min(sizes[size], budget - cores)
+            if gap:
+                take = min(take, (slack - short) // gap)
+            for _ in range(take if gap else 1 if take else 0):
+                cores, short = (cores + 1, short + gap) if gap else (cores + take, short)
+                most_cores[short] = cores
+        for s in range(1, slack + 1):
+            most_cores[s] = max(most_cores[s], most_cores[s - 1])
+        return most_cores
+
+    # best[m][s]: the most cores with at most m optional caches, at most s short;
+    # rows beyond the fewest caches found so far no longer matter
+    best = [reach(free) for _ in range(most + 1)]
+    taken = 0 if best[0][slack] >= budget else None
+    history, reaches = [], []
+    for i, cache in enumerate(optional):
+        if taken == 0:
+            break
+        offer = reach(caches[cache])
+        reaches.append(offer)
+        top_row = min(i + 1, most if taken is None else taken)
+        history.append([row[:] for row in best[:top_row + 1]])
+        for m in range(top_row, 0, -1):
+            fewer, row = best[m - 1], best[m]
+            for s in range(slack, -1, -1):
+                top = row[s]
+                for t in range(s + 1):
+                    if fewer[s - t] + offer[t] > top:
+                        top = fewer[s - t] + offer[t]
+                row[s] = min(top, budget)
+            if row[slack] >= budget and (taken is None or m < taken):
+                taken = m
+    if taken is None:                                           # not reached: rank 2 found them
+        return len(required) + len(optional), chosen_free + optional
+    # Which: walking back from the roomiest cache, leave out each the others do without.
+    chosen, m, s, cores = [], taken, slack, budget
+    for i in range(len(history) - 1, -1, -1):
+        if m == 0 or cores <= 0 or (m < len(history[i]) and history[i][m][s] >= cores):
+            continue
+        fewer, offer = history[i][m - 1], reaches[i]
+        t = next(t for t in range(s + 1) if fewer[s - t] + offer[t] >= cores)
+        chosen.append(optional[i])
+        m, s, cores = m - 1, s - t, cores - offer[t]
+    return len(required) + taken, chosen_free + chosen
 
 
 def _fewest_domains(sizes, required, budget, need):
@@ -3755,6 +4158,7 @@ def read_node(config):
         facts.topology = {d.cpu: d.info for d in inventory.devices}
     except InputError as e:
         facts.isolated_error = str(e)
+    facts.core_kinds = host.core_kinds()
     facts.nohz_full = read_file(os.path.join(cpu_dir, "nohz_full"))
     facts.workqueue = read_file(os.path.join(sysfs, "devices", "virtual", "workqueue", "cpumask"))
     irq_dir = os.path.join(procfs, "irq")
@@ -4317,6 +4721,37 @@ def check_smt_siblings(facts):
                    files, "")
 
 
+def check_core_kinds(facts):
+    cpu_dir = os.path.dirname(facts.nohz_full.path)
+    devices = os.path.dirname(os.path.dirname(cpu_dir))
+    files, kinds = facts.core_kinds
+    files = files or [os.path.join(devices, name, "cpus") for name in HYBRID_PMUS] + [
+        os.path.join(cpu_dir, "cpuN", "cpu_capacity")]
+    if not facts.isolated:
+        return _nothing_isolated("core-kinds", facts)
+    if not facts.core_kinds[0]:
+        return Finding("core-kinds", SKIP, "the kinds of core are unknown: no hybrid PMU lists and no cpu_capacity",
+                       "", files, "")
+    if not kinds:
+        return Finding("core-kinds", PASS, "every CPU is of one kind of core", "", files, "")
+    of_kind = collections.defaultdict(set)
+    for cpu in facts.isolated:
+        of_kind[kinds.get(cpu)].add(cpu)
+    known = sorted(kind for kind in of_kind if kind is not None)
+    tail = "; kind unknown for %s" % _brief(of_kind[None]) if None in of_kind else ""
+    scale = " (0 the fastest of %d)" % len(set(kinds.values()))
+    if len(known) > 1:
+        slower = set().union(*(of_kind[kind] for kind in known[1:]))
+        return Finding("core-kinds", WARN, "isolated CPUs mix kinds of core: %s%s%s; a pod may be given a slow core"
+                       % ("; ".join("%s of kind %d" % (_brief(of_kind[kind]), kind) for kind in known), scale, tail),
+                       "isolate CPUs of one kind (e.g. only %s); the plugin gives a pod one kind where it can, and "
+                       "the fastest" % _brief(of_kind[known[0]]), files, format_cpu_list(slower))
+    if known:
+        return Finding("core-kinds", PASS, "every isolated CPU is of kind %d%s%s" % (known[0], scale, tail),
+                       "", files, "")
+    return Finding("core-kinds", SKIP, "the kinds of the isolated CPUs are unknown%s" % tail, "", files, "")
+
+
 def _nohz_full_cpus(facts):
     """(nohz_full CPUs or None, where from): the sysfs file, else the command line."""
     text = facts.nohz_full.text
@@ -4860,7 +5295,7 @@ def check_housekeeping_masks(facts):
                    files, "")
 
 
-CHECKS = (check_isolated, check_isolcpus_flags, check_smt_siblings, check_nohz_full, check_rcu_nocbs,
+CHECKS = (check_isolated, check_isolcpus_flags, check_smt_siblings, check_core_kinds, check_nohz_full, check_rcu_nocbs,
           check_irq_affinity, check_cpu_manager, check_kubelet_config, check_cgroup_isolated, check_housekeeping,
           check_plugin, check_pod_cgroups, check_housekeeping_masks, check_exclusive, check_nri)
 
@@ -5128,7 +5563,8 @@ def device_record(device):
         ("id", device_id(device.cpu)), ("cpu", device.cpu),
         ("health", HEALTHY if device.healthy else UNHEALTHY),
         ("numa_nodes", list(info.numa_nodes)), ("package", info.package),
-        ("core_id", info.core_id), ("thread_siblings", list(info.thread_siblings))])
+        ("core_id", info.core_id), ("thread_siblings", list(info.thread_siblings)),
+        ("llc_cpus", list(info.llc_cpus) or None), ("core_class", info.core_class)])
 
 
 def list_holders(config):
@@ -5160,18 +5596,23 @@ def write_listing(config, inventory, holders, out):
         return
     out.write("%s: %d devices from %s; %s\n" % (config.resource_name, len(devices), inventory.origin,
                                                  holders_clause(holders)))
-    rows = [("ID", "CPU", "HEALTH", "NUMA", "PACKAGE", "CORE", "THREAD SIBLINGS", "HOLDER")]
+    # L3: the last-level cache, named by its first CPU; KIND only where cores differ
+    kinds = any(d.info.core_class is not None for d in devices)
+    rows = [("ID", "CPU", "HEALTH", "NUMA", "PACKAGE", "CORE", "THREAD SIBLINGS", "L3") + ("KIND",) * kinds
+            + ("HOLDER",)]
     for d in devices:
         info = d.info
         if by_cpu is None:
             holder = "?"
         else:
             holder = ", ".join(sorted(holder_name(h) for h in by_cpu.get(d.cpu, ()))) or "-"
+        kind = ("-" if info.core_class is None else str(info.core_class),) * kinds
         rows.append((device_id(d.cpu), str(d.cpu), HEALTHY if d.healthy else UNHEALTHY,
                      format_cpu_list(info.numa_nodes) or "-",
                      "-" if info.package is None else str(info.package),
                      "-" if info.core_id is None else str(info.core_id),
-                     format_cpu_list(info.thread_siblings) or "-", holder))
+                     format_cpu_list(info.thread_siblings) or "-",
+                     str(info.llc_cpus[0]) if info.llc_cpus else "-") + kind + (holder,))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() + "\n")

@@ -127,6 +127,31 @@ def fake_host(root, sockets=1, cores=4, threads=2, isolated="2-3,6-7", offline=(
     return os.path.join(root, "sys"), os.path.join(root, "proc")
 
 
+def fake_caches(sockets=1, cores=4, threads=2, cores_per_l3=2, l3_index=3, online=None):
+    """Cache files for fake_host()'s numbering: L1d, L1i and L2 per core,
+    an L3 per `cores_per_l3` cores, as list and mask; L3 in index `l3_index`
+    (2 swaps it with the L2, as some machines number them). As the kernel
+    does, the lists leave out CPUs not in `online`, which have no caches."""
+    per_thread = sockets * cores
+    total = per_thread * threads
+    online = set(range(total)) if online is None else set(online)
+    files = {}
+    for cpu in sorted(online):
+        rest = cpu % per_thread
+        core = [t * per_thread + rest for t in range(threads)]
+        first = rest // cores_per_l3 * cores_per_l3
+        l3 = [t * per_thread + r for t in range(threads) for r in range(first, first + cores_per_l3)]
+        for index, level, kind, cpus in ((0, 1, "Data", core), (1, 1, "Instruction", core),
+                                         (5 - l3_index, 2, "Unified", core), (l3_index, 3, "Unified", l3)):
+            cpus = [c for c in cpus if c in online]
+            base = "sys/devices/system/cpu/cpu%d/cache/index%d/" % (cpu, index)
+            files.update({base + "level": "%d\n" % level, base + "type": kind + "\n",
+                          base + "id": "%d\n" % (first if level == 3 else rest),
+                          base + "shared_cpu_list": format_cpu_list(cpus) + "\n",
+                          base + "shared_cpu_map": cpu_mask(cpus) + "\n"})
+    return files
+
+
 def plugin_env(extra=None):
     """This environment without ISOLCPU_* (each would set one of the plugin's
     flags), plus `extra`: what a plugin process under test gets."""
@@ -524,6 +549,113 @@ class HostTests(TempDirTest):
         self.assertIn(os.path.join(procfs, "cmdline"), str(caught.exception))
         self.assertIn("larger than 65536 bytes", str(caught.exception))
 
+    def llc_and_kinds(self, extra, **kw):
+        sysfs, procfs = fake_host(self.tmp, isolated="0-7", extra=extra, **kw)
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        return {d.cpu: (d.info.llc_cpus, d.info.core_class) for d in inv.devices}
+
+    def test_last_level_cache_is_the_highest_shared_one_whatever_its_index(self):
+        # one socket, 4 cores x 2 threads (core c: CPUs c, c+4), an L3 per 2 cores
+        expected = {cpu: ((0, 1, 4, 5), None) if cpu % 4 < 2 else ((2, 3, 6, 7), None) for cpu in range(8)}
+        self.assertEqual(self.llc_and_kinds(fake_caches()), expected)
+        shutil.rmtree(self.tmp)
+        self.assertEqual(self.llc_and_kinds(fake_caches(l3_index=2)), expected)
+        shutil.rmtree(self.tmp)
+        lists_only = {path: text for path, text in fake_caches().items() if not path.endswith("_map")}
+        masks_only = {path: text for path, text in fake_caches().items() if not path.endswith("_list")}
+        self.assertEqual(self.llc_and_kinds(lists_only), expected)
+        shutil.rmtree(self.tmp)
+        self.assertEqual(self.llc_and_kinds(masks_only), expected)
+        shutil.rmtree(self.tmp)
+        # an L3 per core is private, and so is every cache: no last-level cache to share
+        self.assertEqual(self.llc_and_kinds(fake_caches(cores_per_l3=1)), {cpu: ((), None) for cpu in range(8)})
+        shutil.rmtree(self.tmp)
+        # a higher-level instruction cache is not the last-level one
+        files = fake_caches(cores_per_l3=1)
+        files.update({"sys/devices/system/cpu/cpu%d/cache/index4/%s" % (cpu, name): text for cpu in range(8)
+                      for name, text in (("level", "4\n"), ("type", "Instruction\n"), ("shared_cpu_list", "0-7\n"))})
+        self.assertEqual(self.llc_and_kinds(files), {cpu: ((), None) for cpu in range(8)})
+
+    def test_last_level_cache_files_that_contradict_themselves_are_unknown(self):
+        base = "sys/devices/system/cpu/cpu%d/cache/index3/"
+        cases = [
+            # cpu0's list and mask disagree, neither holding the other: its whole L3 is unknown
+            ({base % 0 + "shared_cpu_map": cpu_mask([0, 1, 2, 3]) + "\n"}, {0, 1, 4, 5}),
+            # cpu5 says its L3 is another one
+            ({base % 5 + "shared_cpu_list": "0-7\n"}, {0, 1, 4, 5}),
+            # cpu2's list does not hold cpu2
+            ({base % 2 + "shared_cpu_list": "3,6-7\n", base % 2 + "shared_cpu_map": cpu_mask([3, 6, 7]) + "\n"},
+             {2, 3, 6, 7}),
+            # garbage, or a level that is no number: unknown, the rest as it was
+            ({base % 1 + "shared_cpu_list": "\x01garbage\n", base % 1 + "shared_cpu_map": "zz\n"}, {0, 1, 4, 5}),
+            ({base % 1 + "level": "three\n"}, {0, 1, 4, 5}),
+        ]
+        for files, unknown in cases:
+            with self.subTest(files=sorted(files)):
+                shutil.rmtree(self.tmp, True)
+                got = self.llc_and_kinds(dict(fake_caches(), **files))
+                self.assertEqual({cpu for cpu, (llc, kind) in got.items() if not llc}, unknown)
+                self.assertTrue(all(llc == ((0, 1, 4, 5) if cpu % 4 < 2 else (2, 3, 6, 7))
+                                    for cpu, (llc, kind) in got.items() if cpu not in unknown))
+        # CPU 7 offline: the lists leave it out, or (seen on real kernels) the masks alone do
+        for lists_name_it in (False, True):
+            shutil.rmtree(self.tmp)
+            files = fake_caches(online=range(7))
+            if lists_name_it:
+                files.update({base % cpu + "shared_cpu_list": "2-3,6-7\n" for cpu in (2, 3, 6)})
+            got = self.llc_and_kinds(files, offline=[7])
+            l3 = (2, 3, 6, 7) if lists_name_it else (2, 3, 6)
+            self.assertEqual([got[cpu] for cpu in (2, 3, 6, 7)], [(l3, None)] * 3 + [((), None)])
+
+    def test_kinds_of_core_from_capacities_and_pmu_lists(self):
+        capacity = "sys/devices/system/cpu/cpu%d/cpu_capacity"
+        gb10 = {capacity % cpu: "%d\n" % c for cpu, c in enumerate([718, 731, 718, 731, 997, 1017, 1024, 1017])}
+        self.assertEqual({cpu: kind for cpu, (llc, kind) in self.llc_and_kinds(gb10).items()},
+                         {0: 1, 1: 1, 2: 1, 3: 1, 4: 0, 5: 0, 6: 0, 7: 0})
+        cases = [
+            ({capacity % cpu: "1024\n" for cpu in range(8)}, [None] * 8),                   # one kind
+            ({capacity % cpu: "%d\n" % (1024 - 7 * cpu) for cpu in range(8)}, [None] * 8),   # within 5 %
+            (dict(gb10, **{capacity % 5: "fast\n"}), [1, 1, 1, 1, 0, None, 0, 0]),
+            (dict(gb10, **{capacity % 1: "-5\n", capacity % 2: ""}), [1, None, None, 1, 0, 0, 0, 0]),
+            ({"sys/devices/cpu_core/cpus": "0-1,4-5\n", "sys/devices/cpu_atom/cpus": "2-3,6-7\n"},
+             [0, 0, 1, 1, 0, 0, 1, 1]),
+            # the PMU lists win over capacities; a CPU in both, or in neither, is unknown
+            (dict(gb10, **{"sys/devices/cpu_core/cpus": "0-2\n", "sys/devices/cpu_atom/cpus": "2-6\n"}),
+             [0, 0, None, 1, 1, 1, 1, None]),
+            ({"sys/devices/cpu_core/cpus": "0-7\n", "sys/devices/cpu_atom/cpus": "\n"}, [None] * 8),
+            (dict(gb10, **{"sys/devices/cpu_core/cpus": "garbage\n"}), [1, 1, 1, 1, 0, 0, 0, 0]),
+        ]
+        for files, kinds in cases:
+            with self.subTest(files=sorted(files.items())[:2]):
+                shutil.rmtree(self.tmp)
+                self.assertEqual([kind for cpu, (llc, kind) in sorted(self.llc_and_kinds(files).items())], kinds)
+
+    def test_hotplug_rereads_the_caches_of_the_cpus_sharing_them(self):
+        sysfs, procfs = fake_host(self.tmp, isolated="1-3,5-7", extra=fake_caches())
+        inv = plugin.CpuInventory(plugin.Host(sysfs, procfs), "auto")
+        cpu_dir = os.path.join(sysfs, "devices/system/cpu")
+
+        def hotplug(online):
+            for cpu in set(range(8)) - set(online):
+                shutil.rmtree(os.path.join(cpu_dir, "cpu%d" % cpu, "cache"), True)
+            write_files(self.tmp, dict(fake_caches(online=online), **{
+                "sys/devices/system/cpu/online": format_cpu_list(online) + "\n"}))
+            inv.scan()
+            return {d.cpu: d.info.llc_cpus for d in inv.devices if d.cpu in (1, 5)}
+
+        for online, l3 in ((set(range(8)) - {4}, (0, 1, 5)),          # a CPU not served goes
+                           (set(range(8)), (0, 1, 4, 5)),              # ... and comes back
+                           (set(range(8)) - {5}, (0, 1, 4)),           # a served one goes
+                           (set(range(8)) - {4, 5}, (0, 1)),
+                           (set(range(8)), (0, 1, 4, 5))):
+            with self.subTest(online=format_cpu_list(online)):
+                self.assertEqual(hotplug(online), {cpu: l3 if cpu in online else () for cpu in (1, 5)})
+
+    def test_seven_field_cpu_info_still_builds(self):
+        info = plugin.CpuInfo(3, (0,), 0, None, None, 3, (3, 7))
+        self.assertEqual((info.llc_cpus, info.core_class), ((), None))
+        self.assertEqual(plugin.unknown_cpu_info(3)[7:], ((), None))
+
     def test_host_files_are_opened_so_they_cannot_block(self):
         path = os.path.join(self.tmp, "fifo")
         os.mkfifo(path)
@@ -562,6 +694,16 @@ KERNEL_OVERRIDES = {
 }
 
 
+# Dumps whose cache files contradict themselves: there null is as right as
+# hwloc's answer (each reason read off the dump's own files).
+SELF_CONTRADICTING_CACHES = {
+    # cpu2's index3 shared_cpu_map says 0-3, its shared_cpu_list 2,6,...,38
+    "40intel64-4n10c+pci-conflicts": "list and map disagree",
+    # every CPU's shared_cpu_list is cpu0's (0-7 for L3), the masks differ
+    "64fake-4n2s2ca2c2t": "lists copied from cpu0",
+}
+
+
 def hwloc_bitmap(text):
     """hwloc's "0x00000003,0x0000000f" bitmaps (32-bit words, most significant first)."""
     value = 0
@@ -570,13 +712,18 @@ def hwloc_bitmap(text):
     return {bit for bit in range(value.bit_length()) if value >> bit & 1}
 
 
-def hwloc_truth(root):
-    """{pu: (thread siblings, local NUMA nodes)} from lstopo's XML for a fixture
-    (siblings empty where hwloc has no Core for the PU)."""
+def hwloc_xml(root):
+    """lstopo's XML for a fixture, parsed."""
     env = dict(os.environ, HWLOC_FSROOT=root, HWLOC_COMPONENTS="linux,-x86")
     xml = subprocess.run([LSTOPO, "--no-io", "--disallowed", "--of", "xml", "-"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, check=True).stdout
-    tree = ElementTree.fromstring(xml)
+    return ElementTree.fromstring(xml)
+
+
+def hwloc_truth(root):
+    """{pu: (thread siblings, local NUMA nodes)} from lstopo's XML for a fixture
+    (siblings empty where hwloc has no Core for the PU)."""
+    tree = hwloc_xml(root)
     nodes = [(int(o.get("os_index")), hwloc_bitmap(o.get("cpuset")))
              for o in tree.iter("object") if o.get("type") == "NUMANode"]
     truth = {}
@@ -595,6 +742,45 @@ def hwloc_truth(root):
 
     walk(tree.find("object"), None)
     return truth
+
+
+HWLOC_DATA_CACHES = {"L%dCache" % level: level for level in range(1, 6)}     # hwloc's L1i... are instruction caches
+
+
+def hwloc_caches_and_kinds(tree, siblings):
+    """({pu: CPUs of its last-level cache or None}, {pu: kind of core or
+    None}) from lstopo's XML, as the plugin defines them. The cache: the
+    highest-level data or unified cache above the PU that holds more than
+    siblings(pu). The kinds: hwloc's CPU kinds that carry a Linux capacity,
+    fastest first (hwloc ranks them by efficiency, 0 the most frugal),
+    capacities within 5 % of a kind's highest being that kind; None for
+    every PU with one kind, or with kinds from frequencies alone."""
+    caches = {}
+
+    def walk(obj, above):
+        if obj.get("type") in HWLOC_DATA_CACHES:
+            above = above + [{int(p.get("os_index")) for p in obj.iter("object") if p.get("type") == "PU"}]
+        if obj.get("type") == "PU":
+            pu = int(obj.get("os_index"))
+            caches[pu] = next((sorted(cpus) for cpus in above if cpus - set(siblings(pu))), None)
+        for child in obj.findall("object"):
+            walk(child, above)
+
+    walk(tree.find("object"), [])
+    measured = []
+    for kind in tree.iter("cpukind"):
+        info = {i.get("name"): i.get("value") for i in kind.findall("info")}
+        if "LinuxCapacity" in info:
+            measured.append((-int(kind.get("forced_efficiency", "0")), int(info["LinuxCapacity"]),
+                             hwloc_bitmap(kind.get("cpuset"))))
+    kinds, kind, top = {}, -1, None
+    for _, capacity, cpus in sorted(measured, key=lambda m: m[:2]):
+        if top is None or capacity * 100 < top * 95:
+            kind, top = kind + 1, capacity
+        kinds.update((cpu, kind) for cpu in cpus)
+    if kind < 1:
+        kinds = {}
+    return caches, {pu: kinds.get(pu) for pu in caches}
 
 
 def extract_machine(archive, dest, only_cpu_files=False):
@@ -673,6 +859,69 @@ class CorpusTests(unittest.TestCase):
                     compared += 1
         self.assertGreater(compared, 1500)
 
+    def test_last_level_caches_and_kinds_of_core_agree_with_hwloc(self):
+        """Every CPU's llc_cpus and core_class in --list --json against
+        hwloc. hwloc knows online CPUs only, so a cache is compared on those.
+        Where a dump contradicts itself hwloc's answer or null both do."""
+        machines = collections.Counter()
+        cpus = collections.Counter()
+        for machine in self.machines:
+            with self.subTest(machine=machine):
+                root = os.path.join(self.tmp, machine)
+                code, out, err = run_main(["--sysfs", os.path.join(root, "sys"), "--procfs", os.path.join(root, "proc"),
+                                           "--cpus", "all", "--list", "--json"])
+                self.assertEqual(code, 0, err)
+                listed = {d["cpu"]: d for d in json.loads(out)["devices"]}
+                tree = hwloc_xml(root)
+                truth = hwloc_truth(root)
+                siblings = KERNEL_OVERRIDES.get(machine, {}).get("siblings", lambda cpu: truth[cpu][0] or [cpu])
+                caches, kinds = hwloc_caches_and_kinds(tree, siblings)
+                l3 = any(o.get("type") == "L3Cache" for o in tree.iter("object"))
+                shared = False
+                for cpu, cache in sorted(caches.items()):
+                    got = listed[cpu]["llc_cpus"]
+                    got = None if got is None else [c for c in got if c in caches]
+                    if machine in SELF_CONTRADICTING_CACHES and got is None:
+                        cpus["null allowed"] += 1
+                        continue
+                    self.assertEqual(got, cache, "cpu %d" % cpu)
+                    cpus["compared"] += 1
+                    cpus["llc"] += cache is not None
+                    shared = shared or cache is not None
+                for cpu, kind in sorted(kinds.items()):
+                    self.assertEqual(listed[cpu]["core_class"], kind, "cpu %d" % cpu)
+                    cpus["kinds"] += kind is not None
+                machines["L3"] += l3
+                machines["llc", l3] += shared
+                machines["kinds"] += any(kind is not None for kind in kinds.values())
+        self.assertEqual(machines["L3"], 25)                 # machines where hwloc finds an L3 at all
+        self.assertEqual(machines["llc", True], 21)          # ... shared by cores: 4 have an L3 per core
+        self.assertEqual(machines["kinds"], 2)               # fakeheterocpunuma, nvidia-dgx-gb10
+        self.assertEqual(cpus["kinds"], 44)
+        self.assertGreater(cpus["compared"], 1500)
+        self.assertGreater(cpus["llc"], 800)
+
+    def test_doctor_core_kinds_agrees_with_hwloc(self):
+        statuses = collections.Counter()
+        for machine in self.machines:
+            with self.subTest(machine=machine):
+                root = os.path.join(self.tmp, machine)
+                truth = hwloc_truth(root)
+                kinds = hwloc_caches_and_kinds(hwloc_xml(root), lambda cpu: truth[cpu][0])[1]
+                code, out, err = run_main(["--doctor", "--json", "--cpus", "all",
+                                           "--sysfs", os.path.join(root, "sys"), "--procfs", os.path.join(root, "proc"),
+                                           "--kubelet-dir", os.path.join(self.tmp, "no-kubelet"),
+                                           "--device-plugin-path", os.path.join(self.tmp, "no-kubelet"),
+                                           "--pod-resources-socket", "off"])
+                self.assertIn(code, (0, 1), err)
+                check = {c["id"]: c for c in json.loads(out)["checks"]}["core-kinds"]
+                slower = {cpu for cpu, kind in kinds.items() if kind}
+                self.assertEqual(set(expand_cpu_list(check["cpus"])), slower, check["found"])
+                self.assertEqual(check["status"] == "WARN", bool(slower), check["found"])
+                statuses[check["status"]] += 1
+        self.assertEqual(statuses["WARN"], 2)
+        self.assertEqual(statuses["PASS"], 1)                  # 128arm-2pa2n8cluster4co: cpu_capacity 1024 on all
+
     def test_doctor_smt_siblings_agrees_with_hwloc(self):
         compared = warned = 0
         for machine in self.machines:
@@ -718,10 +967,14 @@ class CorpusTests(unittest.TestCase):
 # Preferred allocation
 # ---------------------------------------------------------------------------
 
-def synthetic_infos(sockets=1, cores=4, threads=2, nodes_per_socket=1, node_ids=None, unknown=()):
+def synthetic_infos(sockets=1, cores=4, threads=2, nodes_per_socket=1, node_ids=None, unknown=(),
+                    cores_per_cache=None, kinds=None):
     """{cpu: CpuInfo} of a machine numbered as Linux numbers x86 (thread t of
     core c of socket s is CPU t*(sockets*cores) + s*cores + c); nodes split
-    each socket's cores evenly; CPUs in `unknown` have no topology at all."""
+    each socket's cores evenly; CPUs in `unknown` have no topology at all.
+    With cores_per_cache, a last-level cache per that many cores of a socket
+    (core c's is the cache of cores c // cores_per_cache); with kinds, core
+    c of each socket is of kind kinds[c] (0 the fastest)."""
     per_thread = sockets * cores
     node_ids = node_ids or list(range(sockets * nodes_per_socket))
     infos = {}
@@ -730,15 +983,23 @@ def synthetic_infos(sockets=1, cores=4, threads=2, nodes_per_socket=1, node_ids=
         sock, core = divmod(rest, cores)
         node = node_ids[sock * nodes_per_socket + core * nodes_per_socket // cores]
         siblings = tuple(t * per_thread + rest for t in range(threads))
-        infos[cpu] = plugin.CpuInfo(cpu, (node,), sock, None, None, core, siblings)
+        cache = ()
+        if cores_per_cache:
+            first = sock * cores + core // cores_per_cache * cores_per_cache
+            cache = tuple(sorted(t * per_thread + c for t in range(threads)
+                                 for c in range(first, first + cores_per_cache)))
+        infos[cpu] = plugin.CpuInfo(cpu, (node,), sock, None, None, core, siblings, cache,
+                                    kinds[core] if kinds else None)
     for cpu in unknown:
         infos[cpu] = plugin.unknown_cpu_info(cpu)
     return infos
 
 
-def oracle_ranks_1_2(infos, available, must, size):
-    """The best (NUMA nodes, physical cores) over every valid answer, by
-    exhaustive search. Unknown topology: a node and a core of the CPU's own."""
+def oracle_ranks_1_4(infos, available, must, size):
+    """The best (NUMA nodes, physical cores, (mixed kinds, slowest kind),
+    last-level caches) over every valid answer, by exhaustive search.
+    Unknown topology: a node, a core and a cache of the CPU's own; an
+    unknown cache is its core's; an unknown kind is slower than any."""
     def nodes(cpu):
         info = infos.get(cpu)
         return set(info.numa_nodes) if info and info.numa_nodes else {("cpu", cpu)}
@@ -747,10 +1008,20 @@ def oracle_ranks_1_2(infos, available, must, size):
         info = infos.get(cpu)
         return frozenset(info.thread_siblings) if info and info.thread_siblings else ("cpu", cpu)
 
+    def cache(cpu):
+        info = infos.get(cpu)
+        return frozenset(info.llc_cpus) if info and info.llc_cpus else core(cpu)
+
+    def kind(cpu):
+        info = infos.get(cpu)
+        return info.core_class if info and info.core_class is not None else float("inf")
+
     best = None
     for extra in itertools.combinations(sorted(set(available) - set(must)), size - len(must)):
         chosen = set(must) | set(extra)
-        cost = (len(set().union(*(nodes(c) for c in chosen))), len({core(c) for c in chosen}))
+        kinds = {kind(c) for c in chosen}
+        cost = (len(set().union(*(nodes(c) for c in chosen))), len({core(c) for c in chosen}),
+                (len(kinds) > 1, max(kinds)), len({cache(c) for c in chosen}))
         if best is None or cost < best:
             best = cost
     return best
@@ -791,8 +1062,8 @@ class PreferredAllocationTests(unittest.TestCase):
             self.assertEqual(len(set(answer)), size, context)
             self.assertTrue(set(answer) <= set(available), context)
             self.assertTrue(set(must) <= set(answer), context)
-            got = oracle_ranks_1_2(infos, answer, answer, size)
-            self.assertEqual(got, oracle_ranks_1_2(infos, available, must, size), context)
+            got = oracle_ranks_1_4(infos, answer, answer, size)
+            self.assertEqual(got, oracle_ranks_1_4(infos, available, must, size), context)
             shuffled = list(available)
             rng.shuffle(shuffled)
             self.assertEqual(plugin.preferred_allocation(placements, shuffled, list(reversed(must)), size)[0],
@@ -820,6 +1091,43 @@ class PreferredAllocationTests(unittest.TestCase):
             self.skipTest("sysfs corpus absent")
         self.assertEqual(len(infos), 20)
         self.check_against_oracle(infos, seed=6, requests=150)
+
+    def test_oracle_two_caches_per_node(self):
+        infos = synthetic_infos(sockets=1, cores=8, threads=2, nodes_per_socket=2, cores_per_cache=2)
+        self.check_against_oracle(infos, seed=8, requests=150)
+
+    def test_oracle_smt1_caches_and_two_kinds(self):
+        infos = synthetic_infos(sockets=2, cores=6, threads=1, cores_per_cache=3, kinds=(0, 1, 0, 1, 1, 0))
+        self.check_against_oracle(infos, seed=9, requests=150)
+
+    def test_oracle_kinds_caches_and_unknown_cpus(self):
+        infos = synthetic_infos(sockets=1, cores=8, threads=2, nodes_per_socket=2, cores_per_cache=2,
+                                kinds=(0, 0, 1, 1, 1, 0, 0, 1), unknown=(3, 12))
+        for cpu in (6, 14):                                                 # core 6: its kind unknown
+            infos[cpu] = infos[cpu]._replace(core_class=None)
+        for cpu in (7, 15):                                                 # core 7: its cache unknown
+            infos[cpu] = infos[cpu]._replace(llc_cpus=())
+        self.check_against_oracle(infos, seed=10, requests=150)
+
+    def test_oracle_a_cache_across_two_nodes(self):
+        # sub-NUMA clustering: an L3 per socket, split between two NUMA nodes
+        infos = synthetic_infos(sockets=2, cores=4, threads=2, nodes_per_socket=2, cores_per_cache=4)
+        self.check_against_oracle(infos, seed=13, requests=150)
+
+    def test_oracle_many_nodes_of_two_caches(self):
+        # 12 NUMA nodes of 2 caches x 2 cores: more node sets tie on ranks 1-2 than are filled
+        infos = synthetic_infos(sockets=1, cores=48, threads=1, nodes_per_socket=12, cores_per_cache=2,
+                                kinds=[0, 0, 1, 1] * 12)
+        self.check_against_oracle(infos, seed=12, requests=200, max_available=12)
+
+    def test_oracle_corpus_two_kinds_two_caches(self):
+        infos = corpus_infos("nvidia-dgx-gb10")                  # 10 little and 10 big cores, an L3 per 10 CPUs
+        if infos is None:
+            self.skipTest("sysfs corpus absent")
+        self.assertEqual(len(infos), 20)
+        self.assertEqual({i.core_class for i in infos.values()}, {0, 1})
+        self.assertEqual({i.llc_cpus for i in infos.values()}, {tuple(range(10)), tuple(range(10, 20))})
+        self.check_against_oracle(infos, seed=11, requests=200)
 
     def test_oracle_corpus_power_smt4_multi_node(self):
         infos = corpus_infos("256ppc-8n8s4t")
@@ -875,6 +1183,43 @@ class PreferredAllocationTests(unittest.TestCase):
         self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 9], size=3), [0, 1, 2])       # 1 node, 3 cores
         self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 9, 4, 10], size=3), [3, 4, 9])  # 1 node, 2 cores
 
+    # Ranks 3 and 4 -------------------------------------------------------------
+
+    def test_one_cache_where_it_fits(self):
+        infos = synthetic_infos(sockets=1, cores=8, threads=2, cores_per_cache=4)
+        # cache A: cores 0-3 (CPUs 0-3,8-11), cache B: cores 4-7 (4-7,12-15); core 0 taken
+        free = set(range(16)) - {0, 8}
+        self.assertEqual(self.prefer(infos, free, size=8), [4, 5, 6, 7, 12, 13, 14, 15])   # only B holds 4 cores
+        self.assertEqual(self.prefer(infos, free, size=6), [1, 2, 3, 9, 10, 11])           # A, the tighter
+        self.assertEqual(self.prefer(infos, free, size=2), [1, 9])
+        self.assertEqual(self.prefer(infos, free, must=[12], size=4), [4, 5, 12, 13])      # the must CPU's cache
+        self.assertEqual(self.prefer(infos, free, size=10), [1, 2, 3, 4, 5, 9, 10, 11, 12, 13])   # two: the fewest
+        # fewer cores outrank fewer caches: two whole cores in two caches, not three cores in one
+        self.assertEqual(self.prefer(infos, [1, 2, 3, 5, 13], size=4), [1, 2, 5, 13])
+
+    def test_one_kind_of_core_where_one_suffices(self):
+        infos = synthetic_infos(sockets=1, cores=8, threads=1, kinds=(1, 1, 1, 1, 0, 0, 0, 0))    # 4-7 fast
+        self.assertEqual(self.prefer(infos, range(8), size=2), [4, 5])
+        self.assertEqual(self.prefer(infos, range(8), size=4), [4, 5, 6, 7])
+        self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 4, 5], size=3), [0, 1, 2])       # all slow, not mixed
+        self.assertEqual(self.prefer(infos, [0, 1, 4, 5], size=3), [0, 1, 4])            # mixed: there is no other
+        self.assertEqual(self.prefer(infos, [0, 1, 4, 5], must=[1], size=2), [0, 1])     # one kind with the must CPU
+        # P-cores with two threads and E-cores with one: fewer cores outrank one kind
+        infos = {cpu: plugin.CpuInfo(cpu, (0,), 0, None, None, cpu % 4, siblings, (), kind)
+                 for cpu, siblings, kind in ((0, (0, 4), 0), (4, (0, 4), 0), (1, (1, 5), 0), (5, (1, 5), 0),
+                                             (2, (2,), 1), (3, (3,), 1))}
+        self.assertEqual(self.prefer(infos, [0, 2, 3], size=2), [2, 3])                  # one kind of two cores
+        self.assertEqual(self.prefer(infos, [0, 4, 2, 3], size=2), [0, 4])               # one core
+        self.assertEqual(self.prefer(infos, [0, 4, 2, 3], size=3), [0, 2, 4])            # two cores, mixed
+
+    def test_one_kind_of_core_outranks_one_cache(self):
+        # NVIDIA GB10's layout in small: an L3 per 4 cores, each with two fast and two slow cores
+        infos = synthetic_infos(sockets=1, cores=8, threads=1, cores_per_cache=4, kinds=(0, 0, 1, 1, 0, 0, 1, 1))
+        self.assertEqual(self.prefer(infos, [0, 2, 3, 4], size=2), [0, 4])               # fast, in two caches
+        self.assertEqual(self.prefer(infos, [0, 2, 3, 6], size=2), [2, 3])               # slow in one, not mixed
+        self.assertEqual(self.prefer(infos, range(8), size=3), [0, 1, 4])                # the fast ones span two
+        self.assertEqual(self.prefer(infos, range(8), size=2), [0, 1])
+
     def test_the_readme_worked_example(self):
         """The README's table, row by row, as the kubelet asks under each
         topology manager policy. `none` offers every free CPU. `best-effort`,
@@ -902,6 +1247,28 @@ class PreferredAllocationTests(unittest.TestCase):
             with self.subTest(free=format_cpu_list(free), size=size):
                 self.assertEqual(format_cpu_list(self.prefer(infos, sorted(free), size=size)), with_none)
                 self.assertEqual(format_cpu_list(under_topology_policy(free, size)), with_topology)
+
+    def test_the_readme_worked_example_with_two_caches_per_node(self):
+        """The README's second table: one socket, two NUMA nodes of two L3
+        caches of 4 cores x 2 threads (core c: CPUs c, c+16; L3s 0-3,16-19 |
+        4-7,20-23 | 8-11,24-27 | 12-15,28-31), isolcpus=1-15,17-31, under
+        each topology manager policy as in the first example."""
+        infos = synthetic_infos(sockets=1, cores=16, threads=2, nodes_per_socket=2, cores_per_cache=4)
+        isolated = set(range(32)) - {0, 16}
+
+        def under_topology_policy(free, size):
+            offer = next((cpus for cpus in ([c for c in sorted(free) if infos[c].numa_nodes == (node,)]
+                                            for node in (0, 1)) if len(cpus) >= size), sorted(free))
+            return offer if len(offer) == size else self.prefer(infos, offer, size=size)
+
+        rows = [(isolated, 2, "1,17"), (isolated, 6, "1-3,17-19"), (isolated, 8, "4-7,20-23"),
+                (isolated - set(range(4, 8)) - set(range(20, 24)), 8, "8-11,24-27"),
+                ({2, 3, 18, 19, 7, 23} | set(range(12, 16)) | set(range(28, 32)), 1, "7"),
+                (isolated, 10, "1-5,17-21")]
+        for free, size, expected in rows:
+            with self.subTest(free=format_cpu_list(free), size=size):
+                self.assertEqual(format_cpu_list(self.prefer(infos, sorted(free), size=size)), expected)
+                self.assertEqual(format_cpu_list(under_topology_policy(free, size)), expected)
 
     def test_requests_that_cannot_be_met(self):
         placements = plugin.cpu_placements(synthetic_infos(sockets=1, cores=4, threads=2))
@@ -966,7 +1333,10 @@ class CliTests(TempDirTest):
         self.assertEqual(data["resource_name"], "windriver.com/isolcpus")
         self.assertEqual(data["devices"][0], {"id": "2", "cpu": 2, "health": "Healthy", "numa_nodes": [1],
                                               "package": 1, "core_id": 0, "thread_siblings": [2, 6],
+                                              "llc_cpus": None, "core_class": None,
                                               "holder": None, "holders": []})
+        self.assertEqual(list(data["devices"][0])[:7], ["id", "cpu", "health", "numa_nodes", "package", "core_id",
+                                                        "thread_siblings"])
         self.assertIsNone(data["holders_source"])
         self.assertIn("PodResources is off", data["holders_note"])
         self.assertEqual([d["id"] for d in data["devices"]], ["2", "3", "6", "7"])
@@ -977,7 +1347,22 @@ class CliTests(TempDirTest):
         lines = result.stdout.splitlines()
         self.assertIn("4 devices", lines[0])
         self.assertEqual(lines[1].split()[:4], ["ID", "CPU", "HEALTH", "NUMA"])
-        self.assertEqual(lines[2].split(), ["2", "2", "Healthy", "1", "1", "0", "2,6", "?"])
+        self.assertEqual(lines[2].split(), ["2", "2", "Healthy", "1", "1", "0", "2,6", "-", "?"])
+
+    def test_list_shows_last_level_caches_and_kinds_of_core(self):
+        write_files(self.tmp, fake_caches(sockets=2, cores=2, cores_per_l3=2))
+        capacity = "sys/devices/system/cpu/cpu%d/cpu_capacity"
+        result = self.run_cli(*self.base + ["--list"])
+        self.assertEqual(result.stdout.splitlines()[1].split()[7:], ["SIBLINGS", "L3", "HOLDER"])   # one kind: no KIND
+        write_files(self.tmp, {capacity % cpu: "%d\n" % (1024 if cpu in (2, 6) else 512) for cpu in range(8)})
+        result = self.run_cli(*self.base + ["--list"])
+        lines = result.stdout.splitlines()
+        self.assertEqual(lines[1].split()[7:], ["SIBLINGS", "L3", "KIND", "HOLDER"])
+        self.assertEqual([line.split()[6:9] for line in lines[2:]],
+                         [["2,6", "2", "0"], ["3,7", "2", "1"], ["2,6", "2", "0"], ["3,7", "2", "1"]])
+        data = json.loads(self.run_cli(*self.base + ["--list", "--json"]).stdout)
+        self.assertEqual([(d["llc_cpus"], d["core_class"]) for d in data["devices"]],
+                         [([2, 3, 6, 7], 0), ([2, 3, 6, 7], 1), ([2, 3, 6, 7], 0), ([2, 3, 6, 7], 1)])
 
     def test_environment_twins_and_flag_precedence(self):
         env = {"ISOLCPU_SYSFS": self.sysfs, "ISOLCPU_PROCFS": self.procfs, "ISOLCPU_CPUS": "1",
@@ -1052,10 +1437,10 @@ class CliTests(TempDirTest):
         self.assertEqual(result.returncode, 0, result.stderr)
         rows = [line.split() for line in result.stdout.splitlines()[2:]]
         # SMT-4: core 0 is CPUs 0,2,4,6 (no run), a run only in the cpu-list form
-        self.assertEqual(rows[0], ["0", "0", "Healthy", "0", "0", "0", "0,2,4,6", "?"])
+        self.assertEqual(rows[0], ["0", "0", "Healthy", "0", "0", "0", "0,2,4,6", "-", "?"])
         sysfs, procfs = fake_host(os.path.join(self.tmp, "smt4b"), sockets=1, cores=1, threads=4, isolated="0-3")
         result = self.run_cli("--sysfs", sysfs, "--procfs", procfs, "--list", *self.base[4:])
-        self.assertEqual([line.split()[-2] for line in result.stdout.splitlines()[2:]], ["0-3"] * 4)
+        self.assertEqual([line.split()[6] for line in result.stdout.splitlines()[2:]], ["0-3"] * 4)
 
     def test_bad_input_is_one_line_and_exit_2(self):
         cases = [
@@ -3597,18 +3982,26 @@ class FuzzTests(TempDirTest):
     def test_garbage_sysfs_files(self):
         files = ["isolated", "online", "present", "possible", "kernel_max", "cpu2/online",
                  "cpu2/topology/core_id", "cpu2/topology/physical_package_id", "cpu2/topology/core_cpus_list",
-                 "cpu2/topology/thread_siblings_list", "cpu2/topology/thread_siblings", "../node/node0/cpulist"]
+                 "cpu2/topology/thread_siblings_list", "cpu2/topology/thread_siblings", "../node/node0/cpulist",
+                 "cpu2/cache/index3/shared_cpu_list", "cpu3/cache/index3/shared_cpu_map", "cpu2/cache/index3/level",
+                 "cpu2/cache/index2/type", "cpu6/cache", "cpu2/cpu_capacity", "../../cpu_core/cpus"]
         contents = ["", "\n", "garbage", "\x00\x01\x02", "\xff\xfe\x00binary", "1-99999999999", "-1",
                     "0-4294967295", "\u0663", "7" * 100000, "1," * 600000, "<dir>", "<missing>"]
-        degrade = ("/topology/", "/node0/", "kernel_max", "possible")    # refine only: never fail
+        degrade = ("/topology/", "/node0/", "kernel_max", "possible",      # refine only: never fail
+                   "/cache", "cpu_capacity", "cpu_core")
         for name in files:
             for content in contents:
                 with self.subTest(file=name, content=content[:12]):
                     root = os.path.join(self.tmp, "h")
                     shutil.rmtree(root, True)
-                    sysfs, procfs = fake_host(root, isolated="2-3,6-7", node_ids=[0])
+                    sysfs, procfs = fake_host(root, isolated="2-3,6-7", node_ids=[0], extra=dict(fake_caches(), **{
+                        "sys/devices/system/cpu/cpu%d/cpu_capacity" % cpu: "%d\n" % (1024 - cpu % 4 // 2 * 512)
+                        for cpu in range(8)}, **{"sys/devices/cpu_core/cpus": "0-1,4-5\n"}))
                     path = os.path.normpath(os.path.join(sysfs, "devices/system/cpu", name))
-                    os.unlink(path)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.unlink(path)
                     if content == "<dir>":
                         os.makedirs(path)
                     elif content != "<missing>":
@@ -4501,7 +4894,8 @@ class PodResourcesTests(PodResourcesRig):
         self.assertEqual(data["holders_source"], "pod-resources")
         by_id = {d["id"]: d for d in data["devices"]}
         self.assertEqual(set(by_id["3"]) - {"holder", "holders"},
-                         {"id", "cpu", "health", "numa_nodes", "package", "core_id", "thread_siblings"})
+                         {"id", "cpu", "health", "numa_nodes", "package", "core_id", "thread_siblings",
+                          "llc_cpus", "core_class"})
         self.assertEqual(by_id["3"]["holder"], {"namespace": "trading", "pod": "order-gateway-7f9c",
                                                 "container": "gateway", "pod_uid": None, "source": "pod-resources",
                                                 "init_or_app": False})
@@ -5402,7 +5796,7 @@ def run_doctor(flags, *extra):
     return result.returncode, checks, result.stderr
 
 
-DOCTOR_CHECKS = ["isolated", "isolcpus-flags", "smt-siblings", "nohz-full", "rcu-nocbs", "irq-affinity",
+DOCTOR_CHECKS = ["isolated", "isolcpus-flags", "smt-siblings", "core-kinds", "nohz-full", "rcu-nocbs", "irq-affinity",
                  "cpu-manager", "kubelet-config", "cgroup-isolated", "housekeeping", "plugin", "pod-cgroups",
                  "housekeeping-masks", "exclusive", "nri"]
 
@@ -5553,8 +5947,8 @@ class DoctorHostTests(TempDirTest):
     def test_a_good_node_passes(self):
         code, checks = self.doctor()
         statuses = {name: check["status"] for name, check in checks.items()}
-        self.assertEqual(statuses, dict({name: "PASS" for name in DOCTOR_CHECKS},
-                                        plugin="SKIP", **{"pod-cgroups": "SKIP"}), checks)
+        self.assertEqual(statuses, dict({name: "PASS" for name in DOCTOR_CHECKS},     # no kinds of core to tell
+                                        plugin="SKIP", **{"pod-cgroups": "SKIP", "core-kinds": "SKIP"}), checks)
         self.assertEqual(code, 0)
         self.assertIn("2-7,10-15 (12 CPUs)", checks["isolated"]["found"])
         self.assertIn("cpuManagerPolicy=static", checks["kubelet-config"]["found"])
@@ -5568,7 +5962,7 @@ class DoctorHostTests(TempDirTest):
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
         self.assertEqual(result.returncode, 0, result.stderr)
         lines = result.stdout.splitlines()
-        self.assertRegex(lines[0], r"^isolcpu-plugin doctor: 13 PASS, 2 SKIP; holders ")
+        self.assertRegex(lines[0], r"^isolcpu-plugin doctor: 13 PASS, 3 SKIP; holders ")
         rows = [line.split()[:2] for line in lines[1:] if not line.startswith(" ")]
         self.assertEqual([row[1] for row in rows], DOCTOR_CHECKS)
         self.assertTrue(all(line.startswith(("PASS", "WARN", "FAIL", "SKIP", "      ")) for line in lines[1:]))
@@ -5607,6 +6001,26 @@ class DoctorHostTests(TempDirTest):
         for cpu in range(16):
             self.remove("sys/devices/system/cpu/cpu%d/topology" % cpu)
         self.assertEqual(self.doctor()[1]["smt-siblings"]["status"], "SKIP")
+
+    def test_core_kinds(self):
+        # socket 0 (CPUs 0-3,8-11) fast, socket 1 (4-7,12-15) slow; isolated 2-7,10-15
+        capacity = "sys/devices/system/cpu/cpu%d/cpu_capacity"
+        self.write({capacity % cpu: "%d\n" % (1024 if cpu % 8 < 4 else 446) for cpu in range(16)})
+        check = self.doctor()[1]["core-kinds"]
+        self.assertEqual((check["status"], check["cpus"]), ("WARN", "4-7,12-15"), check)
+        self.assertIn("isolated CPUs mix kinds of core: 2-3,10-11 of kind 0; 4-7,12-15 of kind 1", check["found"])
+        self.assertIn("only 2-3,10-11", check["advice"])
+        self.write({"sys/devices/system/cpu/isolated": "4-7,12-15\n"})
+        check = self.doctor()[1]["core-kinds"]
+        self.assertEqual(check["status"], "PASS")
+        self.assertIn("every isolated CPU is of kind 1 (0 the fastest of 2)", check["found"])
+        self.write({capacity % cpu: "1024\n" for cpu in range(16)})
+        self.assertEqual(self.doctor()[1]["core-kinds"]["status"], "PASS")
+        self.write({"sys/devices/cpu_core/cpus": "0-3,8-11\n", "sys/devices/cpu_atom/cpus": "4-7,12-15\n",
+                    "sys/devices/system/cpu/isolated": "2-7,10-15\n"})
+        check = self.doctor()[1]["core-kinds"]                        # the PMU lists win over capacities
+        self.assertEqual((check["status"], check["cpus"]), ("WARN", "4-7,12-15"), check)
+        self.assertIn(self.path("sys/devices/cpu_core/cpus"), check["files"])
 
     def test_nohz_full_and_rcu_nocbs(self):
         self.write({"sys/devices/system/cpu/nohz_full": "2-7\n",
@@ -5888,7 +6302,8 @@ class DoctorHostTests(TempDirTest):
         targets = ["sys/devices/system/cpu/nohz_full", "sys/devices/virtual/workqueue/cpumask",
                    "proc/irq/default_smp_affinity", "proc/irq/24/effective_affinity_list", "proc/interrupts",
                    "kubelet/cpu_manager_state", "host-root/var/lib/kubelet/config.yaml",
-                   "proc/4242/task/4242/status", "sys/fs/cgroup/cpuset.cpus.isolated"]
+                   "proc/4242/task/4242/status", "sys/fs/cgroup/cpuset.cpus.isolated",
+                   "sys/devices/system/cpu/cpu2/cpu_capacity", "sys/devices/cpu_core/cpus"]
         rng = random.Random(5)
         for target in targets:
             with self.subTest(target=target):

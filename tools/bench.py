@@ -61,22 +61,25 @@ def percentiles(samples, digits=None):
     return {"p50": at(0.50), "p99": at(0.99), "max": at(1.0), "n": len(ordered)}
 
 
-# shape name -> (sockets, NUMA nodes per socket, cores per socket, threads, request size)
+# shape name -> (sockets, NUMA nodes per socket, cores per socket, threads, request size,
+# cores per last-level cache: 8, as AMD EPYC's CCDs)
 POLICY_SHAPES = (
-    ("64 CPUs: 1 socket x 2 NUMA x 16 cores x 2 threads", (1, 2, 32, 2, 8)),
-    ("1024 CPUs: 2 sockets x 4 NUMA x 64 cores x 2 threads", (2, 4, 256, 2, 64)),
-    ("8192 CPUs: 8 sockets x 4 NUMA x 128 cores x 2 threads", (8, 4, 512, 2, 64)),
+    ("64 CPUs: 1 socket x 2 NUMA x 16 cores x 2 threads", (1, 2, 32, 2, 8, 8)),
+    ("1024 CPUs: 2 sockets x 4 NUMA x 64 cores x 2 threads", (2, 4, 256, 2, 64, 8)),
+    ("8192 CPUs: 8 sockets x 4 NUMA x 128 cores x 2 threads", (8, 4, 512, 2, 64, 8)),
 )
 
 
 def bench_policy(args):
     """p50/p99 of one GetPreferredAllocation decision, placements precomputed
     (the servicer caches them per device list): all CPUs available, then
-    a quarter of them taken at random, with 0-2 must-include CPUs."""
+    a quarter of them taken at random, with 0-2 must-include CPUs; an L3
+    per 8 cores."""
     rng = random.Random(42)
     results = []
-    for name, (sockets, nodes, cores, threads, size) in POLICY_SHAPES:
-        infos = synthetic_infos(sockets=sockets, cores=cores, threads=threads, nodes_per_socket=nodes)
+    for name, (sockets, nodes, cores, threads, size, cores_per_cache) in POLICY_SHAPES:
+        infos = synthetic_infos(sockets=sockets, cores=cores, threads=threads, nodes_per_socket=nodes,
+                                cores_per_cache=cores_per_cache)
         placements = plugin.cpu_placements(infos)
         cpus = sorted(infos)
         count = args.requests if len(cpus) <= 1024 else max(20, args.requests // 5)
