@@ -3661,7 +3661,7 @@ class NriSession(object):
     REGISTER_TIMEOUT = 5.0          # the runtime's registration timeout
     UPDATE_TIMEOUT = 5.0
     ABSENT_POLL = 30.0              # no socket directory to watch: NRI is off in the runtime
-    SYNC_SLICE = 256                # containers settled between two yields to the loop
+    YIELD_AFTER = 0.002             # seconds of settling containers between two turns of the loop
     LARGE_REQUEST = 1 << 16         # requests parsed off the event loop from this size
     UPDATE_BATCH = 64
 
@@ -3835,6 +3835,7 @@ class NriSession(object):
         pods = {pod.id: pod for chunk in chunks for pod in chunk.pods}
         record, _ = self.cpu_record_now()
         updates, holders, seen = [], 0, 0
+        turn = time.monotonic()
         for chunk in chunks:
             for message in chunk.containers:
                 container = RuntimeContainer(message, pods.get(message.pod_sandbox_id), self.env_prefix)
@@ -3847,8 +3848,7 @@ class NriSession(object):
                     holders += bool(container.claims)
                     if cpus is not None:
                         updates.append(self.update_of(container.id, cpus))
-                if seen % self.SYNC_SLICE == 0:
-                    await asyncio.sleep(0)      # a node's worth of containers does not hold the loop
+                turn = await self.next_turn(turn)
         self.synchronized = True
         log.info("NRI: registered as %s-%s with %s on %s; synchronized %d containers: %d adjusted, %d claim "
                  "isolated CPUs", self.config.nri_index, NRI_PLUGIN_NAME, self.runtime, self.socket_path, seen,
@@ -4012,14 +4012,28 @@ class NriSession(object):
 
     # Running containers ---------------------------------------------------------
 
-    def reconsider(self, claimants_only=False):
+    async def next_turn(self, turn):
+        """Let the loop's other work run when this work has held it
+        YIELD_AFTER since `turn` (monotonic): an RPC takes several turns of
+        the loop, and a node's worth of containers must not make each one
+        wait long. Returns when this turn began."""
+        if time.monotonic() - turn < self.YIELD_AFTER:
+            return turn
+        await asyncio.sleep(0)
+        return time.monotonic()
+
+    async def reconsider(self, claimants_only=False):
         """Bring running containers back to the rule (the isolated or online
         CPUs changed, or the kubelet's checkpoint did): queued for
         UpdateContainers, which runs beside the runtime's requests."""
         if not self.connected:
             return
         record, _ = self.cpu_record_now()
-        for container in self.containers.values():
+        turn = time.monotonic()
+        for container in list(self.containers.values()):
+            turn = await self.next_turn(turn)
+            if self.containers.get(container.id) is not container:
+                continue                    # removed (or made anew) meanwhile
             if container.stopped or (claimants_only and not container.claims):
                 continue
             kubelet = self.kubelet_record_for(container, record)
@@ -4043,7 +4057,7 @@ class NriSession(object):
         """reconsider() once the kubelet's files are read, beside the loop's other work."""
         async def reconsidering():
             await self.read_kubelet_files()
-            self.reconsider(claimants_only)
+            await self.reconsider(claimants_only)
         task = asyncio.get_event_loop().create_task(reconsidering())
         self.reconsidering.add(task)
         task.add_done_callback(self.reconsidering.discard)
