@@ -5014,14 +5014,14 @@ def check_exclusive(facts):
         return ", ".join(parts) + (" (+%d more)" % (len(items) - 4) if len(items) > 4 else "")
     if intruders:
         hit = set().union(*(set(cpus) for _, _, cpus, _ in intruders))
-        return Finding("exclusive", FAIL, "%d containers may run on isolated CPUs other pods hold: %s%s" % (
-            len(intruders), shown(intruders, lambda i: "pod %s %s on %s (held by pod %s)" % (
+        return Finding("exclusive", FAIL, "%s may run on isolated CPUs other pods hold: %s%s" % (
+            _count(len(intruders), "container"), shown(intruders, lambda i: "pod %s %s on %s (held by pod %s)" % (
                 i[0], os.path.basename(i[1]), _brief(i[2]), ", ".join(i[3][:2]))), tail),
             NRI_ADVICE, files, format_cpu_list(hit))
     if sharers:
         hit = set().union(*(set(cpus) for _, _, cpus in sharers))
-        return Finding("exclusive", WARN, "%d containers may run on isolated CPUs nobody holds yet (%s): the pod "
-                       "given them next shares them: %s%s" % (len(sharers), _brief(hit), shown(
+        return Finding("exclusive", WARN, "%s may run on isolated CPUs nobody holds yet (%s): the pod given "
+                       "them next shares them: %s%s" % (_count(len(sharers), "container"), _brief(hit), shown(
                            sharers, lambda i: "pod %s %s" % (i[0], os.path.basename(i[1]))), tail),
                        NRI_ADVICE, files, format_cpu_list(hit))
     return Finding("exclusive", PASS, "of %d running containers, only the holders may run on isolated CPUs%s"
@@ -5035,9 +5035,9 @@ def check_nri(facts):
                if uid in facts.pod_cgroups and not cpus <= _cpus_in_pod_cgroups(facts, uid)]
     fixes = []
     if found and found[0]:
-        fixes.append("exclusive (%d containers on CPUs others hold)" % len(found[0]))
+        fixes.append("exclusive (%s on CPUs others hold)" % _count(len(found[0]), "container"))
     if lacking:
-        fixes.append("pod-cgroups (%d holders without their CPUs)" % len(lacking))
+        fixes.append("pod-cgroups (%s without their CPUs)" % _count(len(lacking), "holder"))
     would = "; with it the plugin would turn green: %s" % ", ".join(fixes) if fixes else ""
     if facts.nri_socket_present:
         if fixes:
@@ -5052,6 +5052,10 @@ def check_nri(facts):
     if fixes:
         return Finding("nri", WARN, text, NRI_ADVICE, files, "")
     return Finding("nri", SKIP, text + "; nothing here needs it now", "", files, "")
+
+
+def _count(number, noun):
+    return "%d %s%s" % (number, noun, "" if number == 1 else "s")
 
 
 def _pods_holding(facts):

@@ -6198,7 +6198,7 @@ class DoctorHostTests(TempDirTest):
                               if v2 else "pod %s 4e1a on 3 (held by pod %s)" % (other, holder), check["found"])
                 self.assertIn("--nri auto", check["advice"])
                 self.assertEqual(checks["nri"]["status"], "WARN", checks["nri"])
-                self.assertIn("exclusive (1 containers on CPUs others hold)", checks["nri"]["found"])
+                self.assertIn("exclusive (1 container on CPUs others hold)", checks["nri"]["found"])
                 self.write({web + ("/cpuset.cpus.effective" if v2 else "/cpuset.cpus"): "0-1,4\n"})
                 check = self.doctor()[1]["exclusive"]
                 self.assertEqual((check["status"], check["cpus"]), ("WARN", "4"), check)
@@ -6230,7 +6230,7 @@ class DoctorHostTests(TempDirTest):
         self.assertIn("holds CPUs 2-3 of the plugin but its cpuset is 0-1", checks["cpu-manager"]["found"])
         self.assertIn("--nri auto", checks["cpu-manager"]["advice"])
         self.assertEqual(checks["nri"]["status"], "WARN", checks["nri"])
-        self.assertIn("pod-cgroups (1 holders without their CPUs)", checks["nri"]["found"])
+        self.assertIn("pod-cgroups (1 holder without their CPUs)", checks["nri"]["found"])
 
     def test_a_deep_cgroup_tree_is_walked_without_recursion_and_what_is_skipped_is_said(self):
         # a tenant with a delegated subtree can nest 1,200 levels: it was
