@@ -111,7 +111,7 @@ class Rig(object):
     """A fake kubelet and a plugin process on a synthetic host, in a temp dir
     (on tmpfs where there is one: big hosts are many small files)."""
 
-    def __init__(self, *args, sysfs=None, sockets=2, cores=4, isolated="2-7,10-15", pod_resources=False):
+    def __init__(self, *args, sysfs=None, sockets=2, cores=4, isolated="2-7,10-15", pod_resources=False, env=None):
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
         self.tmp = tempfile.mkdtemp(prefix="isolcpu-bench-", dir=shm)
         self.host_root = os.path.join(self.tmp, "host")
@@ -124,7 +124,7 @@ class Rig(object):
         if "--pod-resources-socket" not in args:           # never the host's own
             args = ("--pod-resources-socket", os.path.join(pod_resources_dir, "kubelet.sock")) + tuple(args)
         self.process = PluginProcess(self.tmp, ["--sysfs", sysfs or fake_sysfs, "--procfs", fake_procfs,
-                                                "--device-plugin-path", self.dir] + list(args), module=True)
+                                                "--device-plugin-path", self.dir] + list(args), env=env, module=True)
 
     @property
     def pid(self):
@@ -183,10 +183,16 @@ def measure_idle(pid, seconds):
 def bench_idle(args):
     """Both ways the plugin watches the host, measured side by side: real
     /sys with kernel uevents (production), and a fake tree polled every
-    --rescan-interval (0.5 s, the default)."""
+    --rescan-interval (0.5 s, the default); both under systemd's watchdog as
+    the unit sets it (WatchdogSec=30s: a WATCHDOG=1 every 15 s)."""
     import grpc
-    rigs = {"real /sys, uevents": Rig("--cpus", "1", sysfs="/sys"),
-            "fake tree, polling 0.5 s": Rig()}
+    import socket
+    notify_dir = tempfile.mkdtemp(prefix="isolcpu-bench-notify-")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(os.path.join(notify_dir, "notify"))
+    env = {"NOTIFY_SOCKET": os.path.join(notify_dir, "notify"), "WATCHDOG_USEC": "30000000"}
+    rigs = {"real /sys, uevents": Rig("--cpus", "1", sysfs="/sys", env=env),
+            "fake tree, polling 0.5 s": Rig(env=env)}
     results = []
     try:
         for rig in rigs.values():
@@ -204,6 +210,8 @@ def bench_idle(args):
     finally:
         for rig in rigs.values():
             rig.close()
+        notify.close()
+        shutil.rmtree(notify_dir, True)
     return results
 
 
