@@ -3680,7 +3680,7 @@ class NriSession(object):
         self.synchronized = False
         self.sync_chunks = []           # SynchronizeRequests of a split Synchronize so far
         self.runtime = "the runtime"
-        self.warned = set()             # (container id, kind) warned of once
+        self.warned = {}                # container id -> the kinds of warning it had (each once)
         self.pending = collections.OrderedDict()      # container id -> cpus for UpdateContainers
         self.updates_wakeup = asyncio.Event()
         self.socket_wakeup = asyncio.Event()
@@ -3894,6 +3894,7 @@ class NriSession(object):
         if request.event == NRI_EVENTS["RemoveContainer"]:
             self.containers.pop(request.container.id, None)
             self.pending.pop(request.container.id, None)
+            self.warned.pop(request.container.id, None)
         elif request.event == NRI_EVENTS["StopContainer"]:
             self.stop_container(request)
         return self.api.pb.Empty()
@@ -3977,7 +3978,7 @@ class NriSession(object):
             self.conditions.clear("nri-checkpoint")
             held = grants.get((container.pod_uid, container.name))
             if held is None:
-                if (container.id, "claim") not in self.warned:
+                if "claim" not in self.warned.get(container.id, ()):
                     self.counters.nri_refused_claims += 1
                 self.warn_once(container, "claim", "NRI: %s sets $%s but holds no %s in the kubelet's checkpoint: "
                                "it gets none of them" % (quote(container.label, 300), self.config.env_name,
@@ -4001,8 +4002,9 @@ class NriSession(object):
         return cpus
 
     def warn_once(self, container, kind, text):
-        if (container.id, kind) not in self.warned:
-            self.warned.add((container.id, kind))
+        kinds = self.warned.setdefault(container.id, set())
+        if kind not in kinds:
+            kinds.add(kind)
             log.warning("%s", text)
 
     def update_of(self, container_id, cpus, ignore_failure=True):
