@@ -3678,6 +3678,7 @@ class NriSession(object):
         self.containers = collections.OrderedDict()   # id -> RuntimeContainer
         self.connection = None
         self.synchronized = False
+        self.synchronizing = asyncio.Event()     # set at the end of Synchronize; anew per connection
         self.sync_chunks = []           # SynchronizeRequests of a split Synchronize so far
         self.runtime = "the runtime"
         self.warned = {}                # container id -> the kinds of warning it had (each once)
@@ -3772,6 +3773,7 @@ class NriSession(object):
         """One connection: register, synchronize, serve; returns why it ended."""
         connection = self.connection = NriConnection(self.api, reader, writer, self.handle)
         self.synchronized, self.sync_chunks = False, []
+        self.synchronizing = asyncio.Event()
         self.containers.clear()
         self.pending.clear()
         running = asyncio.get_event_loop().create_task(connection.run())
@@ -3780,9 +3782,10 @@ class NriSession(object):
             pb = self.api.pb
             await connection.call("RegisterPlugin", pb.RegisterPluginRequest(
                 plugin_name=NRI_PLUGIN_NAME, plugin_idx=self.config.nri_index), self.REGISTER_TIMEOUT)
-            deadline = time.monotonic() + 2 * self.REGISTER_TIMEOUT     # Configure and Synchronize follow
-            while not self.synchronized and connection.why is None and time.monotonic() < deadline:
-                await asyncio.wait([running], timeout=0.05)
+            synchronized = asyncio.get_event_loop().create_task(self.synchronizing.wait())
+            await asyncio.wait([running, synchronized], timeout=2 * self.REGISTER_TIMEOUT,   # Configure, Synchronize
+                               return_when=asyncio.FIRST_COMPLETED)
+            synchronized.cancel()
             if not self.synchronized and connection.why is None:
                 connection.close("registered, but no Synchronize came")
             if connection.why is None:
@@ -3850,6 +3853,7 @@ class NriSession(object):
                         updates.append(self.update_of(container.id, cpus))
                 turn = await self.next_turn(turn)
         self.synchronized = True
+        self.synchronizing.set()
         log.info("NRI: registered as %s-%s with %s on %s; synchronized %d containers: %d adjusted, %d claim "
                  "isolated CPUs", self.config.nri_index, NRI_PLUGIN_NAME, self.runtime, self.socket_path, seen,
                  len(updates), holders)
