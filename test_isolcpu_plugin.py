@@ -5103,6 +5103,49 @@ class WorkBoundUnitTests(unittest.TestCase):
         self.assertEqual([plugin.holder_name(h) for h in resolved[7]], ["u1/app"])
         self.assertEqual(plugin.name_the_running({6: (setup, app)}, set()), {6: (setup, app)})   # nobody runs: both
 
+    def assert_shares_the_interpreter(self, work):
+        """work(), run in a thread as the plugin's worker runs it, lets this
+        thread (the event loop's) run meanwhile: its longest wait is a small
+        part of the work's time. One C call over a whole document would hold
+        the interpreter from start to end."""
+        work()                                           # warm caches
+        took, done, gaps = [], threading.Event(), []
+
+        def run():
+            started = time.perf_counter()
+            work()
+            took.append(time.perf_counter() - started)
+            done.set()
+        thread = threading.Thread(target=run)
+        last = time.perf_counter()
+        thread.start()
+        while not done.is_set():
+            sum(range(200))                              # the loop's own Python work
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+        thread.join()
+        self.assertLess(max(gaps), took[0] / 6, "waited %.1f ms of %.1f ms" % (1000 * max(gaps), 1000 * took[0]))
+
+    def test_a_checkpoint_at_its_bound_is_parsed_beside_the_loop(self):
+        entry = {"PodUID": "00000000-0000-0000-0000-000000000000", "ContainerName": "c",
+                 "ResourceName": "windriver.com/isolcpus", "DeviceIDs": {"0": ["3"]}, "AllocResp": "A" * 64}
+        text = json.dumps({"Data": {"PodDeviceEntries": [entry] * 18000}, "Checksum": 1})
+        self.assertLess(len(text), plugin.CHECKPOINT_LIMIT)
+        self.assert_shares_the_interpreter(lambda: plugin.checkpoint_grants(text, "windriver.com/isolcpus"))
+
+    @needs_grpc
+    def test_a_pod_resources_answer_at_its_bound_is_parsed_beside_the_loop(self):
+        answer = many_pods_holding(75000)
+        self.assertLess(len(answer), 4 << 20)
+        client = plugin.PodResourcesClient("/nonexistent")
+        api = plugin.load_grpc()
+        self.assert_shares_the_interpreter(lambda: client.decode(api, plugin.POD_RESOURCES_LIST, answer))
+        decoded = client.decode(api, plugin.POD_RESOURCES_LIST, answer)
+        self.assertEqual(len(plugin.pod_resources_holders(decoded, "windriver.com/isolcpus")[6]), 75000)
+        with self.assertRaises(plugin.PodResourcesUnavailable):
+            client.decode(api, plugin.POD_RESOURCES_LIST, answer[:-3])     # cut inside the last pod
+
     def test_metrics_name_only_served_cpus(self):
         holders = {cpu: (plugin.Holder("ns", "p-%d" % cpu, "c", None, "pod-resources"),) for cpu in range(100000)}
         devices = plugin.build_devices([2, 3], {2, 3}, {})
