@@ -3698,7 +3698,7 @@ def kubelet_wants(record, pod_uid, name, container_id):
 class RuntimeContainer(object):
     """A container the runtime has, as the session knows it."""
 
-    __slots__ = ("id", "pod_uid", "name", "label", "claims", "kubelet", "cpuset", "stopped")
+    __slots__ = ("id", "pod_uid", "name", "label", "claims", "kubelet", "cpuset", "stopped", "unreadable")
 
     def __init__(self, message, pod, env_prefix):
         self.id, self.name = message.id, message.name
@@ -3709,6 +3709,7 @@ class RuntimeContainer(object):
         self.kubelet = None             # B: what the kubelet wants for it (None: every CPU)
         self.cpuset = None              # what it has now (None: unrestricted)
         self.stopped = message.state == NRI_CONTAINER_STOPPED
+        self.unreadable = False         # a cpuset of the runtime's did not parse: left alone
 
 
 def cpuset_text(cpus):
@@ -3913,11 +3914,11 @@ class NriSession(object):
         for chunk in chunks:
             for message in chunk.containers:
                 container = RuntimeContainer(message, pods.get(message.pod_sandbox_id), self.env_prefix)
-                container.cpuset = self.request_cpus(message.linux.resources.cpu.cpus)
+                container.cpuset = self.request_cpus(container, message.linux.resources.cpu.cpus)
                 container.kubelet = self.kubelet_record_for(container, record)
                 self.containers[container.id] = container
                 seen += 1
-                if not container.stopped:
+                if not (container.stopped or container.unreadable):
                     cpus = self.settle(container, container.kubelet, container.cpuset, record)
                     holders += bool(container.claims)
                     if cpus is not None:
@@ -3934,7 +3935,7 @@ class NriSession(object):
         pb = self.api.pb
         container = self.containers[request.container.id] = RuntimeContainer(
             request.container, request.pod, self.env_prefix)
-        cpus = self.settle_request(container, self.request_cpus(request.container.linux.resources.cpu.cpus))
+        cpus = self.settle_request(container, self.request_cpus(container, request.container.linux.resources.cpu.cpus))
         response = pb.CreateContainerResponse()
         if cpus is not None:
             response.adjust.linux.resources.cpu.cpus = format_cpu_list(cpus)
@@ -3951,10 +3952,11 @@ class NriSession(object):
         if container is None:
             container = self.containers[request.container.id] = RuntimeContainer(
                 request.container, request.pod, self.env_prefix)
-        container.cpuset = self.request_cpus(request.container.linux.resources.cpu.cpus)
+        container.unreadable = False
+        container.cpuset = self.request_cpus(container, request.container.linux.resources.cpu.cpus)
         if not text:
             return response
-        cpus = self.settle_request(container, self.request_cpus(text))
+        cpus = self.settle_request(container, self.request_cpus(container, text))
         if cpus is not None:
             response.update.extend([self.update_of(container.id, cpus, ignore_failure=False)])
         return response
@@ -3988,13 +3990,18 @@ class NriSession(object):
 
     # The rule ------------------------------------------------------------------
 
-    def request_cpus(self, text):
-        """A cpuset of the runtime's: None for "" (unrestricted), else its CPUs."""
+    def request_cpus(self, container, text):
+        """A cpuset of the runtime's for `container`: None for ""
+        (unrestricted), else its CPUs; one that does not parse marks the
+        container as one to leave alone (said once) and is None."""
         if not text:
             return None
         try:
             return parse_cpu_list(text, self.inventory.host.last_cpu, self.inventory.host.max_cpu)
-        except InputError:
+        except InputError as e:
+            container.unreadable = True
+            self.warn_once(container, "unreadable", "NRI: %s has a cpuset that does not parse (%s); left as it is"
+                           % (quote(container.label, 300), e))
             return None
 
     async def read_kubelet_files(self):
@@ -4028,6 +4035,9 @@ class NriSession(object):
         what the kubelet's record says it wants: another NRI plugin changed
         it before us, and only one may set a container's CPUs."""
         container.kubelet = container.cpuset = kubelet
+        self.pending.pop(container.id, None)       # what the kubelet sends now supersedes a queued update
+        if container.unreadable:
+            return None
         record, _ = self.cpu_record_now()
         if record is not None:
             wanted, _ = kubelet_wants(record, container.pod_uid, container.name, container.id)
@@ -4111,7 +4121,7 @@ class NriSession(object):
             turn = await self.next_turn(turn)
             if self.containers.get(container.id) is not container:
                 continue                    # removed (or made anew) meanwhile
-            if container.stopped or (claimants_only and not container.claims):
+            if container.stopped or container.unreadable or (claimants_only and not container.claims):
                 continue
             kubelet = self.kubelet_record_for(container, record)
             current = self.pending.get(container.id, container.cpuset)

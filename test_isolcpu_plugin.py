@@ -5688,6 +5688,30 @@ class NriTests(NriRig):
             self.assertLess(reply.seconds, 1.0)
         process.wait_log("updating the cpusets of 1 containers failed", timeout=10)
 
+    def test_a_cpuset_that_does_not_parse_is_left_alone(self):
+        process = self.connected_plugin()
+        reply = self.runtime.create_container(self.web, self.app(cpus="0-x"))
+        self.assertEqual((reply.outcome, reply.cpus, reply.response["adjust"]), ("ok", "0-x", None))
+        process.wait_log("has a cpuset that does not parse")
+        self.assertEqual(self.runtime.create_container(self.web, self.app("b")).cpus, "0-1,4-5")
+
+    def test_an_update_from_the_kubelet_supersedes_a_queued_one(self):
+        self.runtime.pods = collections.OrderedDict([(self.web["id"], self.web)])
+        apps = [self.app("app-%d" % i) for i in range(100)]
+        self.runtime.containers = collections.OrderedDict((c["id"], c) for c in apps)
+        self.connected_plugin()
+        self.runtime.hang_update_containers = True
+        write_files(self.host, {"sys/devices/system/cpu/isolated": "2-3\n"})       # 6-7 back to all 100
+        first = self.runtime.wait_update_requests(1)
+        queued = [c for c in apps if c["id"] not in {u["container_id"] for u in first["update"]}]
+        self.assertTrue(queued, "every update went in the first call")
+        self.runtime.hang_update_containers = False
+        self.write_cpu_record(shared="0-5")                      # the kubelet moves the shared pool first
+        reply = self.runtime.update_container(self.web, queued[0], nri_linux_resources("0-5"))
+        self.assertEqual(reply.cpus, "0-1,4-5")
+        second = self.runtime.wait_update_requests(2, timeout=15)  # after the first times out
+        self.assertNotIn(queued[0]["id"], {u["container_id"] for u in second["update"]})
+
     def test_auto_waits_for_the_socket_and_says_so_once(self):
         process = self.start_plugin(nri="auto")
         process.wait_log("NRI: no runtime socket at")
