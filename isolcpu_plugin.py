@@ -18,11 +18,13 @@ checks of --doctor run with the standard library alone.
 import signal
 import sys
 
-# The signals the plugin documents are handled from its first instruction:
-# Python's default for SIGHUP kills, and systemd counts death by SIGHUP as a
-# clean exit, so `systemctl reload` right after a start would leave the node
-# without a plugin. Until the event loop takes them over, SIGHUP is
-# remembered and replayed, SIGTERM and SIGINT end the process with 0.
+# The signals the plugin documents are handled from the module's first lines
+# (before them, for the 20-100 ms the interpreter takes to start, Python's
+# defaults apply: the unit's Type=notify keeps systemd's reload until
+# READY=1): Python's default for SIGHUP kills, and systemd counts death by
+# SIGHUP as a clean exit, so `systemctl reload` right after a start would
+# leave the node without a plugin. Until the event loop takes them over,
+# SIGHUP is remembered and replayed, SIGTERM and SIGINT end the process with 0.
 PENDING_SIGNALS = []
 
 

@@ -32,7 +32,7 @@ chmod 0755 "$lib/isolcpu_plugin.py"
 install -m 0644 "$ROOT/deviceplugin_pb2.py" "$ROOT/deviceplugin_pb2_grpc.py" "$lib/"
 # the entry point runs the byte-compiled module (run as a script, Python would compile
 # all of it at every start and keep ~8 MiB more); the module holds its signals from its
-# first instruction either way
+# first lines either way
 cat >"$stage/usr/sbin/isolcpu-plugin" <<'LAUNCHER'
 #!/usr/bin/python3
 # isolcpu-plugin: runs /usr/lib/isolcpu-plugin/isolcpu_plugin.py, byte-compiled, as __main__.
