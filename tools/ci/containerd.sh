@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# containerd.sh: a real containerd 1.7 with NRI on, for the tests that drive it
-# through CRI as the kubelet does (tools/cri_client.py, RealContainerdTests).
+# containerd.sh: a real containerd with NRI on (Debian 13's 1.7, or one given by
+# ISOLCPU_CI_CONTAINERD_BIN, below), for the tests that drive it through CRI as the
+# kubelet does (tools/cri_client.py, RealContainerdTests).
 #
 #   containerd.sh start DIR     fetch (cached), write the config, start containerd
 #                               in the background, import the image; DIR/env has the paths
@@ -15,6 +16,12 @@
 # binaries are cached in $ISOLCPU_CI_CACHE (else $ISOLCPU_CI_WORK, default
 # /tmp/isolcpu-ci) for a week.
 #
+# ISOLCPU_CI_CONTAINERD_BIN=DIR: run the containerd, containerd-shim-runc-v2 and ctr
+# in DIR instead of Debian's (say a containerd 2.x built by hand; nothing here builds
+# one); runc and busybox still come from the cache. Unset: Debian 13's, as above.
+# The config is written for the version that `containerd --version` reports: 1.x
+# gets config version 2, 2.x version 3 (its CRI plugins split in two, see write_config).
+#
 # DIR/env (KEY=VALUE lines, shell- and Python-readable):
 #   CONTAINERD_SOCKET       containerd's gRPC socket, where CRI runtime.v1 is served
 #   CONTAINERD_NRI_SOCKET   the NRI socket plugins connect to
@@ -26,6 +33,7 @@ set -euo pipefail
 WORK=${ISOLCPU_CI_WORK:-/tmp/isolcpu-ci}
 CACHE=${ISOLCPU_CI_CACHE:-$WORK}/containerd
 BIN=$CACHE/bin
+CDBIN=${ISOLCPU_CI_CONTAINERD_BIN:-$BIN}    # containerd, its shim and ctr
 IMAGE_NAME=localhost/isolcpu-ci/busybox:1
 
 fail() { echo "containerd.sh: $*" >&2; exit 1; }
@@ -106,8 +114,13 @@ EOF
 }
 
 write_config() {
-    local dir=$1
+    local dir=$1 major
     mkdir -p "$dir"/{root,state,nri/plugins,nri/conf.d,cni/bin,cni/net.d,opt}
+    # containerd 2.x reads config version 3, where the CRI plugin's settings moved to
+    # io.containerd.cri.v1.images and io.containerd.cri.v1.runtime (it would migrate a
+    # version 2 in memory, with a warning); the NRI section is named as in 1.7
+    major=$("$CDBIN/containerd" --version | awk '{ v = $3; sub(/^v/, "", v); split(v, n, "."); print n[1] }')
+    if [ "$major" -ge 2 ]; then write_config_v3 "$dir"; return; fi
     cat >"$dir/config.toml" <<EOF
 # written by tools/ci/containerd.sh: every path under $dir, so nothing of a node's containerd is touched
 version = 2
@@ -149,6 +162,53 @@ state = "$dir/state"
 EOF
 }
 
+write_config_v3() {     # the same settings for containerd 2.x (2.3 reads version 4 and migrates a 3 in
+                        # memory with a warning: 4 only moved [debug] address to a plugin, unused here)
+    local dir=$1
+    cat >"$dir/config.toml" <<EOF
+# written by tools/ci/containerd.sh: every path under $dir, so nothing of a node's containerd is touched
+version = 3
+root = "$dir/root"
+state = "$dir/state"
+[grpc]
+  address = "$dir/containerd.sock"
+[ttrpc]
+  address = "$dir/containerd.sock.ttrpc"
+[debug]
+  level = "info"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$dir/opt"
+[plugins."io.containerd.nri.v1.nri"]
+  disable = false
+  socket_path = "$dir/nri/nri.sock"
+  plugin_path = "$dir/nri/plugins"
+  plugin_config_path = "$dir/nri/conf.d"
+  plugin_registration_timeout = "5s"
+  plugin_request_timeout = "2s"
+  disable_connections = false
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "$IMAGE_NAME"
+[plugins."io.containerd.cri.v1.runtime"]
+  # no CAP_SYS_RESOURCE on these machines: runc fails on the sandbox's oom_score_adj -998 otherwise
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.cri.v1.runtime".containerd]
+    default_runtime_name = "runc"
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "$BIN/runc"
+        Root = "$dir/runc"
+        SystemdCgroup = false
+  # pods are in the host's network namespace: no CNI is ever called (bin_dir: 2.0 has no
+  # bin_dirs; 2.2+ logs bin_dir as deprecated but honours it)
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dir = "$dir/cni/bin"
+    conf_dir = "$dir/cni/net.d"
+EOF
+}
+
 env_value() { sed -n "s/^$2=//p" "$1/env" 2>/dev/null; }
 
 alive() {   # alive PID DIR: PID is the containerd serving DIR
@@ -161,7 +221,7 @@ launch() {  # containerd in the background, its own session (it outlives this sc
     local lines
     lines=$(wc -l <"$dir/containerd.log")
     # PATH: containerd finds containerd-shim-runc-v2 there
-    PATH=$BIN:$PATH setsid "$BIN/containerd" --config "$dir/config.toml" </dev/null >>"$dir/containerd.log" 2>&1 &
+    PATH=$CDBIN:$BIN:$PATH setsid "$CDBIN/containerd" --config "$dir/config.toml" </dev/null >>"$dir/containerd.log" 2>&1 &
     pid=$!
     # ready = serving gRPC and the CRI plugin past its start (before that, CRI calls
     # fail with "server is not initialized yet")
@@ -180,19 +240,23 @@ CONTAINERD_NRI_SOCKET=$dir/nri/nri.sock
 CONTAINERD_PID=$pid
 CONTAINERD_IMAGE=$IMAGE_NAME
 CONTAINERD_CGROUP_ROOT=/isolcpu-ci-$(basename "$dir")
-CONTAINERD_BIN=$BIN
+CONTAINERD_BIN=$CDBIN
 CONTAINERD_CONFIG=$dir/config.toml
 CONTAINERD_LOG=$dir/containerd.log
-CONTAINERD_VERSION=$("$BIN/containerd" --version | cut -d' ' -f3-)
+CONTAINERD_VERSION=$("$CDBIN/containerd" --version | cut -d' ' -f3-)
 EOF
 }
 
-ctr_() { "$BIN/ctr" --address "$1/containerd.sock" -n k8s.io "${@:2}"; }
+# restart and stop run the containerd that start ran, whatever ISOLCPU_CI_CONTAINERD_BIN says now
+started_bin() { CDBIN=$(env_value "$1" CONTAINERD_BIN); CDBIN=${CDBIN:-$BIN}; }
+
+ctr_() { "$CDBIN/ctr" --address "$1/containerd.sock" -n k8s.io "${@:2}"; }
 
 start() {
     local dir=$1 begin=$SECONDS
     if alive "$(env_value "$dir" CONTAINERD_PID)" "$dir"; then fail "containerd already runs for $dir"; fi
     fetch
+    [ -x "$CDBIN/containerd" ] || fail "no containerd in $CDBIN (ISOLCPU_CI_CONTAINERD_BIN)"
     mkdir -p "$dir"
     dir=$(cd "$dir" && pwd)
     # unix socket paths are limited to 107 bytes; the longest here is containerd.sock.ttrpc
@@ -206,7 +270,11 @@ start() {
     # pipefail ctr's SIGPIPE would fail a check that passed
     ctr_ "$dir" images check >"$dir/check.log" 2>&1 || { cat "$dir/check.log"; fail "ctr images check failed"; }
     grep -qF "$IMAGE_NAME" "$dir/check.log" || fail "$IMAGE_NAME not in the image store after the import"
-    echo "$(paste -sd, "$CACHE/versions" | sed 's/,/, /g'): containerd with NRI at $dir/nri/nri.sock," \
+    local what
+    what=$(paste -sd, "$CACHE/versions" | sed 's/,/, /g')
+    # a containerd of ISOLCPU_CI_CONTAINERD_BIN: its own version first (the cache's is not the one running)
+    [ -z "${ISOLCPU_CI_CONTAINERD_BIN:-}" ] || what="containerd $(env_value "$dir" CONTAINERD_VERSION) from $CDBIN, with $what"
+    echo "$what: containerd with NRI at $dir/nri/nri.sock," \
          "pid $(env_value "$dir" CONTAINERD_PID), ready in $((SECONDS - begin)) s; env in $dir/env"
 }
 
@@ -221,6 +289,7 @@ terminate() {   # terminate PID: SIGTERM, then SIGKILL after 10 s; waits for it 
 restart() {
     local dir pid
     dir=$(cd "$1" && pwd)
+    started_bin "$dir"
     pid=$(env_value "$dir" CONTAINERD_PID)
     alive "$pid" "$dir" && terminate "$pid"
     launch "$dir"
@@ -234,6 +303,7 @@ stop() {        # best effort at every step: it also cleans up after a failed st
     # it removes DIR: only one that start made (or left empty)
     [ -f "$dir/config.toml" ] || [ -z "$(ls -A "$dir")" ] || fail "$dir is not a containerd.sh dir; not touching it"
     cg=/isolcpu-ci-$(basename "$dir")
+    started_bin "$dir"
     pid=$(env_value "$dir" CONTAINERD_PID)
     if alive "$pid" "$dir"; then
         # containers and sandboxes alike are containerd containers: kill each task, delete it
@@ -274,7 +344,7 @@ stop() {        # best effort at every step: it also cleans up after a failed st
     if awk -v d="$dir/" 'index($5, d) == 1 { found = 1 } END { exit !found }' /proc/self/mountinfo; then
         fail "mounts left under $dir; not removing it"
     fi
-    # the shims' sockets are in /run/containerd/s whatever the config says (containerd 1.7), named
+    # the shims' sockets are in /run/containerd/s whatever the config says (containerd 1.7 and 2.x), named
     # sha256(<containerd address>/<namespace>/<id>); a killed shim leaves its own behind
     local bundle sock
     for bundle in "$dir"/state/io.containerd.runtime.v2.task/k8s.io/*; do
