@@ -14,7 +14,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x65viceplugin.proto\x12\x07v1beta1\"]\n\x13\x44\x65vicePluginOptions\x12\x1a\n\x12pre_start_required\x18\x01 \x01(\x08\x12*\n\"get_preferred_allocation_available\x18\x02 \x01(\x08\"z\n\x0fRegisterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rresource_name\x18\x03 \x01(\t\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.v1beta1.DevicePluginOptions\"\x07\n\x05\x45mpty\"8\n\x14ListAndWatchResponse\x12 \n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x0f.v1beta1.Device\"0\n\x0cTopologyInfo\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.v1beta1.NUMANode\"\x16\n\x08NUMANode\x12\n\n\x02ID\x18\x01 \x01(\x03\"M\n\x06\x44\x65vice\x12\n\n\x02ID\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"/\n\x18PreStartContainerRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x1b\n\x19PreStartContainerResponse\"f\n\x1aPreferredAllocationRequest\x12H\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerPreferredAllocationRequest\"{\n#ContainerPreferredAllocationRequest\x12\x1b\n\x13\x61vailable_deviceIDs\x18\x01 \x03(\t\x12\x1e\n\x16must_include_deviceIDs\x18\x02 \x03(\t\x12\x17\n\x0f\x61llocation_size\x18\x03 \x01(\x05\"i\n\x1bPreferredAllocationResponse\x12J\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32-.v1beta1.ContainerPreferredAllocationResponse\"9\n$ContainerPreferredAllocationResponse\x12\x11\n\tdeviceIDs\x18\x01 \x03(\t\"P\n\x0f\x41llocateRequest\x12=\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32!.v1beta1.ContainerAllocateRequest\"/\n\x18\x43ontainerAllocateRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x19\n\tCDIDevice\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x10\x41llocateResponse\x12?\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32\".v1beta1.ContainerAllocateResponse\"\xf1\x02\n\x19\x43ontainerAllocateResponse\x12:\n\x04\x65nvs\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerAllocateResponse.EnvsEntry\x12\x1e\n\x06mounts\x18\x02 \x03(\x0b\x32\x0e.v1beta1.Mount\x12$\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x13.v1beta1.DeviceSpec\x12H\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32\x33.v1beta1.ContainerAllocateResponse.AnnotationsEntry\x12\'\n\x0b\x63\x64i_devices\x18\x05 \x03(\x0b\x32\x12.v1beta1.CDIDevice\x1a+\n\tEnvsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x05Mount\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\"L\n\nDeviceSpec\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x01(\t\"\x19\n\x17ListPodResourcesRequest\"H\n\x18ListPodResourcesResponse\x12,\n\rpod_resources\x18\x01 \x03(\x0b\x32\x15.v1beta1.PodResources\"`\n\x0cPodResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12/\n\ncontainers\x18\x03 \x03(\x0b\x32\x1b.v1beta1.ContainerResources\"_\n\x12\x43ontainerResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x19.v1beta1.ContainerDevices\x12\x0f\n\x07\x63pu_ids\x18\x03 \x03(\x03\"f\n\x10\x43ontainerDevices\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"\x1d\n\x1b\x41llocatableResourcesRequest\"[\n\x1c\x41llocatableResourcesResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.v1beta1.ContainerDevices\x12\x0f\n\x07\x63pu_ids\x18\x02 \x03(\x03\"@\n\x15RegisterPluginRequest\x12\x13\n\x0bplugin_name\x18\x01 \x01(\t\x12\x12\n\nplugin_idx\x18\x02 \x01(\t\"n\n\x17UpdateContainersRequest\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12)\n\x05\x65vict\x18\x02 \x03(\x0b\x32\x1a.v1beta1.ContainerEviction\"D\n\x18UpdateContainersResponse\x12(\n\x06\x66\x61iled\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\"\x88\x01\n\x10\x43onfigureRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\x12\x14\n\x0cruntime_name\x18\x02 \x01(\t\x12\x17\n\x0fruntime_version\x18\x03 \x01(\t\x12\x1c\n\x14registration_timeout\x18\x04 \x01(\x03\x12\x17\n\x0frequest_timeout\x18\x05 \x01(\x03\"#\n\x11\x43onfigureResponse\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x05\"m\n\x12SynchronizeRequest\x12!\n\x04pods\x18\x01 \x03(\x0b\x32\x13.v1beta1.PodSandbox\x12&\n\ncontainers\x18\x02 \x03(\x0b\x32\x12.v1beta1.Container\x12\x0c\n\x04more\x18\x03 \x01(\x08\"M\n\x13SynchronizeResponse\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12\x0c\n\x04more\x18\x02 \x01(\x08\"a\n\x16\x43reateContainerRequest\x12 \n\x03pod\x18\x01 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x02 \x01(\x0b\x32\x12.v1beta1.Container\"\x9c\x01\n\x17\x43reateContainerResponse\x12,\n\x06\x61\x64just\x18\x01 \x01(\x0b\x32\x1c.v1beta1.ContainerAdjustment\x12(\n\x06update\x18\x02 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12)\n\x05\x65vict\x18\x03 \x03(\x0b\x32\x1a.v1beta1.ContainerEviction\"\x93\x01\n\x16UpdateContainerRequest\x12 \n\x03pod\x18\x01 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x02 \x01(\x0b\x32\x12.v1beta1.Container\x12\x30\n\x0flinux_resources\x18\x03 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"n\n\x17UpdateContainerResponse\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12)\n\x05\x65vict\x18\x02 \x03(\x0b\x32\x1a.v1beta1.ContainerEviction\"_\n\x14StopContainerRequest\x12 \n\x03pod\x18\x01 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x02 \x01(\x0b\x32\x12.v1beta1.Container\"A\n\x15StopContainerResponse\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\"j\n\x10StateChangeEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\x05\x12 \n\x03pod\x18\x02 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x03 \x01(\x0b\x32\x12.v1beta1.Container\"F\n\nPodSandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\"\x81\x01\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0epod_sandbox_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\x05\x12\x0b\n\x03\x65nv\x18\x08 \x03(\t\x12&\n\x05linux\x18\x0b \x01(\x0b\x32\x17.v1beta1.LinuxContainer\"<\n\x0eLinuxContainer\x12*\n\tresources\x18\x03 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"&\n\x08LinuxCPU\x12\x0c\n\x04\x63pus\x18\x06 \x01(\t\x12\x0c\n\x04mems\x18\x07 \x01(\t\"0\n\x0eLinuxResources\x12\x1e\n\x03\x63pu\x18\x02 \x01(\x0b\x32\x11.v1beta1.LinuxCPU\"G\n\x13\x43ontainerAdjustment\x12\x30\n\x05linux\x18\x06 \x01(\x0b\x32!.v1beta1.LinuxContainerAdjustment\"F\n\x18LinuxContainerAdjustment\x12*\n\tresources\x18\x02 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"m\n\x0f\x43ontainerUpdate\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12,\n\x05linux\x18\x02 \x01(\x0b\x32\x1d.v1beta1.LinuxContainerUpdate\x12\x16\n\x0eignore_failure\x18\x03 \x01(\x08\"B\n\x14LinuxContainerUpdate\x12*\n\tresources\x18\x01 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"9\n\x11\x43ontainerEviction\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Q\n\x07Request\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0ctimeout_nano\x18\x04 \x01(\x03\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"<\n\x08Response\x12\x1f\n\x06status\x18\x01 \x01(\x0b\x32\x0f.v1beta1.Status\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x32\x46\n\x0cRegistration\x12\x36\n\x08Register\x12\x18.v1beta1.RegisterRequest\x1a\x0e.v1beta1.Empty\"\x00\x32\xa3\x03\n\x0c\x44\x65vicePlugin\x12H\n\x16GetDevicePluginOptions\x12\x0e.v1beta1.Empty\x1a\x1c.v1beta1.DevicePluginOptions\"\x00\x12\x41\n\x0cListAndWatch\x12\x0e.v1beta1.Empty\x1a\x1d.v1beta1.ListAndWatchResponse\"\x00\x30\x01\x12\x65\n\x16GetPreferredAllocation\x12#.v1beta1.PreferredAllocationRequest\x1a$.v1beta1.PreferredAllocationResponse\"\x00\x12\x41\n\x08\x41llocate\x12\x18.v1beta1.AllocateRequest\x1a\x19.v1beta1.AllocateResponse\"\x00\x12\\\n\x11PreStartContainer\x12!.v1beta1.PreStartContainerRequest\x1a\".v1beta1.PreStartContainerResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x65viceplugin.proto\x12\x07v1beta1\"]\n\x13\x44\x65vicePluginOptions\x12\x1a\n\x12pre_start_required\x18\x01 \x01(\x08\x12*\n\"get_preferred_allocation_available\x18\x02 \x01(\x08\"z\n\x0fRegisterRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x02 \x01(\t\x12\x15\n\rresource_name\x18\x03 \x01(\t\x12-\n\x07options\x18\x04 \x01(\x0b\x32\x1c.v1beta1.DevicePluginOptions\"\x07\n\x05\x45mpty\"8\n\x14ListAndWatchResponse\x12 \n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x0f.v1beta1.Device\"0\n\x0cTopologyInfo\x12 \n\x05nodes\x18\x01 \x03(\x0b\x32\x11.v1beta1.NUMANode\"\x16\n\x08NUMANode\x12\n\n\x02ID\x18\x01 \x01(\x03\"M\n\x06\x44\x65vice\x12\n\n\x02ID\x18\x01 \x01(\t\x12\x0e\n\x06health\x18\x02 \x01(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"/\n\x18PreStartContainerRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x1b\n\x19PreStartContainerResponse\"f\n\x1aPreferredAllocationRequest\x12H\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerPreferredAllocationRequest\"{\n#ContainerPreferredAllocationRequest\x12\x1b\n\x13\x61vailable_deviceIDs\x18\x01 \x03(\t\x12\x1e\n\x16must_include_deviceIDs\x18\x02 \x03(\t\x12\x17\n\x0f\x61llocation_size\x18\x03 \x01(\x05\"i\n\x1bPreferredAllocationResponse\x12J\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32-.v1beta1.ContainerPreferredAllocationResponse\"9\n$ContainerPreferredAllocationResponse\x12\x11\n\tdeviceIDs\x18\x01 \x03(\t\"P\n\x0f\x41llocateRequest\x12=\n\x12\x63ontainer_requests\x18\x01 \x03(\x0b\x32!.v1beta1.ContainerAllocateRequest\"/\n\x18\x43ontainerAllocateRequest\x12\x13\n\x0b\x64\x65vices_ids\x18\x01 \x03(\t\"\x19\n\tCDIDevice\x12\x0c\n\x04name\x18\x01 \x01(\t\"S\n\x10\x41llocateResponse\x12?\n\x13\x63ontainer_responses\x18\x01 \x03(\x0b\x32\".v1beta1.ContainerAllocateResponse\"\xf1\x02\n\x19\x43ontainerAllocateResponse\x12:\n\x04\x65nvs\x18\x01 \x03(\x0b\x32,.v1beta1.ContainerAllocateResponse.EnvsEntry\x12\x1e\n\x06mounts\x18\x02 \x03(\x0b\x32\x0e.v1beta1.Mount\x12$\n\x07\x64\x65vices\x18\x03 \x03(\x0b\x32\x13.v1beta1.DeviceSpec\x12H\n\x0b\x61nnotations\x18\x04 \x03(\x0b\x32\x33.v1beta1.ContainerAllocateResponse.AnnotationsEntry\x12\'\n\x0b\x63\x64i_devices\x18\x05 \x03(\x0b\x32\x12.v1beta1.CDIDevice\x1a+\n\tEnvsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x05Mount\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x11\n\tread_only\x18\x03 \x01(\x08\"L\n\nDeviceSpec\x12\x16\n\x0e\x63ontainer_path\x18\x01 \x01(\t\x12\x11\n\thost_path\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x01(\t\"\x19\n\x17ListPodResourcesRequest\"H\n\x18ListPodResourcesResponse\x12,\n\rpod_resources\x18\x01 \x03(\x0b\x32\x15.v1beta1.PodResources\"`\n\x0cPodResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12/\n\ncontainers\x18\x03 \x03(\x0b\x32\x1b.v1beta1.ContainerResources\"_\n\x12\x43ontainerResources\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07\x64\x65vices\x18\x02 \x03(\x0b\x32\x19.v1beta1.ContainerDevices\x12\x0f\n\x07\x63pu_ids\x18\x03 \x03(\x03\"f\n\x10\x43ontainerDevices\x12\x15\n\rresource_name\x18\x01 \x01(\t\x12\x12\n\ndevice_ids\x18\x02 \x03(\t\x12\'\n\x08topology\x18\x03 \x01(\x0b\x32\x15.v1beta1.TopologyInfo\"\x1d\n\x1b\x41llocatableResourcesRequest\"[\n\x1c\x41llocatableResourcesResponse\x12*\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x19.v1beta1.ContainerDevices\x12\x0f\n\x07\x63pu_ids\x18\x02 \x03(\x03\"@\n\x15RegisterPluginRequest\x12\x13\n\x0bplugin_name\x18\x01 \x01(\t\x12\x12\n\nplugin_idx\x18\x02 \x01(\t\"n\n\x17UpdateContainersRequest\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12)\n\x05\x65vict\x18\x02 \x03(\x0b\x32\x1a.v1beta1.ContainerEviction\"D\n\x18UpdateContainersResponse\x12(\n\x06\x66\x61iled\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\"\x88\x01\n\x10\x43onfigureRequest\x12\x0e\n\x06\x63onfig\x18\x01 \x01(\t\x12\x14\n\x0cruntime_name\x18\x02 \x01(\t\x12\x17\n\x0fruntime_version\x18\x03 \x01(\t\x12\x1c\n\x14registration_timeout\x18\x04 \x01(\x03\x12\x17\n\x0frequest_timeout\x18\x05 \x01(\x03\"#\n\x11\x43onfigureResponse\x12\x0e\n\x06\x65vents\x18\x02 \x01(\x05\"m\n\x12SynchronizeRequest\x12!\n\x04pods\x18\x01 \x03(\x0b\x32\x13.v1beta1.PodSandbox\x12&\n\ncontainers\x18\x02 \x03(\x0b\x32\x12.v1beta1.Container\x12\x0c\n\x04more\x18\x03 \x01(\x08\"M\n\x13SynchronizeResponse\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12\x0c\n\x04more\x18\x02 \x01(\x08\"a\n\x16\x43reateContainerRequest\x12 \n\x03pod\x18\x01 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x02 \x01(\x0b\x32\x12.v1beta1.Container\"\x9c\x01\n\x17\x43reateContainerResponse\x12,\n\x06\x61\x64just\x18\x01 \x01(\x0b\x32\x1c.v1beta1.ContainerAdjustment\x12(\n\x06update\x18\x02 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12)\n\x05\x65vict\x18\x03 \x03(\x0b\x32\x1a.v1beta1.ContainerEviction\"\x93\x01\n\x16UpdateContainerRequest\x12 \n\x03pod\x18\x01 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x02 \x01(\x0b\x32\x12.v1beta1.Container\x12\x30\n\x0flinux_resources\x18\x03 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"n\n\x17UpdateContainerResponse\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\x12)\n\x05\x65vict\x18\x02 \x03(\x0b\x32\x1a.v1beta1.ContainerEviction\"_\n\x14StopContainerRequest\x12 \n\x03pod\x18\x01 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x02 \x01(\x0b\x32\x12.v1beta1.Container\"A\n\x15StopContainerResponse\x12(\n\x06update\x18\x01 \x03(\x0b\x32\x18.v1beta1.ContainerUpdate\"a\n\x16RemoveContainerRequest\x12 \n\x03pod\x18\x01 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x02 \x01(\x0b\x32\x12.v1beta1.Container\"\x19\n\x17RemoveContainerResponse\"j\n\x10StateChangeEvent\x12\r\n\x05\x65vent\x18\x01 \x01(\x05\x12 \n\x03pod\x18\x02 \x01(\x0b\x32\x13.v1beta1.PodSandbox\x12%\n\tcontainer\x18\x03 \x01(\x0b\x32\x12.v1beta1.Container\"F\n\nPodSandbox\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\x12\x11\n\tnamespace\x18\x04 \x01(\t\"\x81\x01\n\tContainer\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0epod_sandbox_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\x05\x12\x0b\n\x03\x65nv\x18\x08 \x03(\t\x12&\n\x05linux\x18\x0b \x01(\x0b\x32\x17.v1beta1.LinuxContainer\"<\n\x0eLinuxContainer\x12*\n\tresources\x18\x03 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"&\n\x08LinuxCPU\x12\x0c\n\x04\x63pus\x18\x06 \x01(\t\x12\x0c\n\x04mems\x18\x07 \x01(\t\"0\n\x0eLinuxResources\x12\x1e\n\x03\x63pu\x18\x02 \x01(\x0b\x32\x11.v1beta1.LinuxCPU\"G\n\x13\x43ontainerAdjustment\x12\x30\n\x05linux\x18\x06 \x01(\x0b\x32!.v1beta1.LinuxContainerAdjustment\"F\n\x18LinuxContainerAdjustment\x12*\n\tresources\x18\x02 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"m\n\x0f\x43ontainerUpdate\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12,\n\x05linux\x18\x02 \x01(\x0b\x32\x1d.v1beta1.LinuxContainerUpdate\x12\x16\n\x0eignore_failure\x18\x03 \x01(\x08\"B\n\x14LinuxContainerUpdate\x12*\n\tresources\x18\x01 \x01(\x0b\x32\x17.v1beta1.LinuxResources\"9\n\x11\x43ontainerEviction\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Q\n\x07Request\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x14\n\x0ctimeout_nano\x18\x04 \x01(\x03\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"<\n\x08Response\x12\x1f\n\x06status\x18\x01 \x01(\x0b\x32\x0f.v1beta1.Status\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x32\x46\n\x0cRegistration\x12\x36\n\x08Register\x12\x18.v1beta1.RegisterRequest\x1a\x0e.v1beta1.Empty\"\x00\x32\xa3\x03\n\x0c\x44\x65vicePlugin\x12H\n\x16GetDevicePluginOptions\x12\x0e.v1beta1.Empty\x1a\x1c.v1beta1.DevicePluginOptions\"\x00\x12\x41\n\x0cListAndWatch\x12\x0e.v1beta1.Empty\x1a\x1d.v1beta1.ListAndWatchResponse\"\x00\x30\x01\x12\x65\n\x16GetPreferredAllocation\x12#.v1beta1.PreferredAllocationRequest\x1a$.v1beta1.PreferredAllocationResponse\"\x00\x12\x41\n\x08\x41llocate\x12\x18.v1beta1.AllocateRequest\x1a\x19.v1beta1.AllocateResponse\"\x00\x12\\\n\x11PreStartContainer\x12!.v1beta1.PreStartContainerRequest\x1a\".v1beta1.PreStartContainerResponse\"\x00\x62\x06proto3')
 if DESCRIPTOR is None:  # protobuf < 3.19, pure-python: AddSerializedFile returns None
   DESCRIPTOR = _descriptor_pool.Default().FindFileByName('deviceplugin.proto')
 
@@ -62,6 +62,8 @@ _UPDATECONTAINERREQUEST = DESCRIPTOR.message_types_by_name['UpdateContainerReque
 _UPDATECONTAINERRESPONSE = DESCRIPTOR.message_types_by_name['UpdateContainerResponse']
 _STOPCONTAINERREQUEST = DESCRIPTOR.message_types_by_name['StopContainerRequest']
 _STOPCONTAINERRESPONSE = DESCRIPTOR.message_types_by_name['StopContainerResponse']
+_REMOVECONTAINERREQUEST = DESCRIPTOR.message_types_by_name['RemoveContainerRequest']
+_REMOVECONTAINERRESPONSE = DESCRIPTOR.message_types_by_name['RemoveContainerResponse']
 _STATECHANGEEVENT = DESCRIPTOR.message_types_by_name['StateChangeEvent']
 _PODSANDBOX = DESCRIPTOR.message_types_by_name['PodSandbox']
 _CONTAINER = DESCRIPTOR.message_types_by_name['Container']
@@ -372,6 +374,20 @@ StopContainerResponse = _reflection.GeneratedProtocolMessageType('StopContainerR
   })
 _sym_db.RegisterMessage(StopContainerResponse)
 
+RemoveContainerRequest = _reflection.GeneratedProtocolMessageType('RemoveContainerRequest', (_message.Message,), {
+  'DESCRIPTOR' : _REMOVECONTAINERREQUEST,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.RemoveContainerRequest)
+  })
+_sym_db.RegisterMessage(RemoveContainerRequest)
+
+RemoveContainerResponse = _reflection.GeneratedProtocolMessageType('RemoveContainerResponse', (_message.Message,), {
+  'DESCRIPTOR' : _REMOVECONTAINERRESPONSE,
+  '__module__' : 'deviceplugin_pb2'
+  # @@protoc_insertion_point(class_scope:v1beta1.RemoveContainerResponse)
+  })
+_sym_db.RegisterMessage(RemoveContainerResponse)
+
 StateChangeEvent = _reflection.GeneratedProtocolMessageType('StateChangeEvent', (_message.Message,), {
   'DESCRIPTOR' : _STATECHANGEEVENT,
   '__module__' : 'deviceplugin_pb2'
@@ -563,36 +579,40 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _STOPCONTAINERREQUEST._serialized_end=3460
   _STOPCONTAINERRESPONSE._serialized_start=3462
   _STOPCONTAINERRESPONSE._serialized_end=3527
-  _STATECHANGEEVENT._serialized_start=3529
-  _STATECHANGEEVENT._serialized_end=3635
-  _PODSANDBOX._serialized_start=3637
-  _PODSANDBOX._serialized_end=3707
-  _CONTAINER._serialized_start=3710
-  _CONTAINER._serialized_end=3839
-  _LINUXCONTAINER._serialized_start=3841
-  _LINUXCONTAINER._serialized_end=3901
-  _LINUXCPU._serialized_start=3903
-  _LINUXCPU._serialized_end=3941
-  _LINUXRESOURCES._serialized_start=3943
-  _LINUXRESOURCES._serialized_end=3991
-  _CONTAINERADJUSTMENT._serialized_start=3993
-  _CONTAINERADJUSTMENT._serialized_end=4064
-  _LINUXCONTAINERADJUSTMENT._serialized_start=4066
-  _LINUXCONTAINERADJUSTMENT._serialized_end=4136
-  _CONTAINERUPDATE._serialized_start=4138
-  _CONTAINERUPDATE._serialized_end=4247
-  _LINUXCONTAINERUPDATE._serialized_start=4249
-  _LINUXCONTAINERUPDATE._serialized_end=4315
-  _CONTAINEREVICTION._serialized_start=4317
-  _CONTAINEREVICTION._serialized_end=4374
-  _REQUEST._serialized_start=4376
-  _REQUEST._serialized_end=4457
-  _STATUS._serialized_start=4459
-  _STATUS._serialized_end=4498
-  _RESPONSE._serialized_start=4500
-  _RESPONSE._serialized_end=4560
-  _REGISTRATION._serialized_start=4562
-  _REGISTRATION._serialized_end=4632
-  _DEVICEPLUGIN._serialized_start=4635
-  _DEVICEPLUGIN._serialized_end=5054
+  _REMOVECONTAINERREQUEST._serialized_start=3529
+  _REMOVECONTAINERREQUEST._serialized_end=3626
+  _REMOVECONTAINERRESPONSE._serialized_start=3628
+  _REMOVECONTAINERRESPONSE._serialized_end=3653
+  _STATECHANGEEVENT._serialized_start=3655
+  _STATECHANGEEVENT._serialized_end=3761
+  _PODSANDBOX._serialized_start=3763
+  _PODSANDBOX._serialized_end=3833
+  _CONTAINER._serialized_start=3836
+  _CONTAINER._serialized_end=3965
+  _LINUXCONTAINER._serialized_start=3967
+  _LINUXCONTAINER._serialized_end=4027
+  _LINUXCPU._serialized_start=4029
+  _LINUXCPU._serialized_end=4067
+  _LINUXRESOURCES._serialized_start=4069
+  _LINUXRESOURCES._serialized_end=4117
+  _CONTAINERADJUSTMENT._serialized_start=4119
+  _CONTAINERADJUSTMENT._serialized_end=4190
+  _LINUXCONTAINERADJUSTMENT._serialized_start=4192
+  _LINUXCONTAINERADJUSTMENT._serialized_end=4262
+  _CONTAINERUPDATE._serialized_start=4264
+  _CONTAINERUPDATE._serialized_end=4373
+  _LINUXCONTAINERUPDATE._serialized_start=4375
+  _LINUXCONTAINERUPDATE._serialized_end=4441
+  _CONTAINEREVICTION._serialized_start=4443
+  _CONTAINEREVICTION._serialized_end=4500
+  _REQUEST._serialized_start=4502
+  _REQUEST._serialized_end=4583
+  _STATUS._serialized_start=4585
+  _STATUS._serialized_end=4624
+  _RESPONSE._serialized_start=4626
+  _RESPONSE._serialized_end=4686
+  _REGISTRATION._serialized_start=4688
+  _REGISTRATION._serialized_end=4758
+  _DEVICEPLUGIN._serialized_start=4761
+  _DEVICEPLUGIN._serialized_end=5180
 # @@protoc_insertion_point(module_scope)

@@ -3969,11 +3969,17 @@ class NriSession(object):
             container.stopped = True
         return self.api.pb.StopContainerResponse()
 
+    def remove_container(self, request):
+        self.containers.pop(request.container.id, None)
+        self.pending.pop(request.container.id, None)
+        self.warned.pop(request.container.id, None)
+        return self.api.pb.RemoveContainerResponse()
+
     def state_change(self, request):
+        """Events as runtimes before NRI v0.12 send them (v0.12+ fall back
+        to it for a method answered with code 12)."""
         if request.event == NRI_EVENTS["RemoveContainer"]:
-            self.containers.pop(request.container.id, None)
-            self.pending.pop(request.container.id, None)
-            self.warned.pop(request.container.id, None)
+            self.remove_container(request)
         elif request.event == NRI_EVENTS["StopContainer"]:
             self.stop_container(request)
         return self.api.pb.Empty()
@@ -3987,6 +3993,7 @@ class NriSession(object):
                 "CreateContainer": ("CreateContainerRequest", create_container),
                 "UpdateContainer": ("UpdateContainerRequest", update_container),
                 "StopContainer": ("StopContainerRequest", stop_container),
+                "RemoveContainer": ("RemoveContainerRequest", remove_container),   # v0.12+
                 "StateChange": ("StateChangeEvent", state_change),
                 "Shutdown": ("Empty", shutdown)}
 
