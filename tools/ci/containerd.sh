@@ -243,7 +243,7 @@ CONTAINERD_CGROUP_ROOT=/isolcpu-ci-$(basename "$dir")
 CONTAINERD_BIN=$CDBIN
 CONTAINERD_CONFIG=$dir/config.toml
 CONTAINERD_LOG=$dir/containerd.log
-CONTAINERD_VERSION=$("$CDBIN/containerd" --version | cut -d' ' -f3-)
+CONTAINERD_VERSION=$("$CDBIN/containerd" --version | cut -d' ' -f3)   # one word: the file is sourced by shells too
 EOF
 }
 
