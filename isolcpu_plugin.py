@@ -1133,6 +1133,14 @@ def json_document(text):
     return json.loads(text, object_hook=_turn)
 
 
+def device_id_list(ids):
+    """`ids` when it is a list of strings, as the kubelet writes them (a
+    string read a character at a time would name other CPUs)."""
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise TypeError("DeviceIDs is not a list of strings")
+    return ids
+
+
 def checkpoint_entries(text, resource_name):
     """[(pod UID, container name, device IDs)] of `resource_name` in the
     kubelet's device-manager checkpoint (text or bytes; DeviceIDs a list, or
@@ -1146,8 +1154,8 @@ def checkpoint_entries(text, resource_name):
                 continue
             ids = entry.get("DeviceIDs") or []
             if isinstance(ids, dict):
-                ids = [i for per_node in ids.values() for i in per_node or []]
-            found.append((str(entry.get("PodUID")), str(entry.get("ContainerName")), list(ids)))
+                ids = [i for per_node in ids.values() for i in device_id_list(per_node or [])]
+            found.append((str(entry.get("PodUID")), str(entry.get("ContainerName")), device_id_list(ids)))
         return found
     except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as e:
         raise ValueError("not a device-manager checkpoint (%s: %s)" % (type(e).__name__, quote(one_line(e), 80)))
@@ -2592,22 +2600,31 @@ class SystemdNotifier(object):
 class Conditions(object):
     """Conditions that persist (a kubelet that does not answer, a host file
     that does not parse, no devices to serve): logged when they start, when
-    their text changes and when they end, with how often they were seen; at
-    debug in between. A condition costs a few lines, not one per retry."""
+    their text changes to one not yet said and when they end, with how often
+    they were seen; at debug in between. A condition costs a few lines, not
+    one per retry, also when its text alternates (a peer in a crash loop
+    fails in one of a few ways in turn)."""
+
+    TEXTS_KEPT = 16                       # texts remembered per condition as said
 
     def __init__(self):
-        self.active = {}                  # key -> [text, level, times seen, since (monotonic)]
+        self.active = {}                  # key -> [text, level, times seen, since (monotonic), texts said]
 
     def report(self, key, text, level=logging.WARNING):
         entry = self.active.get(key)
         if entry is None:
-            self.active[key] = [text, level, 1, time.monotonic()]
+            self.active[key] = [text, level, 1, time.monotonic(), collections.OrderedDict([(text, None)])]
         else:
             entry[2] += 1
-            if entry[0] == text:
+            said = entry[4]
+            entry[:2] = [text, level]
+            if text in said:
+                said.move_to_end(text)
                 log.debug("%s", text)
                 return
-            entry[:2] = [text, level]
+            said[text] = None
+            if len(said) > self.TEXTS_KEPT:
+                said.popitem(last=False)
         log.log(level, "%s", text)
 
     def clear(self, key):
@@ -2615,7 +2632,7 @@ class Conditions(object):
         (waiting for the kubelet) is closed by what comes next."""
         entry = self.active.pop(key, None)
         if entry is not None:
-            text, level, times, since = entry
+            text, level, times, since, _ = entry
             log.log(logging.INFO if level >= logging.WARNING else logging.DEBUG,
                     "resolved after %d time%s over %.1f s: %s", times, "" if times == 1 else "s",
                     time.monotonic() - since, text)

@@ -4040,6 +4040,36 @@ class RobustnessUnitTests(unittest.TestCase):
         with self.assertRaises(ValueError):
             plugin.checkpoint_holders(deep_dict, "windriver.com/isolcpus")
 
+    def test_device_ids_that_are_not_lists_of_strings_are_not_a_checkpoint(self):
+        # "67" read a character at a time was CPUs 6 and 7: a cpuset widened by a malformed file
+        for ids in ("67", {"0": "67"}, {"0": ["6"], "1": "7"}, [6, 7], [["6"]], {"0": {"6": 1}}):
+            text = json.dumps({"Data": {"PodDeviceEntries": [
+                {"PodUID": "u1", "ContainerName": "app", "ResourceName": "windriver.com/isolcpus", "DeviceIDs": ids}]}})
+            with self.subTest(ids=ids):
+                with self.assertRaises(ValueError) as caught:
+                    plugin.checkpoint_grants(text, "windriver.com/isolcpus")
+                self.assertIn("not a device-manager checkpoint", str(caught.exception))
+        for ids in (None, [], {}, {"0": None}, {"0": []}):     # no devices: what the kubelet writes for none
+            text = json.dumps({"Data": {"PodDeviceEntries": [
+                {"PodUID": "u1", "ContainerName": "app", "ResourceName": "windriver.com/isolcpus", "DeviceIDs": ids}]}})
+            self.assertEqual(plugin.checkpoint_grants(text, "windriver.com/isolcpus"), {("u1", "app"): set()}, ids)
+
+    def test_a_condition_whose_text_alternates_is_logged_once_per_text(self):
+        # a runtime in a crash loop ends connections for one of a few reasons in turn
+        conditions = plugin.Conditions()
+        with self.assertLogs(plugin.log, "DEBUG") as logs:
+            for _ in range(50):
+                for why in ("closed", "reset by peer", "broken pipe"):
+                    conditions.report("nri", "NRI: the connection ended (%s)" % why)
+            conditions.clear("nri")
+            conditions.report("nri", "NRI: the connection ended (closed)")   # a new episode: said again
+        above_debug = [line for line in logs.output if not line.startswith("DEBUG")]
+        self.assertEqual(above_debug[:3], ["WARNING:isolcpu-plugin:NRI: the connection ended (%s)" % why
+                                           for why in ("closed", "reset by peer", "broken pipe")])
+        self.assertRegex(above_debug[3], r"^INFO:isolcpu-plugin:resolved after 150 times over [0-9.]+ s: ")
+        self.assertEqual(above_debug[4], "WARNING:isolcpu-plugin:NRI: the connection ended (closed)")
+        self.assertEqual(len(above_debug), 5)
+
     def test_holders_are_named_whole(self):
         uid = "3f1c2a9e-7b4d-4e8f-9a6b-1c2d3e4f5a6b"
         holders = {6: (plugin.Holder(None, None, "packet-processor-main-container", uid, "checkpoint"),),
