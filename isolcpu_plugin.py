@@ -3755,6 +3755,8 @@ class NriSession(object):
     YIELD_AFTER = 0.002             # seconds of settling containers between two turns of the loop
     LARGE_REQUEST = 1 << 16         # requests parsed off the event loop from this size
     UPDATE_BATCH = 64
+    RETRY_DELAYS = (1.0, 2.0, 4.0)  # an update the runtime did not make: tried again after these
+    SYNC_LIMIT = 32 << 20           # bytes of one Synchronize, all its chunks: 8 maximal messages
 
     def __init__(self, config, api, inventory, lock, conditions, counters, off_loop):
         self.config, self.api, self.inventory = config, api, inventory
@@ -3771,14 +3773,20 @@ class NriSession(object):
         self.synchronized = False
         self.synchronizing = asyncio.Event()     # set at the end of Synchronize; anew per connection
         self.sync_chunks = []           # SynchronizeRequests of a split Synchronize so far
+        self.sync_bytes = 0             # and their size
+        self.reconsider_missed = None   # a change came while Synchronize settled: "all" or "claimants"
         self.runtime = "the runtime"
         self.warned = {}                # container id -> the kinds of warning it had (each once)
         self.pending = collections.OrderedDict()      # container id -> cpus for UpdateContainers
+        self.unconfirmed = {}           # container id -> its cpuset before queued updates the runtime has not made yet
+        self.update_tries = {}          # container id -> updates of it the runtime did not make, in a row
         self.updates_wakeup = asyncio.Event()
         self.socket_wakeup = asyncio.Event()
+        self.stop_wakeup = asyncio.Event()
         self.watch = None
         self.stopping = False
         self.reconsidering = set()      # spawn_reconsider()'s tasks
+        self.retries = []               # try_again()'s timers: (when, handle)
 
     @property
     def connected(self):
@@ -3805,7 +3813,7 @@ class NriSession(object):
                 except (OSError, asyncio.TimeoutError) as e:
                     self.conditions.report("nri", "NRI: cannot connect to %s (%s); retrying" % (
                         self.socket_path, one_line(e) or "timed out"))
-                    await self._wait(backoff.next())
+                    await self._pause(backoff.next())
                     continue
                 started = time.monotonic()
                 why = await self.serve(reader, writer)
@@ -3813,7 +3821,7 @@ class NriSession(object):
                                        % (self.socket_path, why))
                 if time.monotonic() - started > 10.0:
                     backoff.reset()
-                await self._wait(backoff.next())
+                await self._pause(backoff.next())
         finally:
             if self.connection is not None:
                 self.connection.close("the plugin stopped")
@@ -3836,8 +3844,17 @@ class NriSession(object):
         return self.watch.arm()
 
     async def _wait(self, seconds):
+        """Until the socket's directory changes (the socket may be there now)."""
         try:
             await asyncio.wait_for(self.socket_wakeup.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _pause(self, seconds):
+        """A backoff: whatever the directory does (a runtime in a crash loop
+        makes its socket anew each time), only stopping cuts it short."""
+        try:
+            await asyncio.wait_for(self.stop_wakeup.wait(), seconds)
         except asyncio.TimeoutError:
             pass
 
@@ -3846,10 +3863,13 @@ class NriSession(object):
         cancelling: asyncio.wait_for before Python 3.12 may swallow that)."""
         self.stopping = True
         self.socket_wakeup.set()
+        self.stop_wakeup.set()
         if self.connection is not None:
             self.connection.close("the plugin stopped")
         for task in list(self.reconsidering):
             task.cancel()
+        for _, timer in self.retries:
+            timer.cancel()
 
     def say_absent(self):
         """No socket: said once at info under --nri auto (the runtime may
@@ -3863,34 +3883,37 @@ class NriSession(object):
     async def serve(self, reader, writer):
         """One connection: register, synchronize, serve; returns why it ended."""
         connection = self.connection = NriConnection(self.api, reader, writer, self.handle)
-        self.synchronized, self.sync_chunks = False, []
+        self.synchronized, self.sync_chunks, self.sync_bytes, self.reconsider_missed = False, [], 0, None
         self.synchronizing = asyncio.Event()
-        self.containers.clear()
-        self.pending.clear()
+        for known in (self.containers, self.pending, self.unconfirmed, self.update_tries):
+            known.clear()
         running = asyncio.get_event_loop().create_task(connection.run())
         updating = None
         try:
-            pb = self.api.pb
-            await connection.call("RegisterPlugin", pb.RegisterPluginRequest(
-                plugin_name=NRI_PLUGIN_NAME, plugin_idx=self.config.nri_index), self.REGISTER_TIMEOUT)
-            synchronized = asyncio.get_event_loop().create_task(self.synchronizing.wait())
-            await asyncio.wait([running, synchronized], timeout=2 * self.REGISTER_TIMEOUT,   # Configure, Synchronize
-                               return_when=asyncio.FIRST_COMPLETED)
-            synchronized.cancel()
-            if not self.synchronized and connection.why is None:
-                connection.close("registered, but no Synchronize came")
-            if connection.why is None:
-                self.conditions.clear("nri")
-                updating = asyncio.get_event_loop().create_task(self.send_updates(connection))
-        except NriCallFailed as e:
-            connection.close("RegisterPlugin failed: %s" % e)
-        why = await running
-        if updating is not None:
-            self.updates_wakeup.set()          # it sees the connection ended
-            updating.cancel()
-            await asyncio.gather(updating, return_exceptions=True)
-        self.synchronized = False
-        return why
+            try:
+                pb = self.api.pb
+                await connection.call("RegisterPlugin", pb.RegisterPluginRequest(
+                    plugin_name=NRI_PLUGIN_NAME, plugin_idx=self.config.nri_index), self.REGISTER_TIMEOUT)
+                synchronized = asyncio.get_event_loop().create_task(self.synchronizing.wait())
+                await asyncio.wait([running, synchronized], timeout=2 * self.REGISTER_TIMEOUT,   # Configure, Synchronize
+                                   return_when=asyncio.FIRST_COMPLETED)
+                synchronized.cancel()
+                if not self.synchronized and connection.why is None:
+                    connection.close("registered, but no Synchronize came")
+                if connection.why is None:
+                    self.conditions.clear("nri")
+                    updating = asyncio.get_event_loop().create_task(self.send_updates(connection))
+            except NriCallFailed as e:
+                connection.close("RegisterPlugin failed: %s" % e)
+            return await running
+        finally:                               # also when the plugin stops: no task left pending
+            self.synchronized, self.sync_chunks = False, []
+            connection.close("the plugin stopped")
+            self.updates_wakeup.set()          # send_updates sees the connection ended
+            tasks = [task for task in (updating, running) if task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def handle(self, method, payload):
         """(status code, message, answer bytes) for the runtime's `method`."""
@@ -3923,9 +3946,13 @@ class NriSession(object):
         with `more` and no updates until the last chunk (NRI v0.7+)."""
         pb = self.api.pb
         self.sync_chunks.append(request)
+        self.sync_bytes += request.ByteSize()
+        if self.sync_bytes > self.SYNC_LIMIT:
+            raise ProtocolError("a Synchronize of more than %d MiB: the plugin keeps out of this runtime"
+                                % (self.SYNC_LIMIT >> 20))
         if request.more:
             return pb.SynchronizeResponse(more=True)
-        chunks, self.sync_chunks = self.sync_chunks, []
+        chunks, self.sync_chunks, self.sync_bytes = self.sync_chunks, [], 0
         pods = {pod.id: pod for chunk in chunks for pod in chunk.pods}
         record, _ = self.cpu_record_now()
         updates, holders, seen = [], 0, 0
@@ -3945,9 +3972,14 @@ class NriSession(object):
                 turn = await self.next_turn(turn)
         self.synchronized = True
         self.synchronizing.set()
+        self.counters.nri_adjustments += len(updates)
+        self.warned = {known: kinds for known, kinds in self.warned.items() if known in self.containers}
         log.info("NRI: registered as %s-%s with %s on %s; synchronized %d containers: %d adjusted, %d claim "
                  "isolated CPUs", self.config.nri_index, NRI_PLUGIN_NAME, self.runtime, self.socket_path, seen,
                  len(updates), holders)
+        if self.reconsider_missed is not None:      # what changed while settling reaches those settled before
+            self.spawn_reconsider(claimants_only=self.reconsider_missed == "claimants")
+            self.reconsider_missed = None
         return pb.SynchronizeResponse(update=updates)
 
     def create_container(self, request):
@@ -3957,6 +3989,7 @@ class NriSession(object):
         cpus = self.settle_request(container, self.request_cpus(container, request.container.linux.resources.cpu.cpus))
         response = pb.CreateContainerResponse()
         if cpus is not None:
+            self.counters.nri_adjustments += 1
             response.adjust.linux.resources.cpu.cpus = format_cpu_list(cpus)
         return response
 
@@ -3972,11 +4005,12 @@ class NriSession(object):
             container = self.containers[request.container.id] = RuntimeContainer(
                 request.container, request.pod, self.env_prefix)
         container.unreadable = False
-        container.cpuset = self.request_cpus(container, request.container.linux.resources.cpu.cpus)
         if not text:
+            container.cpuset = self.request_cpus(container, request.container.linux.resources.cpu.cpus)
             return response
-        cpus = self.settle_request(container, self.request_cpus(container, text))
+        cpus = self.settle_request(container, self.request_cpus(container, text))   # what it had matters no more
         if cpus is not None:
+            self.counters.nri_adjustments += 1
             response.update.extend([self.update_of(container.id, cpus, ignore_failure=False)])
         return response
 
@@ -3987,9 +4021,8 @@ class NriSession(object):
         return self.api.pb.StopContainerResponse()
 
     def remove_container(self, request):
-        self.containers.pop(request.container.id, None)
-        self.pending.pop(request.container.id, None)
-        self.warned.pop(request.container.id, None)
+        for known in (self.containers, self.pending, self.unconfirmed, self.update_tries, self.warned):
+            known.pop(request.container.id, None)
         return self.api.pb.RemoveContainerResponse()
 
     def state_change(self, request):
@@ -4061,7 +4094,8 @@ class NriSession(object):
         what the kubelet's record says it wants: another NRI plugin changed
         it before us, and only one may set a container's CPUs."""
         container.kubelet = container.cpuset = kubelet
-        self.pending.pop(container.id, None)       # what the kubelet sends now supersedes a queued update
+        for queued in (self.pending, self.unconfirmed, self.update_tries):   # what the kubelet sends now supersedes
+            queued.pop(container.id, None)
         if container.unreadable:
             return None
         record, _ = self.cpu_record_now()
@@ -4106,7 +4140,6 @@ class NriSession(object):
                                "as an exclusive grant" if exclusive else "and nothing else: they are left to it"))
         if not cpus or cpus == (online if current is None else current):
             return None                 # nothing to run on: B stays; or it has it already
-        self.counters.nri_adjustments += 1
         container.cpuset = cpus
         log.info("NRI: %s cpuset %s -> %s%s", quote(container.label, 300), cpuset_text(current),
                  format_cpu_list(cpus), "; holds %s" % format_cpu_list(held) if held else "")
@@ -4135,42 +4168,52 @@ class NriSession(object):
         await asyncio.sleep(0)
         return time.monotonic()
 
-    async def reconsider(self, claimants_only=False):
-        """Bring running containers back to the rule (the isolated or online
-        CPUs changed, or the kubelet's checkpoint did): queued for
-        UpdateContainers, which runs beside the runtime's requests."""
-        if not self.connected:
+    async def reconsider(self, claimants_only=False, only=None):
+        """Bring running containers (those of `only`, else all) back to the
+        rule (the isolated or online CPUs changed, or the kubelet's
+        checkpoint did, or an update failed): queued for UpdateContainers,
+        which runs beside the runtime's requests. While Synchronize settles
+        what the runtime has, once more when it is done."""
+        if self.connection is None or self.connection.why is not None:
+            return                          # a new connection synchronizes afresh
+        if not self.synchronized:
+            if self.reconsider_missed != "all":
+                self.reconsider_missed = "claimants" if claimants_only and only is None else "all"
             return
         record, _ = self.cpu_record_now()
         turn = time.monotonic()
-        for container in list(self.containers.values()):
+        containers = self.containers.values() if only is None else [
+            self.containers[known] for known in only if known in self.containers]
+        for container in list(containers):
             turn = await self.next_turn(turn)
             if self.containers.get(container.id) is not container:
                 continue                    # removed (or made anew) meanwhile
             if container.stopped or container.unreadable or (claimants_only and not container.claims):
                 continue
             kubelet = self.kubelet_record_for(container, record)
-            current = self.pending.get(container.id, container.cpuset)
+            before = container.cpuset
+            current = self.pending.get(container.id, before)
             cpus = self.settle(container, kubelet, current, record)
             if cpus is not None:
                 self.pending[container.id] = cpus
+                self.unconfirmed.setdefault(container.id, before)
         if self.pending:
             self.updates_wakeup.set()
 
     def kubelet_files_changed(self):
         """The device-plugin directory changed: a holder's checkpoint entry
         may have come after its container."""
-        if self.connected and self.checkpoint.stale():
+        if self.connection is not None and self.checkpoint.stale():
             self.spawn_reconsider(claimants_only=True)
 
     def host_changed(self):
         self.spawn_reconsider()
 
-    def spawn_reconsider(self, claimants_only=False):
+    def spawn_reconsider(self, claimants_only=False, only=None):
         """reconsider() once the kubelet's files are read, beside the loop's other work."""
         async def reconsidering():
             await self.read_kubelet_files()
-            await self.reconsider(claimants_only)
+            await self.reconsider(claimants_only, only)
         task = asyncio.get_event_loop().create_task(reconsidering())
         self.reconsidering.add(task)
         task.add_done_callback(self.reconsidering.discard)
@@ -4188,13 +4231,45 @@ class NriSession(object):
                 try:
                     answer = await connection.call("UpdateContainers", pb.UpdateContainersRequest(update=batch),
                                                    self.UPDATE_TIMEOUT)
-                    failed = pb.UpdateContainersResponse.FromString(answer).failed
+                    failed = {update.container_id for update in pb.UpdateContainersResponse.FromString(answer).failed}
                 except (NriCallFailed, self.api.DecodeError) as e:
                     log.warning("NRI: updating the cpusets of %d containers failed: %s", len(batch), one_line(e))
-                    continue
-                if failed:
-                    log.info("NRI: %s did not update %d containers (gone meanwhile?): %s", self.runtime, len(failed),
-                             quote_list(update.container_id for update in failed))
+                    failed = {update.container_id for update in batch}
+                else:
+                    if failed:
+                        log.info("NRI: %s did not update %d containers (gone meanwhile?): %s", self.runtime,
+                                 len(failed), quote_list(sorted(failed)))
+                made = [update.container_id for update in batch if update.container_id not in failed]
+                self.counters.nri_adjustments += len(made)
+                for container_id in made:
+                    self.unconfirmed.pop(container_id, None)
+                    self.update_tries.pop(container_id, None)
+                self.try_again(failed)
+
+    def try_again(self, failed):
+        """Updates the runtime did not make (it failed them, or the call):
+        the containers have what they had, and are brought to the rule again
+        after a pause, RETRY_DELAYS times; then left until the next change."""
+        again = collections.defaultdict(list)
+        for container_id in failed:
+            before = self.unconfirmed.pop(container_id, self)      # self: nothing unconfirmed
+            container = self.containers.get(container_id)
+            if before is self or container is None or container_id in self.pending:
+                continue                    # gone, or a newer update is queued
+            container.cpuset = before
+            tries = self.update_tries[container_id] = self.update_tries.get(container_id, 0) + 1
+            if tries > len(self.RETRY_DELAYS):
+                del self.update_tries[container_id]
+                log.warning("NRI: %s did not update the cpuset of %s %d times; left as it is (%s) until the next "
+                            "change", self.runtime, quote(container.label, 300), tries, cpuset_text(before))
+                continue
+            again[self.RETRY_DELAYS[tries - 1]].append(container_id)
+        loop = asyncio.get_event_loop()
+        now = loop.time()
+        self.retries = [(when, timer) for when, timer in self.retries if when > now]
+        for delay, container_ids in again.items():
+            self.retries.append((now + delay, loop.call_later(delay, functools.partial(
+                self.spawn_reconsider, only=frozenset(container_ids)))))
 
     def running_names(self):
         """{(pod UID, container name)} of the containers the runtime runs."""

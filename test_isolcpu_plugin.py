@@ -5685,6 +5685,120 @@ class NriTests(NriRig):
         self.assertEqual(self.runtime.update_requests, [])
         self.assertIsNone(process.proc.poll())
 
+    def test_sigterm_while_connected_ends_without_an_error(self):
+        process = self.connected_plugin()
+        self.runtime.create_container(self.web, self.app())
+        process.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(process.proc.wait(10), 0)
+        self.assert_clean_log(process)          # was: "Task was destroyed but it is pending!" at ERROR
+        self.assertNotIn(" ERROR ", process.log())
+
+    def test_an_update_the_runtime_did_not_make_is_tried_again(self):
+        self.runtime.failed_reply = "list"      # a runtime that says which updates failed
+        process = self.connected_plugin()
+        app = self.app()
+        self.assertEqual(self.runtime.create_container(self.web, app).cpus, "0-1,4-5")
+        self.runtime.failed_updates = {app["id"]}
+        write_files(self.host, {"sys/devices/system/cpu/isolated": "2-3,6\n"})   # 7 leaves A: back to app
+        self.runtime.wait_update_requests(1)
+        process.wait_log("did not update 1 containers")
+        self.assertEqual(self.runtime.cpuset(app["id"]), "0-1,4-5")
+        self.runtime.failed_updates = set()
+        self.runtime.wait(lambda: nri_cpus(self.runtime.containers[app["id"]]) == "0-1,4-5,7", 10,
+                          "the failed update tried again")
+        # and a runtime that keeps failing one is not asked for ever
+        self.runtime.failed_updates = {app["id"]}
+        write_files(self.host, {"sys/devices/system/cpu/isolated": "2-3\n"})
+        process.wait_log("left as it is", timeout=30)
+        count = len(self.runtime.update_requests)
+        time.sleep(3)
+        self.assertEqual(len(self.runtime.update_requests), count)
+        self.assert_clean_log(process)
+
+    def test_a_kubelet_update_is_judged_even_where_the_cpuset_before_did_not_parse(self):
+        process = self.connected_plugin()
+        app = self.app(cpus="0-")
+        self.assertEqual(self.runtime.create_container(self.web, app).outcome, "ok")
+        process.wait_log("has a cpuset that does not parse")
+        reply = self.runtime.update_container(self.web, app, nri_linux_resources("0-7"))
+        self.assertEqual((reply.outcome, reply.cpus), ("ok", "0-1,4-5"))
+
+    def test_a_change_of_the_isolated_cpus_while_synchronizing_reaches_every_container(self):
+        many = [self.app("app-%d" % i) for i in range(15000)]
+        self.runtime.pods = collections.OrderedDict([(self.web["id"], self.web)])
+        self.runtime.containers = collections.OrderedDict((c["id"], c) for c in many)
+        self.runtime.sync_chunk = 3000
+        self.runtime.request_timeout = 20.0     # this fake's encoding of 15 MB is part of it
+        self.runtime.start()
+        process = self.start_plugin()
+        # CPU 7 leaves A, and SIGHUP rescans at once: once the plugin has settled the first of the
+        # 15,000 containers (the lines of its adjustments are written every 50 ms)
+        process.wait_log("NRI: 'shop/web-0/app-0' cpuset 0-7 -> 0-1,4-5", timeout=20)
+        write_files(self.host, {"sys/devices/system/cpu/isolated": "2-3,6\n"})
+        process.proc.send_signal(signal.SIGHUP)
+        self.runtime.wait_ready(timeout=30)
+        self.runtime.wait(lambda: all(nri_cpus(c) == "0-1,4-5,7" for c in self.runtime.containers.values()), 30,
+                          "every container given CPU 7 back")
+        self.assert_clean_log(process)
+
+    def test_a_split_synchronize_has_a_bound(self):
+        big = ["BLOB=" + "x" * (1 << 20)]                      # 1 MiB of environment each
+        many = [self.app("app-%d" % i, env=big) for i in range(40)]
+        self.runtime.pods = collections.OrderedDict([(self.web["id"], self.web)])
+        self.runtime.containers = collections.OrderedDict((c["id"], c) for c in many)
+        self.runtime.sync_chunk = 3                            # 3 MiB a message, 40 MiB in all
+        self.runtime.start()
+        process = self.start_plugin()
+        process.wait_log("ended (protocol error: a Synchronize of more than 32 MiB: the plugin keeps out of this "
+                         "runtime)", timeout=30)
+        self.runtime.wait_closed(1, timeout=10)
+        self.assertEqual(self.runtime.ready, 0)
+        self.assertIsNone(process.proc.poll())
+        self.assert_clean_log(process)
+
+    def test_a_runtime_that_hangs_up_is_retried_with_backoff_whatever_its_directory_does(self):
+        path = self.runtime.path
+        os.makedirs(os.path.dirname(path))
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listener.close)
+        listener.bind(path)
+        listener.listen(64)
+        listener.settimeout(0.05)
+        accepted, stop = [], threading.Event()
+
+        def hang_up():                          # a runtime in a crash loop: accepts, then closes
+            while not stop.is_set():
+                try:
+                    connection, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                except OSError:                 # closed by the cleanup
+                    return
+                accepted.append(time.monotonic())
+                connection.close()
+
+        def churn():                            # and files come and go beside its socket
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                name = os.path.join(os.path.dirname(path), "churn-%d" % (i % 8))
+                with open(name, "w"):
+                    pass
+                os.unlink(name)
+                time.sleep(0.01)
+        threads = [threading.Thread(target=hang_up, daemon=True), threading.Thread(target=churn, daemon=True)]
+        for thread in threads:
+            thread.start()
+        self.addCleanup(stop.set)
+        process = self.start_plugin()
+        process.wait_log("NRI: the connection to")
+        time.sleep(4.0)
+        stop.set()
+        # backoff 0.5, 1, 2, 4 s: 4 or 5 connections in 4 s (each directory event had cut it short: hundreds)
+        self.assertLessEqual(len(accepted), 6, accepted)
+        self.assertLessEqual(len([line for line in process.log().splitlines() if "WARNING" in line]), 4)
+        self.assert_clean_log(process)
+
     def test_every_frame_to_the_runtime_is_at_most_4096_bytes(self):
         self.runtime.pods = collections.OrderedDict([(self.web["id"], self.web)])
         many = [self.app("app-%d" % i) for i in range(400)]
