@@ -199,7 +199,7 @@ def cpu_list_bits(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
     def number(digits, token):
         if digits == "N":
             return last_cpu
-        if len(digits) > 10:                  # > 2**32: the kernel's -EOVERFLOW
+        if len(digits) > 10 or int(digits) > 0xFFFFFFFF:   # not a u32: the kernel's -EOVERFLOW
             raise InputError("number in %s is too large" % quote(token))
         return int(digits)
 
@@ -228,9 +228,23 @@ def cpu_list_bits(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
         if end > max_cpu:
             raise InputError("CPU %d in %s is above the highest possible CPU %d"
                              % (end, quote(token), max_cpu))
-        if used == group:
+        if start + group > 0xFFFFFFFF:
+            # The kernel's loop, for (start; start <= end; start += group),
+            # is in unsigned int: a group of 2**32 - d (d <= start) steps
+            # back d at a time, setting `used` bits (cut at end) from start,
+            # start - d, ... down to start % d; the same bits as the stride
+            # start % d-(start + used - 1):used/d, cut at end.
+            step = (1 << 32) - group
+            start, end, group = start % step, min(end, start + used - 1), step
+        # Only whole groups that start in the range count, and only their bits
+        # in it: cut used and group to the range's length so that no number
+        # built is longer than the range, whatever the stride numbers say
+        # (0-1:3999999999/4000000000 built a 4e9-bit number).
+        span = end - start + 1
+        used, group = min(used, span), min(group, span)
+        if used >= group:
             bits |= ((2 << (end - start)) - 1) << start
-        else:
+        elif used:
             bits |= stride_bits(start, end, used, group)
     return bits
 

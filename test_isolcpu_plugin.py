@@ -247,6 +247,48 @@ class CpuListTests(unittest.TestCase):
             with self.subTest(wide=wide):
                 self.assertLess(cost(wide * 2000) / cost(narrow * 2000), 8)
 
+    def test_stride_numbers_do_not_size_the_work(self):
+        # a-b:used/group built a used-bit number before cutting it to the
+        # range: 0-1:3999999999/4000000000 (25 bytes) took 4.4 s and 1 GB.
+        # Counted: the peak memory of the parse, against a 2-CPU range
+        import tracemalloc
+        for text in ("0-1:99999999/100000000", "0-1:1/199999999", "N-N:149999999/150000000",
+                     "all:99999999/100000000", "8000-8191:99999999/100000000"):
+            with self.subTest(text=text):
+                tracemalloc.start()
+                try:
+                    plugin.cpu_list_bits(text, 8191, 8191)    # the bitmap: a set of 8,192 CPUs is 1 MB itself
+                    peak = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
+                self.assertLess(peak, 64 * 1024)
+
+    def test_strides_match_the_kernel(self):
+        # bitmap_set_region (lib/bitmap-str.c): for (start = r->start;
+        # start <= r->end; start += r->group_len) set min(end - start + 1, off)
+        # bits, all unsigned int: a group of 2**32 - d with d <= start wraps
+        # the loop back to start - d, start - 2d, ... (checked against that C loop)
+        cases = {
+            "0-1:3999999999/4000000000": [0, 1], "0-1:1/4294967295": [0], "0-5:1/7": [0],
+            "2-5:3/100": [2, 3, 4], "0-15:5/6": [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15],
+            "0-15:0/9": [], "3-3:4294967295/4294967295": [0, 1, 2, 3], "0-9:4294967294/4294967295": list(range(10)),
+            "5-10:1/4294967295": [0, 1, 2, 3, 4, 5], "3-10:2/4294967294": [1, 2, 3, 4],
+            "7-12:3/4294967291": [2, 3, 4, 7, 8, 9], "15-N:1/4294967295": list(range(16)),
+            "1-3:0/4294967295": [], "4-9:4294967290/4294967290": [4, 5, 6, 7, 8, 9],
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(self.parse(text), expected)
+
+    def test_a_number_of_2_to_the_32_or_more_is_refused_as_the_kernel_does(self):
+        # bitmap_getnum: n != (u32)n is -EOVERFLOW, in every position
+        for text in ("0-1:1/4294967296", "0-1:4294967296/4294967296", "4294967296",
+                     "0-4294967296", "0-1:1/9999999999", "all:1/4294967296"):
+            with self.subTest(text=text):
+                with self.assertRaises(InputError) as caught:
+                    self.parse(text)
+                self.assertIn(repr(text), str(caught.exception))
+
     def test_a_list_longer_than_the_kernel_takes_is_refused_before_any_work(self):
         # cpuset.cpus takes at most 100 + 6 * NR_CPUS bytes (kernel/cgroup/cpuset.c)
         limit = 100 + 6 * 8192
