@@ -199,6 +199,7 @@ def cpu_list_bits(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
     def number(digits, token):
         if digits == "N":
             return last_cpu
+        digits = digits.lstrip("0") or "0"    # the kernel reads any number of leading zeros
         if len(digits) > 10 or int(digits) > 0xFFFFFFFF:   # not a u32: the kernel's -EOVERFLOW
             raise InputError("number in %s is too large" % quote(token))
         return int(digits)

@@ -210,6 +210,23 @@ class CpuListTests(unittest.TestCase):
             with self.subTest(text=text):
                 self.assertEqual(self.parse(text), expected)
 
+    def test_leading_zeros_do_not_make_a_number_large(self):
+        # the kernel's _parse_integer reads any number of digits; only the
+        # value must fit a u32: 00000000002 is 2 (it was "too large")
+        cases = {
+            "00000000002": [2], "0" * 40 + "15": [15], "000000000001-0000000000003": [1, 2, 3],
+            "0-00000000000015:00000000001/000000000004": [0, 4, 8, 12],
+            "0-1:1/000000000004294967295": [0], "0" * 49000 + "7": [7],
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text[:30]):
+                self.assertEqual(sorted(parse_cpu_list(text, 15, 8191)), expected)
+        for text in ("0-1:1/00000000004294967296", "0-1:000000000099999999999/1"):
+            with self.subTest(text=text):
+                with self.assertRaises(InputError) as caught:
+                    self.parse(text)
+                self.assertIn("too large", str(caught.exception))
+
     def test_errors_name_the_bad_token(self):
         cases = {
             "1-x": "'1-x'", "5-3": "'5-3'", "0-7:3/2": "'0-7:3/2'", "0-7:1/0": "'0-7:1/0'",
