@@ -719,6 +719,23 @@ class Host(object):
             if len(found) == 2 and not (found[0] <= found[1] or found[1] <= found[0]):
                 problems.setdefault("last-level cache", "%s: shared_cpu_list and shared_cpu_map disagree" % path)
                 cpus = None
+            if cpus is not None:
+                # Only the host's CPUs: a cache naming CPUs that are not
+                # present (no cpuN, not in `present`; 40-50 on an 8-CPU host)
+                # holds the present ones, as hwloc's cache objects hold only
+                # the machine's CPUs (its cpuset is the cpuN directories).
+                # Present but offline CPUs stay: they keep the cache.
+                if "present" not in memo:
+                    try:
+                        memo["present"] = self.present_cpus()
+                    except InputError:
+                        memo["present"] = frozenset(self._cpu_dirs())
+                if not cpus <= memo["present"]:
+                    if "absent warned" not in memo:      # once a read, not once per CPU of the cache
+                        memo["absent warned"] = True
+                        log.warning("topology: %s names CPUs %s, which are not present; they are left out",
+                                    path, brief_cpu_list(cpus - memo["present"]))
+                    cpus &= memo["present"]
             memo[key] = (self.optional_text(os.path.join(path, "id"), problems), cpus)
         return memo[key]
 

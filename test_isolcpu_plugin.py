@@ -667,6 +667,21 @@ class HostTests(TempDirTest):
             l3 = (2, 3, 6, 7) if lists_name_it else (2, 3, 6)
             self.assertEqual([got[cpu] for cpu in (2, 3, 6, 7)], [(l3, None)] * 3 + [((), None)])
 
+    def test_last_level_cache_leaves_out_cpus_the_host_does_not_have(self):
+        # an L3 naming CPUs that are not present (no cpuN, beyond `present`):
+        # they went into llc_cpus (0-1,4-5,40-50 on an 8-CPU host), and the
+        # policy would count them as cache mates. hwloc's cache objects hold
+        # only the machine's CPUs; so do these, the cache itself stays
+        base = "sys/devices/system/cpu/cpu%d/cache/index3/"
+        expected = {cpu: ((0, 1, 4, 5), None) if cpu % 4 < 2 else ((2, 3, 6, 7), None) for cpu in range(8)}
+        for ghosts, extra in (("40-50", {}), ("8,63", {}),
+                              ("8-9", {"sys/devices/system/cpu/possible": "0-15\n"})):   # possible, not present
+            with self.subTest(ghosts=ghosts, extra=extra):
+                shutil.rmtree(self.tmp, True)
+                files = dict(fake_caches(), **extra)
+                files.update({base % cpu + "shared_cpu_list": "0-1,4-5,%s\n" % ghosts for cpu in (0, 1, 4, 5)})
+                self.assertEqual(self.llc_and_kinds(files), expected)
+
     def test_kinds_of_core_from_capacities_and_pmu_lists(self):
         capacity = "sys/devices/system/cpu/cpu%d/cpu_capacity"
         gb10 = {capacity % cpu: "%d\n" % c for cpu, c in enumerate([718, 731, 718, 731, 997, 1017, 1024, 1017])}
