@@ -2594,15 +2594,25 @@ class Backoff(object):
 class SystemdNotifier(object):
     """sd_notify(3) on the standard library: one datagram per message to
     $NOTIFY_SOCKET (a path, or @name in the abstract namespace). Nothing is
-    sent where it is unset; a failed send is logged once, at debug. The
+    sent where it is unset; failing sends are logged at debug, when they
+    start and when sends go through again. The
     watchdog is ours when WATCHDOG_USEC is set and WATCHDOG_PID, if set,
-    names this process: `watchdog` is then its interval in seconds."""
+    names this process: `watchdog` is then its interval in seconds.
+
+    A message the socket refuses (EAGAIN: systemd's queue is full) is not
+    lost: it goes, in order, before the next one sent (at the latest the
+    next watchdog ping); a refused ping is not kept, the next one says the
+    same. At most PENDING_KEPT messages wait, the oldest give way."""
+
+    PENDING_KEPT = 16
+    PING_FLOOR = 0.05                    # seconds between pings at least, as --rescan-interval's floor
 
     def __init__(self, environ):
         path = environ.get("NOTIFY_SOCKET") or ""
         self.address = ("\0" + path[1:] if path.startswith("@") else path) or None
         self.sock = None
-        self.failed = False
+        self.failed = False                  # the last send failed (logged when it starts and ends)
+        self.pending = collections.deque(maxlen=self.PENDING_KEPT)   # refused messages, oldest first
         self.watchdog = None
         usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
         if self.address and usec.isdigit() and int(usec) > 0 and pid in ("", str(os.getpid())):
@@ -2613,15 +2623,35 @@ class SystemdNotifier(object):
         if self.address is None:
             return
         text = "".join("%s=%s\n" % (name, " ".join(str(value).split())) for name, value in sorted(fields.items()))
-        try:
-            if self.sock is None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self.sock.setblocking(False)
-            self.sock.sendto(text.encode("utf-8", "replace"), self.address)
-        except OSError as e:
-            if not self.failed:
-                self.failed = True
-                log.debug("systemd notification to %s failed: %s", quote(self.address, 100), one_line(e))
+        message = text.encode("utf-8", "replace")
+        ping = None
+        if set(fields) == {"WATCHDOG"}:
+            ping = message
+        else:
+            self.pending.append(message)
+        while self.pending or ping is not None:
+            try:
+                if self.sock is None:
+                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    self.sock.setblocking(False)
+                self.sock.sendto(self.pending[0] if self.pending else ping, self.address)
+            except OSError as e:
+                # full (systemd busy) or no socket yet: tried again with the
+                # next send; refused for good (too long, nobody there): dropped
+                again = self.sock is None or isinstance(e, BlockingIOError) or e.errno == errno.ENOBUFS
+                if not self.failed:
+                    self.failed = True
+                    log.debug("systemd notification to %s failed: %s; %s", quote(self.address, 100), one_line(e),
+                              "%d message(s) wait for the next send" % len(self.pending) if again else "dropped")
+                if again:
+                    return
+            if self.pending:
+                self.pending.popleft()
+            else:
+                ping = None
+        if self.failed:
+            self.failed = False
+            log.debug("systemd notifications to %s go through again", quote(self.address, 100))
 
     def close(self):
         if self.sock is not None:
@@ -2855,7 +2885,8 @@ class Plugin(object):
         while True:
             if time.monotonic() - self.heartbeat <= 3 * self.rescan_period() + 2.0:
                 self.notifier.send(WATCHDOG=1)
-            await asyncio.sleep(self.notifier.watchdog / 2)
+            # a floor, as --rescan-interval has: WATCHDOG_USEC=1 pinged in a busy loop
+            await asyncio.sleep(max(self.notifier.watchdog / 2, SystemdNotifier.PING_FLOOR))
 
     def _directory_changed(self):
         """inotify on the device-plugin directory: the kubelet restarted or

@@ -3956,6 +3956,65 @@ class SystemdNotifyTests(PluginRig):
         process.proc.send_signal(signal.SIGCONT)
         notify.receive(lambda f: f.get("WATCHDOG") == "1", timeout=2)
 
+    def test_a_tiny_watchdog_interval_pings_at_most_every_50_ms(self):
+        # WATCHDOG_USEC=1 pinged in a busy loop (2.9 s of CPU in 3 s):
+        # counted, the pings of 2 s (at most 40 at the floor of 50 ms)
+        notify = self.notify_socket()
+        self.start_plugin(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1"})
+        notify.receive(lambda f: f.get("READY") == "1")
+        notify.messages[:] = []
+        notify.collect(2.0)
+        pings = sum(1 for _, f in notify.messages if f.get("WATCHDOG") == "1")
+        self.assertGreater(pings, 0)
+        self.assertLessEqual(pings, 2.0 / 0.05 + 5)
+
+    def test_a_notification_refused_while_the_socket_is_full_goes_with_the_next(self):
+        # systemd's queue full (EAGAIN): READY=1 was dropped for good, and
+        # so the unit would never start; now it waits for the next send
+        # (the next ping), and pings keep going through
+        notify = self.notify_socket()
+        notifier = plugin.SystemdNotifier({"NOTIFY_SOCKET": notify.path})
+        self.addCleanup(notifier.close)
+        fillers = []
+        while True:                      # fill the receiver's queue, whoever the sender
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            filler.setblocking(False)
+            fillers.append(filler)
+            self.addCleanup(filler.close)
+            try:
+                while True:
+                    filler.sendto(b"FILL=1\n", notify.path)
+            except BlockingIOError:
+                pass
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                probe.setblocking(False)
+                try:
+                    probe.sendto(b"FILL=1\n", notify.path)
+                except BlockingIOError:
+                    break                # full for a new sender too, not just this one
+        notifier.send(READY=1, STATUS="serving")
+        notifier.send(WATCHDOG=1)        # refused too; a later ping supersedes it
+        notify.collect(0.3)              # drain
+        notify.messages[:] = [(at, f) for at, f in notify.messages if "FILL" not in f]
+        self.assertEqual(notify.messages, [])
+        for _ in range(3):
+            notifier.send(WATCHDOG=1)
+        notify.collect(0.3)
+        self.assertEqual([f for _, f in notify.messages],
+                         [{"READY": "1", "STATUS": "serving"}] + [{"WATCHDOG": "1"}] * 3)
+
+    def test_a_notification_refused_for_good_does_not_hold_back_the_next(self):
+        # too long for a datagram (EMSGSIZE): dropped, as sd_notify drops it,
+        # not kept in front of every later ping
+        notify = self.notify_socket()
+        notifier = plugin.SystemdNotifier({"NOTIFY_SOCKET": notify.path})
+        self.addCleanup(notifier.close)
+        notifier.send(STATUS="x" * (1 << 20))
+        notifier.send(WATCHDOG=1)
+        notifier.send(STATUS="serving")
+        notify.collect(0.3)
+        self.assertEqual([f for _, f in notify.messages], [{"WATCHDOG": "1"}, {"STATUS": "serving"}])
+
     def test_a_watchdog_shorter_than_the_rescan_period_is_said_at_start(self):
         notify = self.notify_socket()
         process = self.start_plugin("--rescan-interval", "60", env={"NOTIFY_SOCKET": notify.path,
