@@ -199,7 +199,8 @@ def cpu_list_bits(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
     def number(digits, token):
         if digits == "N":
             return last_cpu
-        if len(digits) > 10:                  # > 2**32: the kernel's -EOVERFLOW
+        digits = digits.lstrip("0") or "0"    # the kernel reads any number of leading zeros
+        if len(digits) > 10 or int(digits) > 0xFFFFFFFF:   # not a u32: the kernel's -EOVERFLOW
             raise InputError("number in %s is too large" % quote(token))
         return int(digits)
 
@@ -228,9 +229,23 @@ def cpu_list_bits(text, last_cpu, max_cpu=FALLBACK_MAX_CPU):
         if end > max_cpu:
             raise InputError("CPU %d in %s is above the highest possible CPU %d"
                              % (end, quote(token), max_cpu))
-        if used == group:
+        if start + group > 0xFFFFFFFF:
+            # The kernel's loop, for (start; start <= end; start += group),
+            # is in unsigned int: a group of 2**32 - d (d <= start) steps
+            # back d at a time, setting `used` bits (cut at end) from start,
+            # start - d, ... down to start % d; the same bits as the stride
+            # start % d-(start + used - 1):used/d, cut at end.
+            step = (1 << 32) - group
+            start, end, group = start % step, min(end, start + used - 1), step
+        # Only whole groups that start in the range count, and only their bits
+        # in it: cut used and group to the range's length so that no number
+        # built is longer than the range, whatever the stride numbers say
+        # (0-1:3999999999/4000000000 built a 4e9-bit number).
+        span = end - start + 1
+        used, group = min(used, span), min(group, span)
+        if used >= group:
             bits |= ((2 << (end - start)) - 1) << start
-        else:
+        elif used:
             bits |= stride_bits(start, end, used, group)
     return bits
 
@@ -704,6 +719,23 @@ class Host(object):
             if len(found) == 2 and not (found[0] <= found[1] or found[1] <= found[0]):
                 problems.setdefault("last-level cache", "%s: shared_cpu_list and shared_cpu_map disagree" % path)
                 cpus = None
+            if cpus is not None:
+                # Only the host's CPUs: a cache naming CPUs that are not
+                # present (no cpuN, not in `present`; 40-50 on an 8-CPU host)
+                # holds the present ones, as hwloc's cache objects hold only
+                # the machine's CPUs (its cpuset is the cpuN directories).
+                # Present but offline CPUs stay: they keep the cache.
+                if "present" not in memo:
+                    try:
+                        memo["present"] = self.present_cpus()
+                    except InputError:
+                        memo["present"] = frozenset(self._cpu_dirs())
+                if not cpus <= memo["present"]:
+                    if "absent warned" not in memo:      # once a read, not once per CPU of the cache
+                        memo["absent warned"] = True
+                        log.warning("topology: %s names CPUs %s, which are not present; they are left out",
+                                    path, brief_cpu_list(cpus - memo["present"]))
+                    cpus &= memo["present"]
             memo[key] = (self.optional_text(os.path.join(path, "id"), problems), cpus)
         return memo[key]
 
@@ -2562,15 +2594,25 @@ class Backoff(object):
 class SystemdNotifier(object):
     """sd_notify(3) on the standard library: one datagram per message to
     $NOTIFY_SOCKET (a path, or @name in the abstract namespace). Nothing is
-    sent where it is unset; a failed send is logged once, at debug. The
+    sent where it is unset; failing sends are logged at debug, when they
+    start and when sends go through again. The
     watchdog is ours when WATCHDOG_USEC is set and WATCHDOG_PID, if set,
-    names this process: `watchdog` is then its interval in seconds."""
+    names this process: `watchdog` is then its interval in seconds.
+
+    A message the socket refuses (EAGAIN: systemd's queue is full) is not
+    lost: it goes, in order, before the next one sent (at the latest the
+    next watchdog ping); a refused ping is not kept, the next one says the
+    same. At most PENDING_KEPT messages wait, the oldest give way."""
+
+    PENDING_KEPT = 16
+    PING_FLOOR = 0.05                    # seconds between pings at least, as --rescan-interval's floor
 
     def __init__(self, environ):
         path = environ.get("NOTIFY_SOCKET") or ""
         self.address = ("\0" + path[1:] if path.startswith("@") else path) or None
         self.sock = None
-        self.failed = False
+        self.failed = False                  # the last send failed (logged when it starts and ends)
+        self.pending = collections.deque(maxlen=self.PENDING_KEPT)   # refused messages, oldest first
         self.watchdog = None
         usec, pid = environ.get("WATCHDOG_USEC", ""), environ.get("WATCHDOG_PID", "")
         if self.address and usec.isdigit() and int(usec) > 0 and pid in ("", str(os.getpid())):
@@ -2581,15 +2623,35 @@ class SystemdNotifier(object):
         if self.address is None:
             return
         text = "".join("%s=%s\n" % (name, " ".join(str(value).split())) for name, value in sorted(fields.items()))
-        try:
-            if self.sock is None:
-                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                self.sock.setblocking(False)
-            self.sock.sendto(text.encode("utf-8", "replace"), self.address)
-        except OSError as e:
-            if not self.failed:
-                self.failed = True
-                log.debug("systemd notification to %s failed: %s", quote(self.address, 100), one_line(e))
+        message = text.encode("utf-8", "replace")
+        ping = None
+        if set(fields) == {"WATCHDOG"}:
+            ping = message
+        else:
+            self.pending.append(message)
+        while self.pending or ping is not None:
+            try:
+                if self.sock is None:
+                    self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    self.sock.setblocking(False)
+                self.sock.sendto(self.pending[0] if self.pending else ping, self.address)
+            except OSError as e:
+                # full (systemd busy) or no socket yet: tried again with the
+                # next send; refused for good (too long, nobody there): dropped
+                again = self.sock is None or isinstance(e, BlockingIOError) or e.errno == errno.ENOBUFS
+                if not self.failed:
+                    self.failed = True
+                    log.debug("systemd notification to %s failed: %s; %s", quote(self.address, 100), one_line(e),
+                              "%d message(s) wait for the next send" % len(self.pending) if again else "dropped")
+                if again:
+                    return
+            if self.pending:
+                self.pending.popleft()
+            else:
+                ping = None
+        if self.failed:
+            self.failed = False
+            log.debug("systemd notifications to %s go through again", quote(self.address, 100))
 
     def close(self):
         if self.sock is not None:
@@ -2823,7 +2885,8 @@ class Plugin(object):
         while True:
             if time.monotonic() - self.heartbeat <= 3 * self.rescan_period() + 2.0:
                 self.notifier.send(WATCHDOG=1)
-            await asyncio.sleep(self.notifier.watchdog / 2)
+            # a floor, as --rescan-interval has: WATCHDOG_USEC=1 pinged in a busy loop
+            await asyncio.sleep(max(self.notifier.watchdog / 2, SystemdNotifier.PING_FLOOR))
 
     def _directory_changed(self):
         """inotify on the device-plugin directory: the kubelet restarted or

@@ -210,6 +210,23 @@ class CpuListTests(unittest.TestCase):
             with self.subTest(text=text):
                 self.assertEqual(self.parse(text), expected)
 
+    def test_leading_zeros_do_not_make_a_number_large(self):
+        # the kernel's _parse_integer reads any number of digits; only the
+        # value must fit a u32: 00000000002 is 2 (it was "too large")
+        cases = {
+            "00000000002": [2], "0" * 40 + "15": [15], "000000000001-0000000000003": [1, 2, 3],
+            "0-00000000000015:00000000001/000000000004": [0, 4, 8, 12],
+            "0-1:1/000000000004294967295": [0], "0" * 49000 + "7": [7],
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text[:30]):
+                self.assertEqual(sorted(parse_cpu_list(text, 15, 8191)), expected)
+        for text in ("0-1:1/00000000004294967296", "0-1:000000000099999999999/1"):
+            with self.subTest(text=text):
+                with self.assertRaises(InputError) as caught:
+                    self.parse(text)
+                self.assertIn("too large", str(caught.exception))
+
     def test_errors_name_the_bad_token(self):
         cases = {
             "1-x": "'1-x'", "5-3": "'5-3'", "0-7:3/2": "'0-7:3/2'", "0-7:1/0": "'0-7:1/0'",
@@ -246,6 +263,48 @@ class CpuListTests(unittest.TestCase):
         for wide, narrow in (("0-8191,", "0-1,"), ("0-8191:1/2,", "0-3:1/2,"), ("all,", "N,")):
             with self.subTest(wide=wide):
                 self.assertLess(cost(wide * 2000) / cost(narrow * 2000), 8)
+
+    def test_stride_numbers_do_not_size_the_work(self):
+        # a-b:used/group built a used-bit number before cutting it to the
+        # range: 0-1:3999999999/4000000000 (25 bytes) took 4.4 s and 1 GB.
+        # Counted: the peak memory of the parse, against a 2-CPU range
+        import tracemalloc
+        for text in ("0-1:99999999/100000000", "0-1:1/199999999", "N-N:149999999/150000000",
+                     "all:99999999/100000000", "8000-8191:99999999/100000000"):
+            with self.subTest(text=text):
+                tracemalloc.start()
+                try:
+                    plugin.cpu_list_bits(text, 8191, 8191)    # the bitmap: a set of 8,192 CPUs is 1 MB itself
+                    peak = tracemalloc.get_traced_memory()[1]
+                finally:
+                    tracemalloc.stop()
+                self.assertLess(peak, 64 * 1024)
+
+    def test_strides_match_the_kernel(self):
+        # bitmap_set_region (lib/bitmap-str.c): for (start = r->start;
+        # start <= r->end; start += r->group_len) set min(end - start + 1, off)
+        # bits, all unsigned int: a group of 2**32 - d with d <= start wraps
+        # the loop back to start - d, start - 2d, ... (checked against that C loop)
+        cases = {
+            "0-1:3999999999/4000000000": [0, 1], "0-1:1/4294967295": [0], "0-5:1/7": [0],
+            "2-5:3/100": [2, 3, 4], "0-15:5/6": [0, 1, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15],
+            "0-15:0/9": [], "3-3:4294967295/4294967295": [0, 1, 2, 3], "0-9:4294967294/4294967295": list(range(10)),
+            "5-10:1/4294967295": [0, 1, 2, 3, 4, 5], "3-10:2/4294967294": [1, 2, 3, 4],
+            "7-12:3/4294967291": [2, 3, 4, 7, 8, 9], "15-N:1/4294967295": list(range(16)),
+            "1-3:0/4294967295": [], "4-9:4294967290/4294967290": [4, 5, 6, 7, 8, 9],
+        }
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(self.parse(text), expected)
+
+    def test_a_number_of_2_to_the_32_or_more_is_refused_as_the_kernel_does(self):
+        # bitmap_getnum: n != (u32)n is -EOVERFLOW, in every position
+        for text in ("0-1:1/4294967296", "0-1:4294967296/4294967296", "4294967296",
+                     "0-4294967296", "0-1:1/9999999999", "all:1/4294967296"):
+            with self.subTest(text=text):
+                with self.assertRaises(InputError) as caught:
+                    self.parse(text)
+                self.assertIn(repr(text), str(caught.exception))
 
     def test_a_list_longer_than_the_kernel_takes_is_refused_before_any_work(self):
         # cpuset.cpus takes at most 100 + 6 * NR_CPUS bytes (kernel/cgroup/cpuset.c)
@@ -607,6 +666,21 @@ class HostTests(TempDirTest):
             got = self.llc_and_kinds(files, offline=[7])
             l3 = (2, 3, 6, 7) if lists_name_it else (2, 3, 6)
             self.assertEqual([got[cpu] for cpu in (2, 3, 6, 7)], [(l3, None)] * 3 + [((), None)])
+
+    def test_last_level_cache_leaves_out_cpus_the_host_does_not_have(self):
+        # an L3 naming CPUs that are not present (no cpuN, beyond `present`):
+        # they went into llc_cpus (0-1,4-5,40-50 on an 8-CPU host), and the
+        # policy would count them as cache mates. hwloc's cache objects hold
+        # only the machine's CPUs; so do these, the cache itself stays
+        base = "sys/devices/system/cpu/cpu%d/cache/index3/"
+        expected = {cpu: ((0, 1, 4, 5), None) if cpu % 4 < 2 else ((2, 3, 6, 7), None) for cpu in range(8)}
+        for ghosts, extra in (("40-50", {}), ("8,63", {}),
+                              ("8-9", {"sys/devices/system/cpu/possible": "0-15\n"})):   # possible, not present
+            with self.subTest(ghosts=ghosts, extra=extra):
+                shutil.rmtree(self.tmp, True)
+                files = dict(fake_caches(), **extra)
+                files.update({base % cpu + "shared_cpu_list": "0-1,4-5,%s\n" % ghosts for cpu in (0, 1, 4, 5)})
+                self.assertEqual(self.llc_and_kinds(files), expected)
 
     def test_kinds_of_core_from_capacities_and_pmu_lists(self):
         capacity = "sys/devices/system/cpu/cpu%d/cpu_capacity"
@@ -3881,6 +3955,65 @@ class SystemdNotifyTests(PluginRig):
         self.assertFalse(pinged, "a stopped process pinged the watchdog")
         process.proc.send_signal(signal.SIGCONT)
         notify.receive(lambda f: f.get("WATCHDOG") == "1", timeout=2)
+
+    def test_a_tiny_watchdog_interval_pings_at_most_every_50_ms(self):
+        # WATCHDOG_USEC=1 pinged in a busy loop (2.9 s of CPU in 3 s):
+        # counted, the pings of 2 s (at most 40 at the floor of 50 ms)
+        notify = self.notify_socket()
+        self.start_plugin(env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "1"})
+        notify.receive(lambda f: f.get("READY") == "1")
+        notify.messages[:] = []
+        notify.collect(2.0)
+        pings = sum(1 for _, f in notify.messages if f.get("WATCHDOG") == "1")
+        self.assertGreater(pings, 0)
+        self.assertLessEqual(pings, 2.0 / 0.05 + 5)
+
+    def test_a_notification_refused_while_the_socket_is_full_goes_with_the_next(self):
+        # systemd's queue full (EAGAIN): READY=1 was dropped for good, and
+        # so the unit would never start; now it waits for the next send
+        # (the next ping), and pings keep going through
+        notify = self.notify_socket()
+        notifier = plugin.SystemdNotifier({"NOTIFY_SOCKET": notify.path})
+        self.addCleanup(notifier.close)
+        fillers = []
+        while True:                      # fill the receiver's queue, whoever the sender
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            filler.setblocking(False)
+            fillers.append(filler)
+            self.addCleanup(filler.close)
+            try:
+                while True:
+                    filler.sendto(b"FILL=1\n", notify.path)
+            except BlockingIOError:
+                pass
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+                probe.setblocking(False)
+                try:
+                    probe.sendto(b"FILL=1\n", notify.path)
+                except BlockingIOError:
+                    break                # full for a new sender too, not just this one
+        notifier.send(READY=1, STATUS="serving")
+        notifier.send(WATCHDOG=1)        # refused too; a later ping supersedes it
+        notify.collect(0.3)              # drain
+        notify.messages[:] = [(at, f) for at, f in notify.messages if "FILL" not in f]
+        self.assertEqual(notify.messages, [])
+        for _ in range(3):
+            notifier.send(WATCHDOG=1)
+        notify.collect(0.3)
+        self.assertEqual([f for _, f in notify.messages],
+                         [{"READY": "1", "STATUS": "serving"}] + [{"WATCHDOG": "1"}] * 3)
+
+    def test_a_notification_refused_for_good_does_not_hold_back_the_next(self):
+        # too long for a datagram (EMSGSIZE): dropped, as sd_notify drops it,
+        # not kept in front of every later ping
+        notify = self.notify_socket()
+        notifier = plugin.SystemdNotifier({"NOTIFY_SOCKET": notify.path})
+        self.addCleanup(notifier.close)
+        notifier.send(STATUS="x" * (1 << 20))
+        notifier.send(WATCHDOG=1)
+        notifier.send(STATUS="serving")
+        notify.collect(0.3)
+        self.assertEqual([f for _, f in notify.messages], [{"WATCHDOG": "1"}, {"STATUS": "serving"}])
 
     def test_a_watchdog_shorter_than_the_rescan_period_is_said_at_start(self):
         notify = self.notify_socket()
