@@ -1444,13 +1444,16 @@ class _Request(object):
         for kind in sorted(by_kind):
             if self.must_kinds <= {kind} and _top_sum(by_kind[kind], extra) >= need:
                 return (False, kind), frozenset([kind])
+        # mixed: the slowest kind is the slowest must kind or one the other
+        # cores have, whichever is the first to hold it with the faster ones
+        # (a must kind no other core has counts: 3 kinds, or an unknown one)
         slowest_must = max(self.must_kinds) if self.must_kinds else -1
         pooled = collections.Counter()
-        for kind in sorted(by_kind):
-            pooled.update(by_kind[kind])
+        for kind in sorted(set(by_kind) | self.must_kinds):
+            pooled.update(by_kind.get(kind, ()))
             if kind >= slowest_must and _top_sum(pooled, extra) >= need:
                 return (True, kind), frozenset(k for k in by_kind if k <= kind)
-        return (True, max(by_kind)), None                 # not reached: the cores hold it (rank 2)
+        return (True, max(set(by_kind) | self.must_kinds)), None    # not reached: the cores hold it (rank 2)
 
     def caches_of(self, groups, kinds):
         """{cache: {core size: cores}} of the other cores of `kinds` (None:

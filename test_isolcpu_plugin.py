@@ -1028,6 +1028,33 @@ def oracle_ranks_1_4(infos, available, must, size):
     return best
 
 
+def random_infos(rng):
+    """A small random machine for the oracle: 1-3 NUMA nodes, 1-2 last-level
+    caches per node of 1-3 cores of 1, 2 or 4 threads (a cache sometimes
+    unknown, or across two nodes), one, two or three kinds of core (a core's
+    kind sometimes unknown)."""
+    kinds = rng.choice([1, 2, 3, 3])
+    infos, caches, cpu, core_id = {}, [], 0, 0
+    for node in range(rng.randint(1, 3)):
+        for _ in range(rng.randint(1, 2)):
+            cores = []
+            for _ in range(rng.randint(1, 3)):
+                threads = rng.choice([1, 2, 2, 4]) if cpu < 12 else 1
+                kind = rng.randrange(kinds) if kinds > 1 and rng.random() > 0.15 else None
+                cores.append((node, tuple(range(cpu, cpu + threads)), kind, core_id))
+                cpu += threads
+                core_id += 1
+            caches.append(cores)
+    if len(caches) > 2 and rng.random() < 0.15:
+        caches[0] += caches.pop()
+    for cores in caches:
+        cache = tuple(c for _, siblings, _, _ in cores for c in siblings) if rng.random() > 0.15 else ()
+        for node, siblings, kind, core in cores:
+            for c in siblings:
+                infos[c] = plugin.CpuInfo(c, (node,), node, None, None, core, siblings, tuple(sorted(cache)), kind)
+    return infos
+
+
 def corpus_infos(machine):
     """{cpu: CpuInfo} of one machine of the sysfs corpus, or None without it."""
     path = os.path.join(CORPUS, machine + ".tar.bz2")
@@ -1085,6 +1112,33 @@ class PreferredAllocationTests(unittest.TestCase):
     def test_oracle_packages_sharing_a_node_and_unknown_cpus(self):
         infos = synthetic_infos(sockets=4, cores=2, threads=2, node_ids=[0, 0, 1, 1], unknown=(5, 13))
         self.check_against_oracle(infos, seed=5)
+
+    def test_oracle_three_kinds_of_core(self):
+        # big.LITTLE with a middle kind (cpu_capacity 1024, 800, 400): must CPUs
+        # of the middle kind, no other core of it, a fast core beats a slow one
+        infos = synthetic_infos(sockets=1, cores=8, threads=1, cores_per_cache=2, kinds=(0, 0, 1, 1, 2, 2, 2, 2))
+        self.assertEqual(self.prefer(infos, range(8), must=[2, 3], size=3), [0, 2, 3])
+        self.check_against_oracle(infos, seed=14, requests=200)
+        infos = synthetic_infos(sockets=2, cores=4, threads=2, cores_per_cache=2, kinds=(0, 1, 2, 2))
+        self.check_against_oracle(infos, seed=15, requests=200)
+
+    def test_oracle_a_cpu_of_unknown_kind_among_two(self):
+        # an unknown kind is slower than any: the fast cores beside the must
+        # cores' kinds, not the unknown one
+        C = plugin.CpuInfo
+        infos = {cpu: C(cpu, (0,), 0, None, None, core, siblings, cache, kind) for cpu, core, siblings, cache, kind in (
+            (0, 0, (0, 1), (0, 1), 0), (1, 0, (0, 1), (0, 1), 0), (2, 1, (2, 3), (2, 3, 4, 5, 6), 0),
+            (3, 1, (2, 3), (2, 3, 4, 5, 6), 0), (4, 2, (4,), (2, 3, 4, 5, 6), None),
+            (5, 3, (5, 6), (2, 3, 4, 5, 6), 1), (6, 3, (5, 6), (2, 3, 4, 5, 6), 1),
+            (7, 4, (7,), (7, 8), 1), (8, 5, (8,), (7, 8), 0))}
+        self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 4, 5, 8], must=[0, 5], size=6), [0, 1, 2, 3, 5, 8])
+        self.check_against_oracle(infos, seed=16, requests=200)
+
+    def test_oracle_random_machines(self):
+        for seed in range(60):
+            infos = random_infos(random.Random(seed))
+            with self.subTest(seed=seed, machine=sorted(infos.values())):
+                self.check_against_oracle(infos, seed=seed, requests=30, max_available=10)
 
     def test_oracle_corpus_hybrid_machine(self):
         infos = corpus_infos("20em64t-hybrid-1p6c2t+2ca4co1t")
