@@ -1289,7 +1289,11 @@ def container_allocation(cpus, env_name, cpuid_paths):
 # frozenset of its NUMA nodes; core: the key of its physical core (its thread
 # siblings); package, die, cluster: keys of the domains around that core.
 # Whatever sysfs does not tell becomes a singleton of the CPU's own, so an
-# unknown CPU costs a node, a core and a domain of its own: it ranks last.
+# unknown CPU costs a node, a core and a domain of its own: it ranks last;
+# but an unknown NUMA node is its core's (thread siblings share one), and
+# where no CPU's node is known (a kernel without NUMA: the kubelet gets no
+# topology either) every CPU is of one node, NO_NUMA, that orders answers
+# as a node per core would, at the cost of one.
 # llc: the key of its last-level cache (named by its first CPU: the CPUs of a
 # cache agree on it), its core's own when unknown (a cache per core costs
 # nothing the count of cores does not; named by the core's first CPU, cheap
@@ -1299,9 +1303,19 @@ Placement = collections.namedtuple("Placement", "numa core package die cluster k
 UNKNOWN_KIND = 1 << 16          # after every kind a machine has
 
 
-def cpu_placement(info):
+NO_NUMA = frozenset([("numa", None)])
+
+
+def cpu_placement(info, numa_known=True):
+    """Where `info`'s CPU sits; numa_known: some CPU of the machine has a
+    NUMA node (else it is of NO_NUMA)."""
     own = ("cpu", info.cpu)
-    numa = frozenset(info.numa_nodes) if info.numa_nodes else frozenset([own])
+    if info.numa_nodes:
+        numa = frozenset(info.numa_nodes)
+    elif not numa_known:
+        numa = NO_NUMA
+    else:
+        numa = frozenset([("core", info.thread_siblings) if info.thread_siblings else own])
     core = (numa, info.thread_siblings) if info.thread_siblings else own
     package = ("package", info.package) if info.package is not None else ("core", core)
     die = package + (info.die,) if info.die is not None else package       # absent level: one per parent
@@ -1313,7 +1327,8 @@ def cpu_placement(info):
 
 def cpu_placements(infos):
     """{cpu: Placement} for the policy, from {cpu: CpuInfo}."""
-    return {cpu: cpu_placement(info) for cpu, info in infos.items()}
+    numa_known = any(info.numa_nodes for info in infos.values())
+    return {cpu: cpu_placement(info, numa_known) for cpu, info in infos.items()}
 
 
 COMBINATION_BUDGET = 2048      # domain sets tried exactly before falling back to greedy
@@ -1476,13 +1491,16 @@ class _Request(object):
         for kind in sorted(by_kind):
             if self.must_kinds <= {kind} and _top_sum(by_kind[kind], extra) >= need:
                 return (False, kind), frozenset([kind])
+        # mixed: the slowest kind is the slowest must kind or one the other
+        # cores have, whichever is the first to hold it with the faster ones
+        # (a must kind no other core has counts: 3 kinds, or an unknown one)
         slowest_must = max(self.must_kinds) if self.must_kinds else -1
         pooled = collections.Counter()
-        for kind in sorted(by_kind):
-            pooled.update(by_kind[kind])
+        for kind in sorted(set(by_kind) | self.must_kinds):
+            pooled.update(by_kind.get(kind, ()))
             if kind >= slowest_must and _top_sum(pooled, extra) >= need:
                 return (True, kind), frozenset(k for k in by_kind if k <= kind)
-        return (True, max(by_kind)), None                 # not reached: the cores hold it (rank 2)
+        return (True, max(set(by_kind) | self.must_kinds)), None    # not reached: the cores hold it (rank 2)
 
     def caches_of(self, groups, kinds):
         """{cache: {core size: cores}} of the other cores of `kinds` (None:

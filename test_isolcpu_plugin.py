@@ -1043,13 +1043,14 @@ class CorpusTests(unittest.TestCase):
 # ---------------------------------------------------------------------------
 
 def synthetic_infos(sockets=1, cores=4, threads=2, nodes_per_socket=1, node_ids=None, unknown=(),
-                    cores_per_cache=None, kinds=None):
+                    cores_per_cache=None, kinds=None, numa=True):
     """{cpu: CpuInfo} of a machine numbered as Linux numbers x86 (thread t of
     core c of socket s is CPU t*(sockets*cores) + s*cores + c); nodes split
     each socket's cores evenly; CPUs in `unknown` have no topology at all.
     With cores_per_cache, a last-level cache per that many cores of a socket
     (core c's is the cache of cores c // cores_per_cache); with kinds, core
-    c of each socket is of kind kinds[c] (0 the fastest)."""
+    c of each socket is of kind kinds[c] (0 the fastest); numa=False: no
+    CPU's NUMA node is known (a kernel without NUMA)."""
     per_thread = sockets * cores
     node_ids = node_ids or list(range(sockets * nodes_per_socket))
     infos = {}
@@ -1063,7 +1064,7 @@ def synthetic_infos(sockets=1, cores=4, threads=2, nodes_per_socket=1, node_ids=
             first = sock * cores + core // cores_per_cache * cores_per_cache
             cache = tuple(sorted(t * per_thread + c for t in range(threads)
                                  for c in range(first, first + cores_per_cache)))
-        infos[cpu] = plugin.CpuInfo(cpu, (node,), sock, None, None, core, siblings, cache,
+        infos[cpu] = plugin.CpuInfo(cpu, (node,) if numa else (), sock, None, None, core, siblings, cache,
                                     kinds[core] if kinds else None)
     for cpu in unknown:
         infos[cpu] = plugin.unknown_cpu_info(cpu)
@@ -1074,10 +1075,15 @@ def oracle_ranks_1_4(infos, available, must, size):
     """The best (NUMA nodes, physical cores, (mixed kinds, slowest kind),
     last-level caches) over every valid answer, by exhaustive search.
     Unknown topology: a node, a core and a cache of the CPU's own; an
-    unknown cache is its core's; an unknown kind is slower than any."""
+    unknown NUMA node is its core's (thread siblings share a node; on a
+    machine where no node is known that orders answers as one node for all
+    would); an unknown cache is its core's; an unknown kind is slower than
+    any."""
     def nodes(cpu):
         info = infos.get(cpu)
-        return set(info.numa_nodes) if info and info.numa_nodes else {("cpu", cpu)}
+        if info and info.numa_nodes:
+            return set(info.numa_nodes)
+        return {("core", frozenset(info.thread_siblings))} if info and info.thread_siblings else {("cpu", cpu)}
 
     def core(cpu):
         info = infos.get(cpu)
@@ -1100,6 +1106,36 @@ def oracle_ranks_1_4(infos, available, must, size):
         if best is None or cost < best:
             best = cost
     return best
+
+
+def random_infos(rng):
+    """A small random machine for the oracle: 1-3 NUMA nodes (or none known,
+    or one node's CPUs of unknown node), 1-2 last-level caches per node of
+    1-3 cores of 1, 2 or 4 threads (a cache sometimes unknown, or across two
+    nodes), one, two or three kinds of core (a core's kind sometimes unknown)."""
+    numa = rng.random() < 0.75
+    lost_node = rng.randrange(3) if numa and rng.random() < 0.25 else None
+    kinds = rng.choice([1, 2, 3, 3])
+    infos, caches, cpu, core_id = {}, [], 0, 0
+    for node in range(rng.randint(1, 3)):
+        for _ in range(rng.randint(1, 2)):
+            cores = []
+            for _ in range(rng.randint(1, 3)):
+                threads = rng.choice([1, 2, 2, 4]) if cpu < 12 else 1
+                kind = rng.randrange(kinds) if kinds > 1 and rng.random() > 0.15 else None
+                cores.append((node, tuple(range(cpu, cpu + threads)), kind, core_id))
+                cpu += threads
+                core_id += 1
+            caches.append(cores)
+    if len(caches) > 2 and rng.random() < 0.15:
+        caches[0] += caches.pop()
+    for cores in caches:
+        cache = tuple(c for _, siblings, _, _ in cores for c in siblings) if rng.random() > 0.15 else ()
+        for node, siblings, kind, core in cores:
+            nodes = (node,) if numa and node != lost_node else ()
+            for c in siblings:
+                infos[c] = plugin.CpuInfo(c, nodes, node, None, None, core, siblings, tuple(sorted(cache)), kind)
+    return infos
 
 
 def corpus_infos(machine):
@@ -1159,6 +1195,55 @@ class PreferredAllocationTests(unittest.TestCase):
     def test_oracle_packages_sharing_a_node_and_unknown_cpus(self):
         infos = synthetic_infos(sockets=4, cores=2, threads=2, node_ids=[0, 0, 1, 1], unknown=(5, 13))
         self.check_against_oracle(infos, seed=5)
+
+    def test_oracle_three_kinds_of_core(self):
+        # big.LITTLE with a middle kind (cpu_capacity 1024, 800, 400): must CPUs
+        # of the middle kind, no other core of it, a fast core beats a slow one
+        infos = synthetic_infos(sockets=1, cores=8, threads=1, cores_per_cache=2, kinds=(0, 0, 1, 1, 2, 2, 2, 2))
+        self.assertEqual(self.prefer(infos, range(8), must=[2, 3], size=3), [0, 2, 3])
+        self.check_against_oracle(infos, seed=14, requests=200)
+        infos = synthetic_infos(sockets=2, cores=4, threads=2, cores_per_cache=2, kinds=(0, 1, 2, 2))
+        self.check_against_oracle(infos, seed=15, requests=200)
+
+    def test_oracle_a_cpu_of_unknown_kind_among_two(self):
+        # an unknown kind is slower than any: the fast cores beside the must
+        # cores' kinds, not the unknown one
+        C = plugin.CpuInfo
+        infos = {cpu: C(cpu, (0,), 0, None, None, core, siblings, cache, kind) for cpu, core, siblings, cache, kind in (
+            (0, 0, (0, 1), (0, 1), 0), (1, 0, (0, 1), (0, 1), 0), (2, 1, (2, 3), (2, 3, 4, 5, 6), 0),
+            (3, 1, (2, 3), (2, 3, 4, 5, 6), 0), (4, 2, (4,), (2, 3, 4, 5, 6), None),
+            (5, 3, (5, 6), (2, 3, 4, 5, 6), 1), (6, 3, (5, 6), (2, 3, 4, 5, 6), 1),
+            (7, 4, (7,), (7, 8), 1), (8, 5, (8,), (7, 8), 0))}
+        self.assertEqual(self.prefer(infos, [0, 1, 2, 3, 4, 5, 8], must=[0, 5], size=6), [0, 1, 2, 3, 5, 8])
+        self.check_against_oracle(infos, seed=16, requests=200)
+
+    def test_oracle_no_numa_node_known(self):
+        # a kernel without NUMA: siblings still together, one node for all
+        infos = synthetic_infos(sockets=1, cores=4, threads=2, numa=False)          # core c: CPUs c, c+4
+        self.assertEqual(self.prefer(infos, range(8), size=4), [0, 1, 4, 5])
+        self.assertEqual(self.prefer(infos, [0, 1, 2, 6], size=2), [2, 6])
+        self.assertEqual(len({p.numa for p in plugin.cpu_placements(infos).values()}), 1)
+        self.check_against_oracle(infos, seed=17)
+        self.check_against_oracle(synthetic_infos(sockets=2, cores=2, threads=4, numa=False), seed=18)
+        infos = synthetic_infos(sockets=1, cores=8, threads=2, cores_per_cache=4, kinds=(0, 0, 1, 1, 0, 1, 1, 1),
+                                numa=False)
+        self.check_against_oracle(infos, seed=19, requests=150)
+
+    def test_oracle_a_node_of_unknown_cpus(self):
+        # NUMA node 1's list garbled ("NUMA node 1 taken as unknown"): its cores
+        # are a node each, last, their siblings still together
+        infos = synthetic_infos(sockets=2, cores=3, threads=2)      # node 0: 0-2,6-8; node 1: 3-5,9-11
+        for cpu in (3, 4, 5, 9, 10, 11):
+            infos[cpu] = infos[cpu]._replace(numa_nodes=())
+        self.assertEqual(self.prefer(infos, [1, 7, 3, 9, 4, 10], size=2), [1, 7])
+        self.assertEqual(self.prefer(infos, [1, 3, 9, 4, 10], size=2), [3, 9])          # one core: one node
+        self.check_against_oracle(infos, seed=20, requests=150)
+
+    def test_oracle_random_machines(self):
+        for seed in range(60):
+            infos = random_infos(random.Random(seed))
+            with self.subTest(seed=seed, machine=sorted(infos.values())):
+                self.check_against_oracle(infos, seed=seed, requests=30, max_available=10)
 
     def test_oracle_corpus_hybrid_machine(self):
         infos = corpus_infos("20em64t-hybrid-1p6c2t+2ca4co1t")
