@@ -1890,8 +1890,9 @@ MAX_HOLDER_SAMPLES = 4        # per CPU in /metrics; a CPU has one or two where 
 def render_metrics(resource_name, devices, counters, registered, holders=None, nri_connected=None):
     """Prometheus text exposition (format 0.0.4) of the plugin's state and,
     with a HolderReport, who holds each allocated CPU of those served: how
-    many, and up to MAX_HOLDER_SAMPLES of them by name, the first named
-    first (bounded by the CPU count, whatever PodResources answers).
+    many, and up to MAX_HOLDER_SAMPLES of them by name, in the report's
+    order (find_holders puts the running or the checkpoint's first; bounded
+    by the CPU count, whatever PodResources answers).
     nri_connected: the runtime side's state, None when it is off."""
     healthy = sum(1 for d in devices if d.healthy)
     lines = []
@@ -2256,18 +2257,62 @@ def ask_pod_resources(path, method):
 HolderReport = collections.namedtuple("HolderReport", "by_cpu source failures")
 
 
-def find_holders(answer, failure, directory, resource_name):
+def running_key(holder):
+    """How the runtime names a holder's container: namespace/pod/container,
+    or pod-uid/container for one from the checkpoint."""
+    if holder.namespace is not None:
+        return "%s/%s/%s" % (holder.namespace, holder.pod, holder.container)
+    return "%s/%s" % (holder.pod_uid, holder.container)
+
+
+def running_first(by_cpu, confirmed, running):
+    """by_cpu with each CPU's holders reordered, none dropped: first those
+    the runtime runs (`running`: running_key()s), then those the kubelet's
+    checkpoint confirms (`confirmed`: {cpu: container names it holds it
+    for}; None when the holders come from the checkpoint itself), then the
+    rest (terminated pods PodResources still lists, kubernetes#119423), each
+    group in the order given. Bounded views (/metrics) keep the first."""
+    ordered = {}
+    for cpu, holders in by_cpu.items():
+        if len(holders) > 1:
+            names = confirmed.get(cpu, ()) if confirmed is not None else None
+
+            def rank(holder):
+                if running_key(holder) in running:
+                    return 0
+                return 1 if names is None or holder.container in names else 2
+            holders = tuple(sorted(holders, key=rank))
+        ordered[cpu] = holders
+    return ordered
+
+
+def find_holders(answer, failure, directory, resource_name, running=frozenset()):
     """The holders from PodResources' List `answer` when there is one, else
     (PodResources having failed: `failure` = (why, normal)) from the
-    kubelet's checkpoint in the device-plugin `directory`, read within its bounds."""
+    kubelet's checkpoint in the device-plugin `directory`, read within its
+    bounds; a CPU's holders ordered by running_first() (`running`: the
+    running_key()s of the containers the runtime runs, when it says)."""
     if answer is not None:
-        return HolderReport(pod_resources_holders(answer, resource_name), "pod-resources", ())
+        by_cpu = pod_resources_holders(answer, resource_name)
+        confirmed = {}
+        if any(len(holders) > 1 for holders in by_cpu.values()):
+            # PodResources names pods, the checkpoint UIDs: what they share is the container's name
+            try:
+                text = read_checkpoint(directory)
+                for uid, container, ids in checkpoint_entries(text, resource_name) if text is not None else ():
+                    for i in ids:
+                        if _DEVICE_ID.match(i):
+                            confirmed.setdefault(int(i), set()).add(container)
+            except (InputError, ValueError):
+                pass                                     # no confirmation: the kubelet's order
+        return HolderReport(running_first(by_cpu, confirmed, running), "pod-resources", ())
     failures = (("pod-resources",) + failure,)
     path = os.path.join(directory, CHECKPOINT_NAME)
     try:
         text = read_checkpoint(directory)
         if text is not None:
-            return HolderReport(checkpoint_holders(text, resource_name), "checkpoint", failures)
+            return HolderReport(running_first(checkpoint_holders(text, resource_name), None, running),
+                                "checkpoint", failures)
         why, normal = "no checkpoint at %s" % path, True
     except InputError as e:
         why, normal = str(e), False
@@ -2276,7 +2321,7 @@ def find_holders(answer, failure, directory, resource_name):
     return HolderReport(None, None, failures + (("checkpoint", why, normal),))
 
 
-def holder_report(api, client, answer, failure, directory, resource_name):
+def holder_report(api, client, answer, failure, directory, resource_name, running=frozenset()):
     """find_holders() from the bytes of a List `answer` of `client` (None:
     PodResources failed, `failure` says how). All its work grows with the
     answer: it runs off the event loop."""
@@ -2286,7 +2331,7 @@ def holder_report(api, client, answer, failure, directory, resource_name):
             message = client.decode(api, POD_RESOURCES_LIST, answer)
         except PodResourcesUnavailable as e:
             failure = (str(e), False)
-    return find_holders(message, failure, directory, resource_name)
+    return find_holders(message, failure, directory, resource_name, running)
 
 
 def holdings_line(report, served):
@@ -2978,8 +3023,13 @@ class Plugin(object):
                 answer = await self.pod_resources.call_async(self.api, POD_RESOURCES_LIST)
             except PodResourcesUnavailable as e:
                 failure = (str(e), False)
+        running = frozenset()
+        if self.nri is not None and self.nri.connected:
+            # what the runtime runs comes first in each CPU's holders (a bounded /metrics keeps it)
+            running = frozenset(key for c in self.nri.containers.values() if not c.stopped
+                                for key in (c.label, "%s/%s" % (c.pod_uid, c.name)))
         report = await self.off_loop(holder_report, self.api, self.pod_resources, answer, failure,
-                                     self.config.device_plugin_path, self.config.resource_name)
+                                     self.config.device_plugin_path, self.config.resource_name, running)
         if report.source == "checkpoint" and self.nri is not None and self.nri.connected:
             # the checkpoint cannot tell an init container from the app that reuses its CPUs: the runtime can
             report = report._replace(by_cpu=await self.off_loop(name_the_running, report.by_cpu,

@@ -5205,6 +5205,46 @@ class WorkBoundUnitTests(unittest.TestCase):
         samples = [line for line in text.splitlines() if line.startswith("isolcpu_device_allocated{")]
         self.assertEqual([re.search(r'cpu="(\d+)"', line).group(1) for line in samples], ["2", "3"])
 
+    def allocated_samples(self, report):
+        devices = plugin.build_devices([6], {6}, {})
+        text = plugin.render_metrics("windriver.com/isolcpus", devices, plugin.Counters(), True, report)
+        return [re.search(r'pod="([^"]*)",container="([^"]*)"', line).groups() for line in text.splitlines()
+                if line.startswith("isolcpu_device_allocated{")]
+
+    @needs_grpc
+    def test_metrics_name_the_holder_the_checkpoint_confirms_first(self):
+        # List keeps terminated pods (kubernetes#119423), in the kubelet's order: six old ones ahead of the
+        # live one; the device manager's checkpoint names only the live one
+        answer = pb.ListPodResourcesResponse.FromString(many_pods_holding(6) + pb_field(1, encode_pod(
+            "dpdk-fwd-0", "net", [encode_container("forwarder", [("windriver.com/isolcpus", ["6"])])])))
+        directory = tempfile.mkdtemp(prefix="isolcpu-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        with open(os.path.join(directory, plugin.CHECKPOINT_NAME), "w") as f:
+            json.dump({"Data": {"PodDeviceEntries": [
+                {"PodUID": "uid-fwd", "ContainerName": "forwarder", "ResourceName": "windriver.com/isolcpus",
+                 "DeviceIDs": {"0": ["6"]}, "AllocResp": ""}], "RegisteredDevices": {}}, "Checksum": 1}, f)
+        report = plugin.find_holders(answer, None, directory, "windriver.com/isolcpus")
+        self.assertEqual(len(report.by_cpu[6]), 7)                  # every holder stays in the report
+        samples = self.allocated_samples(report)
+        self.assertEqual(len(samples), plugin.MAX_HOLDER_SAMPLES)
+        self.assertEqual(samples[0], ("dpdk-fwd-0", "forwarder"))
+        # no checkpoint: the kubelet's order, still bounded
+        report = plugin.find_holders(answer, None, os.path.join(directory, "absent"), "windriver.com/isolcpus")
+        self.assertEqual(self.allocated_samples(report)[0], ("old-0", "c"))
+
+    def test_metrics_name_the_running_holder_first(self):
+        old = [plugin.Holder("batch", "old-%d" % i, "forwarder", None, "pod-resources") for i in range(6)]
+        live = plugin.Holder("net", "dpdk-fwd-0", "forwarder", None, "pod-resources")
+        # every holder has the container name the checkpoint names: only the runtime can tell
+        by_cpu = plugin.running_first({6: tuple(old) + (live,)}, {6: {"forwarder"}}, {"net/dpdk-fwd-0/forwarder"})
+        self.assertEqual(by_cpu[6][0], live)
+        self.assertEqual(by_cpu[6][1:], tuple(old))                 # the others in the kubelet's order
+        samples = self.allocated_samples(plugin.HolderReport(by_cpu, "pod-resources", ()))
+        self.assertEqual(samples[0], ("dpdk-fwd-0", "forwarder"))
+        # from the checkpoint, the runtime names pods by UID
+        a, b = (plugin.Holder(None, None, "c", uid, "checkpoint") for uid in ("u-old", "u-live"))
+        self.assertEqual(plugin.running_first({6: (a, b)}, None, {"u-live/c"}), {6: (b, a)})
+
 
 @needs_grpc
 class WorkBoundTests(PodResourcesRig):
