@@ -4450,7 +4450,7 @@ def find_kubelet_config(config, procfs, kubelets):
 def kubelet_file(procfs, pid, name):
     """Where to read the file a process names `name` (its --config): inside
     its root (/proc/PID/root), as it would resolve it; a FileRead saying why
-    not when the name leads out of that root."""
+    not when it cannot be resolved there (too long, too many symlinks)."""
     root = os.path.join(procfs, str(pid), "root")
     where = "--config %s of the running kubelet (pid %d)" % (quote(name, 200), pid)
     if not name.startswith("/"):                 # relative to its working directory, inside its root
@@ -4471,7 +4471,9 @@ def path_in_root(root, path):
     """`path` as a process whose root directory is `root` names it, resolved
     inside root the way that process would: symlinks followed (an absolute
     target starts again at root, not at ours, as /proc/PID/root would have
-    it), `..` taken lexically. InputError when it would leave root."""
+    it), `..` taken on what is resolved so far, and at root it stays at
+    root, as the kernel has it for a process's root directory (so nothing
+    leaves root). InputError for a path too long or too many symlinks."""
     if len(path) > PATH_MAX:
         raise InputError("is longer than PATH_MAX (%d)" % PATH_MAX)
     pending = [part for part in path.split("/") if part not in ("", ".")]
@@ -4479,9 +4481,8 @@ def path_in_root(root, path):
     while pending:
         part = pending.pop(0)
         if part == "..":
-            if not resolved:
-                raise InputError("leaves its root %s" % root)
-            resolved.pop()
+            if resolved:
+                resolved.pop()
             continue
         here = os.path.join(root, *(resolved + [part]))
         try:

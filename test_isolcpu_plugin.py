@@ -6445,13 +6445,18 @@ class DoctorHostTests(TempDirTest):
             f.write(b"/usr/bin/kubelet\0--config=/../outside/config.yaml\0")
         check = self.doctor()[1]["kubelet-config"]
         self.assertEqual(check["status"], "SKIP", check)
-        self.assertIn("'/../outside/config.yaml' of the running kubelet (pid 4242) leaves its root", check["found"])
+        # `..` at the root is the root, as the kernel has it: <root>/outside/config.yaml, absent there
+        self.assertIn("no kubelet config", check["found"])
+        self.assertIn(self.path("proc/4242/root/outside/config.yaml"), check["found"])
         # an absolute symlink inside its root means a file inside its root
         self.remove("host-root/var/lib/kubelet/config.yaml")
         self.write({"host-root/etc/kubernetes/kubelet.yaml": GOOD_KUBELET_CONFIG})
         os.symlink("/etc/kubernetes/kubelet.yaml", self.path("host-root/var/lib/kubelet/config.yaml"))
         os.symlink("../lib/kubelet/config.yaml", self.path("host-root/var/lib/config.yaml"))
-        for config in (b"/var/lib/kubelet/config.yaml", b"/var/lib/config.yaml", b"/var/../var/lib/./config.yaml"):
+        os.symlink("../../../../etc/kubernetes/kubelet.yaml", self.path("host-root/var/lib/up.yaml"))
+        for config in (b"/var/lib/kubelet/config.yaml", b"/var/lib/config.yaml", b"/var/../var/lib/./config.yaml",
+                       b"/../var/lib/kubelet/config.yaml", b"/../../var/../../var/lib/config.yaml",
+                       b"/var/lib/up.yaml"):
             with self.subTest(config=config):
                 with open(self.path("proc/4242/cmdline"), "wb") as f:
                     f.write(b"/usr/bin/kubelet\0--config=" + config + b"\0")
