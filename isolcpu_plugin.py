@@ -4627,7 +4627,13 @@ def find_pod_cgroups(root, v2, uids, procfs):
     for top in sorted(n for n in list_dir(cpuset_root) if n.startswith("kubepods")):
         for directory, subdirs, _ in walk.walk(top):
             for sub in list(subdirs):
-                uid = names.get(sub) or next((u for n, u in names.items() if sub.endswith("-" + n)), None)
+                # a name of `names` whole or after a "-" (kubepods-burstable-pod<uid>.slice): a lookup per
+                # "-" of the directory's name, not a comparison per pod
+                uid = names.get(sub)
+                dash = sub.find("-")
+                while uid is None and dash >= 0:
+                    uid = names.get(sub[dash + 1:])
+                    dash = sub.find("-", dash + 1)
                 if uid is None:
                     match = _POD_CGROUP.search(sub)
                     if match is None:

@@ -6438,6 +6438,24 @@ class DoctorHostTests(TempDirTest):
         self.assertIn("pod %s: no cgroup found" % uid, check["found"])
         self.assertIn("1 symlink, not followed", check["found"])
 
+    def test_finding_pod_cgroups_is_linear_in_directories_and_pods(self):
+        # every kubepods subdirectory was compared with every pod UID's names
+        def cost(count):
+            root = self.path("walk-%d" % count)
+            for i in range(count):
+                os.makedirs(os.path.join(root, "kubepods.slice", "tenant.slice", "d%d" % i))
+            uids = ["%08d-0000-0000-0000-000000000000" % i for i in range(count)]
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                found, skipped = plugin.find_pod_cgroups(root, True, uids, self.path("proc"))
+                best = min(best, time.perf_counter() - started)
+            self.assertEqual(found, {})
+            return best
+        cost(200)                                               # warm caches
+        ratio = cost(3200) / cost(800)
+        self.assertLess(ratio, 8, "x4 directories and pods took x%.1f the time" % ratio)     # a square: x16
+
     def test_the_kubelet_config_is_read_inside_the_kubelets_root(self):
         # --config=/../outside/... was joined to /proc/PID/root and read from outside it
         self.write({"outside/config.yaml": "cpuManagerPolicy: static\nreservedSystemCPUs: 0-1\n"})
