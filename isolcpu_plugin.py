@@ -5420,7 +5420,7 @@ def check_pod_cgroups(facts):
     pods = _pods_holding(facts)
     if not pods:
         return Finding("pod-cgroups", SKIP, "no pod holds CPUs of the plugin", "", files, "")
-    fails, warns, hit = [], [], set()
+    fails, warns, unread, hit = [], [], [], set()
     for uid, cpus in sorted(pods.items()):
         cgroup = facts.pod_cgroups.get(uid)
         if cgroup is None:
@@ -5428,7 +5428,17 @@ def check_pod_cgroups(facts):
             continue
         effective = [(c.path, _cpus(c.cpus.text, facts)) for c in cgroup.containers
                      if c.cpus.text is not None and c.runs != "sandbox"]
-        if not any(cpuset is not None and cpus <= cpuset for _, cpuset in effective):
+        # a cpuset that is there but cannot be read (not an absent one: no cpuset controller there)
+        unreadable = [c for c in cgroup.containers if c.cpus.text is None and c.cpus.error is not None
+                      and c.runs != "sandbox"]
+        if any(cpuset is not None and cpus <= cpuset for _, cpuset in effective):
+            pass
+        elif unreadable:                  # one of them may have the CPUs: cannot tell
+            unread.append("pod %s: cannot tell whether it may run on its CPUs %s: the cpusets of %d of its "
+                          "containers could not be read (%s)" % (
+                uid, _brief(cpus), len(unreadable), ", ".join("%s: %s" % (os.path.basename(c.path), c.cpus.error) for c in unreadable[:4])
+                + (" (+%d more)" % (len(unreadable) - 4) if len(unreadable) > 4 else "")))
+        else:
             fails.append("pod %s: no container may run on its CPUs %s (%s)" % (
                 uid, _brief(cpus), ", ".join("%s: %s" % (os.path.basename(path), _brief(c) if c is not None else "?")
                                              for path, c in effective[:4]) or "no container cgroups"))
@@ -5440,13 +5450,14 @@ def check_pod_cgroups(facts):
         if limit is not None and limit < len(cpus):
             warns.append("pod %s: its CPU limit (%.2f CPUs) is below the %d isolated CPUs it holds: busy-polling "
                          "threads get throttled" % (uid, limit, len(cpus)))
-    found = "; ".join(fails + warns) or "the %d pods holding CPUs may run on them" % len(pods)
+    found = "; ".join(fails + warns + unread) or "the %d pods holding CPUs may run on them" % len(pods)
     if facts.pod_cgroups_skipped:
         found += "; " + facts.pod_cgroups_skipped
     advice = "; ".join(([CPU_MANAGER_LAYOUT] if fails else []) + (
         ["set a pod's CPU limit to at least the isolated CPUs it busy-polls, or leave the limit out"] if warns else []))
-    return Finding("pod-cgroups", FAIL if fails else WARN if warns else PASS, found, advice, files,
-                   format_cpu_list(hit))
+    # files it cannot read: SKIP with the reason, as every check, unless something else FAILs or WARNs
+    return Finding("pod-cgroups", FAIL if fails else WARN if warns else SKIP if unread else PASS, found, advice,
+                   files, format_cpu_list(hit))
 
 
 def check_housekeeping_masks(facts):

@@ -6438,6 +6438,29 @@ class DoctorHostTests(TempDirTest):
         self.assertIn("pod %s: no cgroup found" % uid, check["found"])
         self.assertIn("1 symlink, not followed", check["found"])
 
+    def test_a_container_whose_cpuset_cannot_be_read_is_said_so(self):
+        # its cpuset.cpus.effective and cgroup.procs were FIFOs: filtered out, and the pod FAILed with
+        # "no container cgroups"
+        uid = pod_uid("net", "dpdk-fwd-0")
+        pod = self.holding_pod(uid, ["2", "3"])
+        os.makedirs(self.path(pod + "/cri-containerd-aaaa.scope"))
+        for name in ("cpuset.cpus.effective", "cgroup.procs"):
+            os.mkfifo(self.path(pod + "/cri-containerd-aaaa.scope/" + name))
+        code, checks = self.doctor()
+        check = checks["pod-cgroups"]
+        self.assertEqual(check["status"], "SKIP", check)       # unreadable files: SKIP with the reason
+        self.assertNotIn("no container cgroups", check["found"])
+        self.assertIn("pod %s: cannot tell whether it may run on its CPUs 2-3: the cpusets of 1 of its containers "
+                      "could not be read (cri-containerd-aaaa.scope: " % uid, check["found"])
+        self.assertIn("not a regular file", check["found"])
+        # beside a readable container without the CPUs it cannot tell either; with one that has them, PASS
+        self.container_cgroup(uid, "bbbb", "0-1")
+        check = self.doctor()[1]["pod-cgroups"]
+        self.assertEqual(check["status"], "SKIP", check)
+        self.assertIn("could not be read", check["found"])
+        self.container_cgroup(uid, "bbbb", "0-3")
+        self.assertEqual(self.doctor()[1]["pod-cgroups"]["status"], "PASS")
+
     def test_finding_pod_cgroups_is_linear_in_directories_and_pods(self):
         # every kubepods subdirectory was compared with every pod UID's names
         def cost(count):
