@@ -1940,8 +1940,9 @@ MAX_HOLDER_SAMPLES = 4        # per CPU in /metrics; a CPU has one or two where 
 def render_metrics(resource_name, devices, counters, registered, holders=None, nri_connected=None):
     """Prometheus text exposition (format 0.0.4) of the plugin's state and,
     with a HolderReport, who holds each allocated CPU of those served: how
-    many, and up to MAX_HOLDER_SAMPLES of them by name, the first named
-    first (bounded by the CPU count, whatever PodResources answers).
+    many, and up to MAX_HOLDER_SAMPLES of them by name, in the report's
+    order (find_holders puts the running or the checkpoint's first; bounded
+    by the CPU count, whatever PodResources answers).
     nri_connected: the runtime side's state, None when it is off."""
     healthy = sum(1 for d in devices if d.healthy)
     lines = []
@@ -2306,18 +2307,62 @@ def ask_pod_resources(path, method):
 HolderReport = collections.namedtuple("HolderReport", "by_cpu source failures")
 
 
-def find_holders(answer, failure, directory, resource_name):
+def running_key(holder):
+    """How the runtime names a holder's container: namespace/pod/container,
+    or pod-uid/container for one from the checkpoint."""
+    if holder.namespace is not None:
+        return "%s/%s/%s" % (holder.namespace, holder.pod, holder.container)
+    return "%s/%s" % (holder.pod_uid, holder.container)
+
+
+def running_first(by_cpu, confirmed, running):
+    """by_cpu with each CPU's holders reordered, none dropped: first those
+    the runtime runs (`running`: running_key()s), then those the kubelet's
+    checkpoint confirms (`confirmed`: {cpu: container names it holds it
+    for}; None when the holders come from the checkpoint itself), then the
+    rest (terminated pods PodResources still lists, kubernetes#119423), each
+    group in the order given. Bounded views (/metrics) keep the first."""
+    ordered = {}
+    for cpu, holders in by_cpu.items():
+        if len(holders) > 1:
+            names = confirmed.get(cpu, ()) if confirmed is not None else None
+
+            def rank(holder):
+                if running_key(holder) in running:
+                    return 0
+                return 1 if names is None or holder.container in names else 2
+            holders = tuple(sorted(holders, key=rank))
+        ordered[cpu] = holders
+    return ordered
+
+
+def find_holders(answer, failure, directory, resource_name, running=frozenset()):
     """The holders from PodResources' List `answer` when there is one, else
     (PodResources having failed: `failure` = (why, normal)) from the
-    kubelet's checkpoint in the device-plugin `directory`, read within its bounds."""
+    kubelet's checkpoint in the device-plugin `directory`, read within its
+    bounds; a CPU's holders ordered by running_first() (`running`: the
+    running_key()s of the containers the runtime runs, when it says)."""
     if answer is not None:
-        return HolderReport(pod_resources_holders(answer, resource_name), "pod-resources", ())
+        by_cpu = pod_resources_holders(answer, resource_name)
+        confirmed = {}
+        if any(len(holders) > 1 for holders in by_cpu.values()):
+            # PodResources names pods, the checkpoint UIDs: what they share is the container's name
+            try:
+                text = read_checkpoint(directory)
+                for uid, container, ids in checkpoint_entries(text, resource_name) if text is not None else ():
+                    for i in ids:
+                        if _DEVICE_ID.match(i):
+                            confirmed.setdefault(int(i), set()).add(container)
+            except (InputError, ValueError):
+                pass                                     # no confirmation: the kubelet's order
+        return HolderReport(running_first(by_cpu, confirmed, running), "pod-resources", ())
     failures = (("pod-resources",) + failure,)
     path = os.path.join(directory, CHECKPOINT_NAME)
     try:
         text = read_checkpoint(directory)
         if text is not None:
-            return HolderReport(checkpoint_holders(text, resource_name), "checkpoint", failures)
+            return HolderReport(running_first(checkpoint_holders(text, resource_name), None, running),
+                                "checkpoint", failures)
         why, normal = "no checkpoint at %s" % path, True
     except InputError as e:
         why, normal = str(e), False
@@ -2326,7 +2371,7 @@ def find_holders(answer, failure, directory, resource_name):
     return HolderReport(None, None, failures + (("checkpoint", why, normal),))
 
 
-def holder_report(api, client, answer, failure, directory, resource_name):
+def holder_report(api, client, answer, failure, directory, resource_name, running=frozenset()):
     """find_holders() from the bytes of a List `answer` of `client` (None:
     PodResources failed, `failure` says how). All its work grows with the
     answer: it runs off the event loop."""
@@ -2336,7 +2381,7 @@ def holder_report(api, client, answer, failure, directory, resource_name):
             message = client.decode(api, POD_RESOURCES_LIST, answer)
         except PodResourcesUnavailable as e:
             failure = (str(e), False)
-    return find_holders(message, failure, directory, resource_name)
+    return find_holders(message, failure, directory, resource_name, running)
 
 
 def holdings_line(report, served):
@@ -3059,8 +3104,13 @@ class Plugin(object):
                 answer = await self.pod_resources.call_async(self.api, POD_RESOURCES_LIST)
             except PodResourcesUnavailable as e:
                 failure = (str(e), False)
+        running = frozenset()
+        if self.nri is not None and self.nri.connected:
+            # what the runtime runs comes first in each CPU's holders (a bounded /metrics keeps it)
+            running = frozenset(key for c in self.nri.containers.values() if not c.stopped
+                                for key in (c.label, "%s/%s" % (c.pod_uid, c.name)))
         report = await self.off_loop(holder_report, self.api, self.pod_resources, answer, failure,
-                                     self.config.device_plugin_path, self.config.resource_name)
+                                     self.config.device_plugin_path, self.config.resource_name, running)
         if report.source == "checkpoint" and self.nri is not None and self.nri.connected:
             # the checkpoint cannot tell an init container from the app that reuses its CPUs: the runtime can
             report = report._replace(by_cpu=await self.off_loop(name_the_running, report.by_cpu,
@@ -4556,7 +4606,7 @@ def find_kubelet_config(config, procfs, kubelets):
 def kubelet_file(procfs, pid, name):
     """Where to read the file a process names `name` (its --config): inside
     its root (/proc/PID/root), as it would resolve it; a FileRead saying why
-    not when the name leads out of that root."""
+    not when it cannot be resolved there (too long, too many symlinks)."""
     root = os.path.join(procfs, str(pid), "root")
     where = "--config %s of the running kubelet (pid %d)" % (quote(name, 200), pid)
     if not name.startswith("/"):                 # relative to its working directory, inside its root
@@ -4577,7 +4627,9 @@ def path_in_root(root, path):
     """`path` as a process whose root directory is `root` names it, resolved
     inside root the way that process would: symlinks followed (an absolute
     target starts again at root, not at ours, as /proc/PID/root would have
-    it), `..` taken lexically. InputError when it would leave root."""
+    it), `..` taken on what is resolved so far, and at root it stays at
+    root, as the kernel has it for a process's root directory (so nothing
+    leaves root). InputError for a path too long or too many symlinks."""
     if len(path) > PATH_MAX:
         raise InputError("is longer than PATH_MAX (%d)" % PATH_MAX)
     pending = [part for part in path.split("/") if part not in ("", ".")]
@@ -4585,9 +4637,8 @@ def path_in_root(root, path):
     while pending:
         part = pending.pop(0)
         if part == "..":
-            if not resolved:
-                raise InputError("leaves its root %s" % root)
-            resolved.pop()
+            if resolved:
+                resolved.pop()
             continue
         here = os.path.join(root, *(resolved + [part]))
         try:
@@ -4732,7 +4783,13 @@ def find_pod_cgroups(root, v2, uids, procfs):
     for top in sorted(n for n in list_dir(cpuset_root) if n.startswith("kubepods")):
         for directory, subdirs, _ in walk.walk(top):
             for sub in list(subdirs):
-                uid = names.get(sub) or next((u for n, u in names.items() if sub.endswith("-" + n)), None)
+                # a name of `names` whole or after a "-" (kubepods-burstable-pod<uid>.slice): a lookup per
+                # "-" of the directory's name, not a comparison per pod
+                uid = names.get(sub)
+                dash = sub.find("-")
+                while uid is None and dash >= 0:
+                    uid = names.get(sub[dash + 1:])
+                    dash = sub.find("-", dash + 1)
                 if uid is None:
                     match = _POD_CGROUP.search(sub)
                     if match is None:
@@ -5519,7 +5576,7 @@ def check_pod_cgroups(facts):
     pods = _pods_holding(facts)
     if not pods:
         return Finding("pod-cgroups", SKIP, "no pod holds CPUs of the plugin", "", files, "")
-    fails, warns, hit = [], [], set()
+    fails, warns, unread, hit = [], [], [], set()
     for uid, cpus in sorted(pods.items()):
         cgroup = facts.pod_cgroups.get(uid)
         if cgroup is None:
@@ -5527,7 +5584,17 @@ def check_pod_cgroups(facts):
             continue
         effective = [(c.path, _cpus(c.cpus.text, facts)) for c in cgroup.containers
                      if c.cpus.text is not None and c.runs != "sandbox"]
-        if not any(cpuset is not None and cpus <= cpuset for _, cpuset in effective):
+        # a cpuset that is there but cannot be read (not an absent one: no cpuset controller there)
+        unreadable = [c for c in cgroup.containers if c.cpus.text is None and c.cpus.error is not None
+                      and c.runs != "sandbox"]
+        if any(cpuset is not None and cpus <= cpuset for _, cpuset in effective):
+            pass
+        elif unreadable:                  # one of them may have the CPUs: cannot tell
+            unread.append("pod %s: cannot tell whether it may run on its CPUs %s: the cpusets of %d of its "
+                          "containers could not be read (%s)" % (
+                uid, _brief(cpus), len(unreadable), ", ".join("%s: %s" % (os.path.basename(c.path), c.cpus.error) for c in unreadable[:4])
+                + (" (+%d more)" % (len(unreadable) - 4) if len(unreadable) > 4 else "")))
+        else:
             fails.append("pod %s: no container may run on its CPUs %s (%s)" % (
                 uid, _brief(cpus), ", ".join("%s: %s" % (os.path.basename(path), _brief(c) if c is not None else "?")
                                              for path, c in effective[:4]) or "no container cgroups"))
@@ -5539,13 +5606,14 @@ def check_pod_cgroups(facts):
         if limit is not None and limit < len(cpus):
             warns.append("pod %s: its CPU limit (%.2f CPUs) is below the %d isolated CPUs it holds: busy-polling "
                          "threads get throttled" % (uid, limit, len(cpus)))
-    found = "; ".join(fails + warns) or "the %d pods holding CPUs may run on them" % len(pods)
+    found = "; ".join(fails + warns + unread) or "the %d pods holding CPUs may run on them" % len(pods)
     if facts.pod_cgroups_skipped:
         found += "; " + facts.pod_cgroups_skipped
     advice = "; ".join(([CPU_MANAGER_LAYOUT] if fails else []) + (
         ["set a pod's CPU limit to at least the isolated CPUs it busy-polls, or leave the limit out"] if warns else []))
-    return Finding("pod-cgroups", FAIL if fails else WARN if warns else PASS, found, advice, files,
-                   format_cpu_list(hit))
+    # files it cannot read: SKIP with the reason, as every check, unless something else FAILs or WARNs
+    return Finding("pod-cgroups", FAIL if fails else WARN if warns else SKIP if unread else PASS, found, advice,
+                   files, format_cpu_list(hit))
 
 
 def check_housekeeping_masks(facts):

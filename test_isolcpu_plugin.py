@@ -5423,6 +5423,46 @@ class WorkBoundUnitTests(unittest.TestCase):
         samples = [line for line in text.splitlines() if line.startswith("isolcpu_device_allocated{")]
         self.assertEqual([re.search(r'cpu="(\d+)"', line).group(1) for line in samples], ["2", "3"])
 
+    def allocated_samples(self, report):
+        devices = plugin.build_devices([6], {6}, {})
+        text = plugin.render_metrics("windriver.com/isolcpus", devices, plugin.Counters(), True, report)
+        return [re.search(r'pod="([^"]*)",container="([^"]*)"', line).groups() for line in text.splitlines()
+                if line.startswith("isolcpu_device_allocated{")]
+
+    @needs_grpc
+    def test_metrics_name_the_holder_the_checkpoint_confirms_first(self):
+        # List keeps terminated pods (kubernetes#119423), in the kubelet's order: six old ones ahead of the
+        # live one; the device manager's checkpoint names only the live one
+        answer = pb.ListPodResourcesResponse.FromString(many_pods_holding(6) + pb_field(1, encode_pod(
+            "dpdk-fwd-0", "net", [encode_container("forwarder", [("windriver.com/isolcpus", ["6"])])])))
+        directory = tempfile.mkdtemp(prefix="isolcpu-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        with open(os.path.join(directory, plugin.CHECKPOINT_NAME), "w") as f:
+            json.dump({"Data": {"PodDeviceEntries": [
+                {"PodUID": "uid-fwd", "ContainerName": "forwarder", "ResourceName": "windriver.com/isolcpus",
+                 "DeviceIDs": {"0": ["6"]}, "AllocResp": ""}], "RegisteredDevices": {}}, "Checksum": 1}, f)
+        report = plugin.find_holders(answer, None, directory, "windriver.com/isolcpus")
+        self.assertEqual(len(report.by_cpu[6]), 7)                  # every holder stays in the report
+        samples = self.allocated_samples(report)
+        self.assertEqual(len(samples), plugin.MAX_HOLDER_SAMPLES)
+        self.assertEqual(samples[0], ("dpdk-fwd-0", "forwarder"))
+        # no checkpoint: the kubelet's order, still bounded
+        report = plugin.find_holders(answer, None, os.path.join(directory, "absent"), "windriver.com/isolcpus")
+        self.assertEqual(self.allocated_samples(report)[0], ("old-0", "c"))
+
+    def test_metrics_name_the_running_holder_first(self):
+        old = [plugin.Holder("batch", "old-%d" % i, "forwarder", None, "pod-resources") for i in range(6)]
+        live = plugin.Holder("net", "dpdk-fwd-0", "forwarder", None, "pod-resources")
+        # every holder has the container name the checkpoint names: only the runtime can tell
+        by_cpu = plugin.running_first({6: tuple(old) + (live,)}, {6: {"forwarder"}}, {"net/dpdk-fwd-0/forwarder"})
+        self.assertEqual(by_cpu[6][0], live)
+        self.assertEqual(by_cpu[6][1:], tuple(old))                 # the others in the kubelet's order
+        samples = self.allocated_samples(plugin.HolderReport(by_cpu, "pod-resources", ()))
+        self.assertEqual(samples[0], ("dpdk-fwd-0", "forwarder"))
+        # from the checkpoint, the runtime names pods by UID
+        a, b = (plugin.Holder(None, None, "c", uid, "checkpoint") for uid in ("u-old", "u-live"))
+        self.assertEqual(plugin.running_first({6: (a, b)}, None, {"u-live/c"}), {6: (b, a)})
+
 
 @needs_grpc
 class WorkBoundTests(PodResourcesRig):
@@ -6730,6 +6770,47 @@ class DoctorHostTests(TempDirTest):
         self.assertIn("pod %s: no cgroup found" % uid, check["found"])
         self.assertIn("1 symlink, not followed", check["found"])
 
+    def test_a_container_whose_cpuset_cannot_be_read_is_said_so(self):
+        # its cpuset.cpus.effective and cgroup.procs were FIFOs: filtered out, and the pod FAILed with
+        # "no container cgroups"
+        uid = pod_uid("net", "dpdk-fwd-0")
+        pod = self.holding_pod(uid, ["2", "3"])
+        os.makedirs(self.path(pod + "/cri-containerd-aaaa.scope"))
+        for name in ("cpuset.cpus.effective", "cgroup.procs"):
+            os.mkfifo(self.path(pod + "/cri-containerd-aaaa.scope/" + name))
+        code, checks = self.doctor()
+        check = checks["pod-cgroups"]
+        self.assertEqual(check["status"], "SKIP", check)       # unreadable files: SKIP with the reason
+        self.assertNotIn("no container cgroups", check["found"])
+        self.assertIn("pod %s: cannot tell whether it may run on its CPUs 2-3: the cpusets of 1 of its containers "
+                      "could not be read (cri-containerd-aaaa.scope: " % uid, check["found"])
+        self.assertIn("not a regular file", check["found"])
+        # beside a readable container without the CPUs it cannot tell either; with one that has them, PASS
+        self.container_cgroup(uid, "bbbb", "0-1")
+        check = self.doctor()[1]["pod-cgroups"]
+        self.assertEqual(check["status"], "SKIP", check)
+        self.assertIn("could not be read", check["found"])
+        self.container_cgroup(uid, "bbbb", "0-3")
+        self.assertEqual(self.doctor()[1]["pod-cgroups"]["status"], "PASS")
+
+    def test_finding_pod_cgroups_is_linear_in_directories_and_pods(self):
+        # every kubepods subdirectory was compared with every pod UID's names
+        def cost(count):
+            root = self.path("walk-%d" % count)
+            for i in range(count):
+                os.makedirs(os.path.join(root, "kubepods.slice", "tenant.slice", "d%d" % i))
+            uids = ["%08d-0000-0000-0000-000000000000" % i for i in range(count)]
+            best = float("inf")
+            for _ in range(3):
+                started = time.perf_counter()
+                found, skipped = plugin.find_pod_cgroups(root, True, uids, self.path("proc"))
+                best = min(best, time.perf_counter() - started)
+            self.assertEqual(found, {})
+            return best
+        cost(200)                                               # warm caches
+        ratio = cost(3200) / cost(800)
+        self.assertLess(ratio, 8, "x4 directories and pods took x%.1f the time" % ratio)     # a square: x16
+
     def test_the_kubelet_config_is_read_inside_the_kubelets_root(self):
         # --config=/../outside/... was joined to /proc/PID/root and read from outside it
         self.write({"outside/config.yaml": "cpuManagerPolicy: static\nreservedSystemCPUs: 0-1\n"})
@@ -6737,13 +6818,18 @@ class DoctorHostTests(TempDirTest):
             f.write(b"/usr/bin/kubelet\0--config=/../outside/config.yaml\0")
         check = self.doctor()[1]["kubelet-config"]
         self.assertEqual(check["status"], "SKIP", check)
-        self.assertIn("'/../outside/config.yaml' of the running kubelet (pid 4242) leaves its root", check["found"])
+        # `..` at the root is the root, as the kernel has it: <root>/outside/config.yaml, absent there
+        self.assertIn("no kubelet config", check["found"])
+        self.assertIn(self.path("proc/4242/root/outside/config.yaml"), check["found"])
         # an absolute symlink inside its root means a file inside its root
         self.remove("host-root/var/lib/kubelet/config.yaml")
         self.write({"host-root/etc/kubernetes/kubelet.yaml": GOOD_KUBELET_CONFIG})
         os.symlink("/etc/kubernetes/kubelet.yaml", self.path("host-root/var/lib/kubelet/config.yaml"))
         os.symlink("../lib/kubelet/config.yaml", self.path("host-root/var/lib/config.yaml"))
-        for config in (b"/var/lib/kubelet/config.yaml", b"/var/lib/config.yaml", b"/var/../var/lib/./config.yaml"):
+        os.symlink("../../../../etc/kubernetes/kubelet.yaml", self.path("host-root/var/lib/up.yaml"))
+        for config in (b"/var/lib/kubelet/config.yaml", b"/var/lib/config.yaml", b"/var/../var/lib/./config.yaml",
+                       b"/../var/lib/kubelet/config.yaml", b"/../../var/../../var/lib/config.yaml",
+                       b"/var/lib/up.yaml"):
             with self.subTest(config=config):
                 with open(self.path("proc/4242/cmdline"), "wb") as f:
                     f.write(b"/usr/bin/kubelet\0--config=" + config + b"\0")
