@@ -3107,8 +3107,7 @@ class Plugin(object):
         running = frozenset()
         if self.nri is not None and self.nri.connected:
             # what the runtime runs comes first in each CPU's holders (a bounded /metrics keeps it)
-            running = frozenset(key for c in self.nri.containers.values() if not c.stopped
-                                for key in (c.label, "%s/%s" % (c.pod_uid, c.name)))
+            running = self.nri.running_keys()
         report = await self.off_loop(holder_report, self.api, self.pod_resources, answer, failure,
                                      self.config.device_plugin_path, self.config.resource_name, running)
         if report.source == "checkpoint" and self.nri is not None and self.nri.connected:
@@ -3850,16 +3849,40 @@ class RuntimeContainer(object):
 
     __slots__ = ("id", "pod_uid", "name", "label", "claims", "kubelet", "cpuset", "stopped", "unreadable")
 
-    def __init__(self, message, pod, env_prefix):
+    def __init__(self, message, pod, env_prefix, claims=None):
         self.id, self.name = message.id, message.name
         self.pod_uid = pod.uid if pod is not None else ""
         self.label = "%s/%s/%s" % (pod.namespace, pod.name, message.name) if pod is not None else message.name
         # no $ISOLCPUS, nothing held: Allocate always sets it, so the others need no lookup
-        self.claims = any(env.startswith(env_prefix) for env in message.env)
+        self.claims = sets_variable(message, env_prefix) if claims is None else claims
         self.kubelet = None             # B: what the kubelet wants for it (None: every CPU)
         self.cpuset = None              # what it has now (None: unrestricted)
         self.stopped = message.state == NRI_CONTAINER_STOPPED
         self.unreadable = False         # a cpuset of the runtime's did not parse: left alone
+
+
+def sets_variable(container, prefix):
+    """Whether an NRI Container's environment has a "NAME=" `prefix`."""
+    return any(variable.startswith(prefix) for variable in container.env)
+
+
+def environment_claims(containers, prefix):
+    """{container id: sets_variable()}: a Python loop, which in the worker
+    thread shares the interpreter with the event loop however many
+    variables there are (4 MiB of request holds about a million)."""
+    return {container.id: sets_variable(container, prefix) for container in containers}
+
+
+def parse_nri_request(parse, payload, env_prefix):
+    """(request, environment_claims() of the containers it carries), for a
+    large request in the worker thread. The parse itself is one call that
+    holds the interpreter wherever it runs (bench.py stall measures it)."""
+    request = parse(payload)
+    if hasattr(request, "containers"):
+        containers = request.containers
+    else:
+        containers = [request.container] if hasattr(request, "container") else []
+    return request, environment_claims(containers, env_prefix)
 
 
 def cpuset_text(cpus):
@@ -3905,6 +3928,7 @@ class NriSession(object):
         self.synchronizing = asyncio.Event()     # set at the end of Synchronize; anew per connection
         self.sync_chunks = []           # SynchronizeRequests of a split Synchronize so far
         self.sync_bytes = 0             # and their size
+        self.env_claims = {}            # container id -> sets_variable(), found beside the loop for a large request
         self.reconsider_missed = None   # a change came while Synchronize settled: "all" or "claimants"
         self.runtime = "the runtime"
         self.warned = {}                # container id -> the kinds of warning it had (each once)
@@ -4015,6 +4039,7 @@ class NriSession(object):
         """One connection: register, synchronize, serve; returns why it ended."""
         connection = self.connection = NriConnection(self.api, reader, writer, self.handle)
         self.synchronized, self.sync_chunks, self.sync_bytes, self.reconsider_missed = False, [], 0, None
+        self.env_claims = {}
         self.synchronizing = asyncio.Event()
         for known in (self.containers, self.pending, self.unconfirmed, self.update_tries):
             known.clear()
@@ -4038,7 +4063,7 @@ class NriSession(object):
                 connection.close("RegisterPlugin failed: %s" % e)
             return await running
         finally:                               # also when the plugin stops: no task left pending
-            self.synchronized, self.sync_chunks = False, []
+            self.synchronized, self.sync_chunks, self.env_claims = False, [], {}
             connection.close("the plugin stopped")
             self.updates_wakeup.set()          # send_updates sees the connection ended
             tasks = [task for task in (updating, running) if task is not None]
@@ -4055,7 +4080,8 @@ class NriSession(object):
         parse = getattr(self.api.pb, request_type).FromString
         try:
             if len(payload) >= self.LARGE_REQUEST:
-                request = await self.off_loop(parse, payload)
+                request, claims = await self.off_loop(parse_nri_request, parse, payload, self.env_prefix)
+                self.env_claims.update(claims)
             else:
                 request = parse(payload)
         except (self.api.DecodeError, RecursionError) as e:
@@ -4064,6 +4090,8 @@ class NriSession(object):
         response = answer(self, request)
         if asyncio.iscoroutine(response):
             response = await response
+        if method != "Synchronize":     # a split one keeps its chunks' until the last
+            self.env_claims.clear()
         return 0, "", response.SerializeToString()
 
     # The runtime's requests --------------------------------------------------------
@@ -4084,13 +4112,15 @@ class NriSession(object):
         if request.more:
             return pb.SynchronizeResponse(more=True)
         chunks, self.sync_chunks, self.sync_bytes = self.sync_chunks, [], 0
+        claims, self.env_claims = self.env_claims, {}
         pods = {pod.id: pod for chunk in chunks for pod in chunk.pods}
         record, _ = self.cpu_record_now()
         updates, holders, seen = [], 0, 0
         turn = time.monotonic()
         for chunk in chunks:
             for message in chunk.containers:
-                container = RuntimeContainer(message, pods.get(message.pod_sandbox_id), self.env_prefix)
+                container = RuntimeContainer(message, pods.get(message.pod_sandbox_id), self.env_prefix,
+                                             claims.get(message.id))
                 container.cpuset = self.request_cpus(container, message.linux.resources.cpu.cpus)
                 container.kubelet = self.kubelet_record_for(container, record)
                 self.containers[container.id] = container
@@ -4116,7 +4146,7 @@ class NriSession(object):
     def create_container(self, request):
         pb = self.api.pb
         container = self.containers[request.container.id] = RuntimeContainer(
-            request.container, request.pod, self.env_prefix)
+            request.container, request.pod, self.env_prefix, self.env_claims.get(request.container.id))
         cpus = self.settle_request(container, self.request_cpus(container, request.container.linux.resources.cpu.cpus))
         response = pb.CreateContainerResponse()
         if cpus is not None:
@@ -4134,7 +4164,7 @@ class NriSession(object):
         container = self.containers.get(request.container.id)
         if container is None:
             container = self.containers[request.container.id] = RuntimeContainer(
-                request.container, request.pod, self.env_prefix)
+                request.container, request.pod, self.env_prefix, self.env_claims.get(request.container.id))
         container.unreadable = False
         if not text:
             container.cpuset = self.request_cpus(container, request.container.linux.resources.cpu.cpus)
@@ -4405,6 +4435,12 @@ class NriSession(object):
     def running_names(self):
         """{(pod UID, container name)} of the containers the runtime runs."""
         return {(c.pod_uid, c.name) for c in self.containers.values() if not c.stopped}
+
+    def running_keys(self):
+        """The containers the runtime runs, each as running_key() names a
+        holder: namespace/pod/container and pod-uid/container."""
+        return frozenset(key for c in self.containers.values() if not c.stopped
+                         for key in (c.label, "%s/%s" % (c.pod_uid, c.name)))
 
 
 # ---------------------------------------------------------------------------

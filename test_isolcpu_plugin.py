@@ -5396,6 +5396,24 @@ class WorkBoundUnitTests(unittest.TestCase):
         thread.join()
         self.assertLess(max(gaps), took[0] / 6, "waited %.1f ms of %.1f ms" % (1000 * max(gaps), 1000 * took[0]))
 
+    @needs_grpc
+    def test_the_variables_of_a_large_nri_request_are_looked_through_beside_the_loop(self):
+        # looking for $ISOLCPUS among a million variables, on the loop, held it 120-220 ms
+        request = pb.CreateContainerRequest()
+        request.container.id = "c1"
+        request.container.env.extend(["a="] * 900000 + ["ISOLCPUS=2-3"])
+        self.assertLess(request.ByteSize(), 4 << 20)
+        self.assert_shares_the_interpreter(lambda: plugin.environment_claims([request.container], "ISOLCPUS="))
+        parsed, claims = plugin.parse_nri_request(pb.CreateContainerRequest.FromString,
+                                                  request.SerializeToString(), "ISOLCPUS=")
+        self.assertEqual((parsed.container.id, claims), ("c1", {"c1": True}))
+        synchronize = pb.SynchronizeRequest(containers=[pb.Container(id="a", env=["X=1"]),
+                                                        pb.Container(id="b", env=["ISOLCPUS=6"])])
+        self.assertEqual(plugin.parse_nri_request(pb.SynchronizeRequest.FromString,
+                                                  synchronize.SerializeToString(), "ISOLCPUS=")[1],
+                         {"a": False, "b": True})
+        self.assertEqual(plugin.parse_nri_request(pb.Empty.FromString, b"", "ISOLCPUS=")[1], {})
+
     def test_a_checkpoint_at_its_bound_is_parsed_beside_the_loop(self):
         entry = {"PodUID": "00000000-0000-0000-0000-000000000000", "ContainerName": "c",
                  "ResourceName": "windriver.com/isolcpus", "DeviceIDs": {"0": ["3"]}, "AllocResp": "A" * 64}
@@ -6055,6 +6073,19 @@ class NriTests(NriRig):
         # backoff 0.5, 1, 2, 4 s: 4 or 5 connections in 4 s (each directory event had cut it short: hundreds)
         self.assertLessEqual(len(accepted), 6, accepted)
         self.assertLessEqual(len([line for line in process.log().splitlines() if "WARNING" in line]), 4)
+        self.assert_clean_log(process)
+
+    def test_a_large_request_is_read_beside_the_loop(self):
+        # 3.6 MB of environment in 900,000 variables, read in the worker thread: $ISOLCPUS is found
+        # there as in a small request, for a spoofer and for a holder
+        process = self.connected_plugin()
+        spoofer = self.app("big", env=["a="] * 900000 + ["ISOLCPUS=2-3"])
+        reply = self.runtime.create_container(self.web, spoofer)
+        self.assertEqual((reply.outcome, reply.cpus), ("ok", "0-1,4-5"))
+        process.wait_log("'shop/web-0/big' sets $ISOLCPUS but holds no")
+        holder = self.fwd(env=["a="] * 900000 + ["ISOLCPUS=6-7"])
+        reply = self.runtime.create_container(self.holder, holder)
+        self.assertEqual((reply.outcome, reply.cpus), ("ok", "0,4,6-7"))
         self.assert_clean_log(process)
 
     def test_every_frame_to_the_runtime_is_at_most_4096_bytes(self):
