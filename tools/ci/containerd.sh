@@ -113,6 +113,31 @@ EOF
     rm -rf "$layout" "$rootfs"
 }
 
+config_common() {       # config_common DIR VERSION: the settings every version writes alike
+    cat <<EOF
+# written by tools/ci/containerd.sh: every path under $1, so nothing of a node's containerd is touched
+version = $2
+root = "$1/root"
+state = "$1/state"
+[grpc]
+  address = "$1/containerd.sock"
+[ttrpc]
+  address = "$1/containerd.sock.ttrpc"
+[debug]
+  level = "info"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$1/opt"
+[plugins."io.containerd.nri.v1.nri"]
+  disable = false
+  socket_path = "$1/nri/nri.sock"
+  plugin_path = "$1/nri/plugins"
+  plugin_config_path = "$1/nri/conf.d"
+  plugin_registration_timeout = "5s"
+  plugin_request_timeout = "2s"
+  disable_connections = false
+EOF
+}
+
 write_config() {
     local dir=$1 major
     mkdir -p "$dir"/{root,state,nri/plugins,nri/conf.d,cni/bin,cni/net.d,opt}
@@ -121,27 +146,7 @@ write_config() {
     # version 2 in memory, with a warning); the NRI section is named as in 1.7
     major=$("$CDBIN/containerd" --version | awk '{ v = $3; sub(/^v/, "", v); split(v, n, "."); print n[1] }')
     if [ "$major" -ge 2 ]; then write_config_v3 "$dir"; return; fi
-    cat >"$dir/config.toml" <<EOF
-# written by tools/ci/containerd.sh: every path under $dir, so nothing of a node's containerd is touched
-version = 2
-root = "$dir/root"
-state = "$dir/state"
-[grpc]
-  address = "$dir/containerd.sock"
-[ttrpc]
-  address = "$dir/containerd.sock.ttrpc"
-[debug]
-  level = "info"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$dir/opt"
-[plugins."io.containerd.nri.v1.nri"]
-  disable = false
-  socket_path = "$dir/nri/nri.sock"
-  plugin_path = "$dir/nri/plugins"
-  plugin_config_path = "$dir/nri/conf.d"
-  plugin_registration_timeout = "5s"
-  plugin_request_timeout = "2s"
-  disable_connections = false
+    { config_common "$dir" 2; cat <<EOF
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$IMAGE_NAME"
   # no CAP_SYS_RESOURCE on these machines: runc fails on the sandbox's oom_score_adj -998 otherwise
@@ -160,32 +165,13 @@ state = "$dir/state"
     bin_dir = "$dir/cni/bin"
     conf_dir = "$dir/cni/net.d"
 EOF
+    } >"$dir/config.toml"
 }
 
 write_config_v3() {     # the same settings for containerd 2.x (2.3 reads version 4 and migrates a 3 in
                         # memory with a warning: 4 only moved [debug] address to a plugin, unused here)
     local dir=$1
-    cat >"$dir/config.toml" <<EOF
-# written by tools/ci/containerd.sh: every path under $dir, so nothing of a node's containerd is touched
-version = 3
-root = "$dir/root"
-state = "$dir/state"
-[grpc]
-  address = "$dir/containerd.sock"
-[ttrpc]
-  address = "$dir/containerd.sock.ttrpc"
-[debug]
-  level = "info"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$dir/opt"
-[plugins."io.containerd.nri.v1.nri"]
-  disable = false
-  socket_path = "$dir/nri/nri.sock"
-  plugin_path = "$dir/nri/plugins"
-  plugin_config_path = "$dir/nri/conf.d"
-  plugin_registration_timeout = "5s"
-  plugin_request_timeout = "2s"
-  disable_connections = false
+    { config_common "$dir" 3; cat <<EOF
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "overlayfs"
   [plugins."io.containerd.cri.v1.images".pinned_images]
@@ -207,6 +193,7 @@ state = "$dir/state"
     bin_dir = "$dir/cni/bin"
     conf_dir = "$dir/cni/net.d"
 EOF
+    } >"$dir/config.toml"
 }
 
 env_value() { sed -n "s/^$2=//p" "$1/env" 2>/dev/null; }
