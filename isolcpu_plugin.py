@@ -2349,10 +2349,9 @@ def find_holders(answer, failure, directory, resource_name, running=frozenset())
             # PodResources names pods, the checkpoint UIDs: what they share is the container's name
             try:
                 text = read_checkpoint(directory)
-                for uid, container, ids in checkpoint_entries(text, resource_name) if text is not None else ():
-                    for i in ids:
-                        if _DEVICE_ID.match(i):
-                            confirmed.setdefault(int(i), set()).add(container)
+                if text is not None:
+                    confirmed = {cpu: {holder.container for holder in holders}
+                                 for cpu, holders in checkpoint_holders(text, resource_name).items()}
             except (InputError, ValueError):
                 pass                                     # no confirmation: the kubelet's order
         return HolderReport(running_first(by_cpu, confirmed, running), "pod-resources", ())
@@ -3957,18 +3956,18 @@ class NriSession(object):
                 self.socket_wakeup.clear()
                 watched = self.watch_socket()
                 if not self.lock.hold():               # InputError: another instance; the plugin stops
-                    await self._wait(1.0)
+                    await self._wait(self.socket_wakeup, 1.0)
                     continue
                 if not os.path.exists(self.socket_path):
                     self.say_absent()
-                    await self._wait(None if watched else self.ABSENT_POLL)
+                    await self._wait(self.socket_wakeup, None if watched else self.ABSENT_POLL)
                     continue
                 try:
                     reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.socket_path), 2.0)
                 except (OSError, asyncio.TimeoutError) as e:
                     self.conditions.report("nri", "NRI: cannot connect to %s (%s); retrying" % (
                         self.socket_path, one_line(e) or "timed out"))
-                    await self._pause(backoff.next())
+                    await self._wait(self.stop_wakeup, backoff.next())
                     continue
                 started = time.monotonic()
                 why = await self.serve(reader, writer)
@@ -3976,7 +3975,7 @@ class NriSession(object):
                                        % (self.socket_path, why))
                 if time.monotonic() - started > 10.0:
                     backoff.reset()
-                await self._pause(backoff.next())
+                await self._wait(self.stop_wakeup, backoff.next())
         finally:
             if self.connection is not None:
                 self.connection.close("the plugin stopped")
@@ -3998,18 +3997,14 @@ class NriSession(object):
             self.watch = DirectoryWatch(directory, self.socket_wakeup.set)
         return self.watch.arm()
 
-    async def _wait(self, seconds):
-        """Until the socket's directory changes (the socket may be there now)."""
+    @staticmethod
+    async def _wait(event, seconds):
+        """Up to `seconds` (None: no limit) unless `event` is set: the socket's
+        directory changed (socket_wakeup: the socket may be there now), or
+        the plugin stops (stop_wakeup: a backoff runs its course whatever the
+        directory does, where a runtime in a crash loop makes its socket anew)."""
         try:
-            await asyncio.wait_for(self.socket_wakeup.wait(), seconds)
-        except asyncio.TimeoutError:
-            pass
-
-    async def _pause(self, seconds):
-        """A backoff: whatever the directory does (a runtime in a crash loop
-        makes its socket anew each time), only stopping cuts it short."""
-        try:
-            await asyncio.wait_for(self.stop_wakeup.wait(), seconds)
+            await asyncio.wait_for(event.wait(), seconds)
         except asyncio.TimeoutError:
             pass
 
@@ -4182,8 +4177,9 @@ class NriSession(object):
         return self.api.pb.StopContainerResponse()
 
     def remove_container(self, request):
-        for known in (self.containers, self.pending, self.unconfirmed, self.update_tries, self.warned):
-            known.pop(request.container.id, None)
+        self.containers.pop(request.container.id, None)
+        self.warned.pop(request.container.id, None)
+        self.forget_updates(request.container.id)
         return self.api.pb.RemoveContainerResponse()
 
     def state_change(self, request):
@@ -4255,8 +4251,7 @@ class NriSession(object):
         what the kubelet's record says it wants: another NRI plugin changed
         it before us, and only one may set a container's CPUs."""
         container.kubelet = container.cpuset = kubelet
-        for queued in (self.pending, self.unconfirmed, self.update_tries):   # what the kubelet sends now supersedes
-            queued.pop(container.id, None)
+        self.forget_updates(container.id)          # what the kubelet sends now supersedes them
         if container.unreadable:
             return None
         record, _ = self.cpu_record_now()
@@ -4311,6 +4306,12 @@ class NriSession(object):
         if kind not in kinds:
             kinds.add(kind)
             log.warning("%s", text)
+
+    def forget_updates(self, container_id):
+        """The plugin's updates of a container, queued or not yet made, and
+        their failures: none any more."""
+        for updates in (self.pending, self.unconfirmed, self.update_tries):
+            updates.pop(container_id, None)
 
     def update_of(self, container_id, cpus, ignore_failure=True):
         update = self.api.pb.ContainerUpdate(container_id=container_id, ignore_failure=ignore_failure)
